@@ -1,0 +1,29 @@
+//! shardsync's engine: the pure, synchronous-or-`AsyncRead` core that every
+//! other crate builds on. It does no network IO of its own, keeps no global
+//! state (beyond a read-only command table) and knows nothing of actors.
+//!
+//! # Layout
+//!
+//! - [`resp`]: RESP2 framing. Commands from a replication stream
+//!   ([`resp::parse_command`], zero-copy, with exact wire lengths for offset
+//!   accounting), reply scanning for pipelined writers
+//!   ([`resp::scan_reply`]), whole frames for handshakes, and encoding.
+//! - [`rdb`]: the streaming RDB reader ([`rdb::RdbReader`]): one item at a
+//!   time from any `AsyncRead`, every value type's structure walked, each
+//!   value captured as a DUMP payload, CRC64 verified.
+//! - [`restore`]: RESTORE commands from RDB entries.
+//! - [`command`]: the one command table: key positions (Redis 7 key specs),
+//!   write flag, role in a replication stream, idempotency, cross-slot split.
+//! - [`slot`]: cluster hash slots (CRC16 XMODEM, hash tags).
+//! - [`filter`]: which databases are synchronized and where they land.
+//!
+//! Data flows through these in this order: bytes from a source become RDB
+//! items or commands; items become RESTOREs; commands are classified by the
+//! command table and routed by slot; the results are RESP bytes for a target.
+
+pub mod command;
+pub mod filter;
+pub mod rdb;
+pub mod resp;
+pub mod restore;
+pub mod slot;
