@@ -1,1 +1,315 @@
-fn main() {}
+//! `shardsync`: the binary. Everything the user touches lives in this crate:
+//! the command line and task file, prechecks, the supervisor that runs the
+//! workers, checkpoints, the status/metrics endpoint, and `verify`.
+//!
+//! # Layout
+//!
+//! - `cli` / `config` / `url`: the command line and TOML task file, mapped
+//!   onto one validated [`config::TaskConfig`].
+//! - `server` / `precheck`: what the servers say about themselves, and the
+//!   checks that refuse a task before any data moves; a passing precheck
+//!   yields the plan (shards and targets).
+//! - `task`: the supervisor actor; spawns writers and shard workers and
+//!   restarts or fails them by their errors' recovery.
+//! - `checkpoint`: resume points on disk.
+//! - `status` / `metrics` / `http`: `/status` and `/metrics`.
+//! - `verify`: the key-by-key compare.
+//!
+//! Exit codes: 0 done (or stopped cleanly), 1 the task failed, 2 bad usage
+//! or configuration, 3 precheck refused, 4 verify found differences.
+
+mod checkpoint;
+mod cli;
+mod config;
+mod http;
+mod logging;
+mod metrics;
+mod precheck;
+mod server;
+mod status;
+mod task;
+mod url;
+mod verify;
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use engine::restore::Existing;
+use ractor::Actor;
+use shard_worker::source::IntakeOptions;
+use shard_worker::write::RetryPolicy;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::oneshot;
+
+use crate::checkpoint::CheckpointStore;
+use crate::cli::{Cli, Command, SyncArgs, VerifyArgs};
+use crate::config::{OnConflict, TaskConfig};
+use crate::precheck::Level;
+use crate::status::TaskStatus;
+use crate::task::{Outcome, Task, TaskArgs, TaskMsg};
+
+const EXIT_FAILED: u8 = 1;
+const EXIT_USAGE: u8 = 2;
+const EXIT_PRECHECK: u8 = 3;
+const EXIT_DIFFERENT: u8 = 4;
+
+/// How long a stop waits for in-flight writes before giving up on them.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::from(EXIT_FAILED);
+        }
+    };
+    let code = runtime.block_on(async {
+        match cli.command {
+            Command::Sync(args) => sync(args).await,
+            Command::Precheck(args) => precheck_only(args).await,
+            Command::Verify(args) => verify(args).await,
+        }
+    });
+    // Worker tasks may still be winding down; they hold nothing worth
+    // waiting for once the outcome is known.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    ExitCode::from(code)
+}
+
+fn config_or_exit(args: &SyncArgs) -> Result<TaskConfig, u8> {
+    TaskConfig::from_args(args).map_err(|e| {
+        eprintln!("error: {e}");
+        EXIT_USAGE
+    })
+}
+
+fn open_checkpoints(cfg: &TaskConfig) -> Result<Option<CheckpointStore>, u8> {
+    match &cfg.checkpoint_dir {
+        Some(dir) => CheckpointStore::open(dir).map(Some).map_err(|e| {
+            tracing::error!("{e}");
+            EXIT_USAGE
+        }),
+        None => Ok(None),
+    }
+}
+
+async fn precheck_only(args: SyncArgs) -> u8 {
+    let cfg = match config_or_exit(&args) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    logging::init(cfg.log_format);
+    let store = match open_checkpoints(&cfg) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    let report = precheck::run(&cfg, store.as_ref()).await;
+    for check in &report.checks {
+        println!("{check}");
+    }
+    if report.passed() {
+        println!("precheck passed");
+        0
+    } else {
+        println!("precheck refused");
+        EXIT_PRECHECK
+    }
+}
+
+async fn sync(args: SyncArgs) -> u8 {
+    let cfg = match config_or_exit(&args) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    logging::init(cfg.log_format);
+    let status = Arc::new(TaskStatus::default());
+    let http_addr = match http::serve(cfg.http, status.clone()).await {
+        Ok(addr) => addr,
+        Err(e) => {
+            tracing::error!("{e}");
+            return EXIT_USAGE;
+        }
+    };
+    tracing::info!(status = %format!("http://{http_addr}/status"), metrics = %format!("http://{http_addr}/metrics"), "shardsync {}", env!("CARGO_PKG_VERSION"));
+    let store = match open_checkpoints(&cfg) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    if store.is_none() {
+        tracing::info!("no --checkpoint-dir: a restart will begin with a full sync");
+    }
+
+    let report = precheck::run(&cfg, store.as_ref()).await;
+    for check in &report.checks {
+        match check.level {
+            Level::Pass => tracing::info!("precheck: {check}"),
+            Level::Warn => tracing::warn!("precheck: {check}"),
+            Level::Fail => tracing::error!("precheck refused: {check}"),
+        }
+    }
+    let passed = report.passed();
+    let Some(plan) = report.plan.filter(|_| passed) else {
+        status.set_failed("precheck refused".into());
+        return EXIT_PRECHECK;
+    };
+
+    let options = IntakeOptions {
+        existing: match cfg.on_conflict {
+            OnConflict::Skip => Existing::Keep,
+            OnConflict::Precheck | OnConflict::Ignore => Existing::Replace,
+        },
+        db_filter: cfg.db_filter.clone(),
+        source_databases: plan.source_databases,
+        replay_publish: cfg.replay_publish,
+        ..IntakeOptions::default()
+    };
+    let (done_tx, done_rx) = oneshot::channel();
+    let args = TaskArgs {
+        shards: plan
+            .shards
+            .into_iter()
+            .map(|s| (s.endpoint, s.resume))
+            .collect(),
+        targets: plan.targets,
+        options,
+        retry: RetryPolicy {
+            timeout: cfg.retry_timeout,
+            ..RetryPolicy::default()
+        },
+        listening_port: http_addr.port(),
+        status: status.clone(),
+        checkpoints: store,
+        done: done_tx,
+    };
+    let task = match Actor::spawn(None, Task, args).await {
+        Ok((task, _)) => task,
+        Err(e) => {
+            tracing::error!("cannot start the task: {e}");
+            return EXIT_FAILED;
+        }
+    };
+    match wait_for_outcome(&task, done_rx).await {
+        Outcome::Drained => {
+            tracing::info!("stopped; every command read was applied");
+            0
+        }
+        Outcome::Aborted => {
+            tracing::warn!("stopped without draining; the checkpoint holds what was applied");
+            0
+        }
+        Outcome::Failed(message) => {
+            tracing::error!("{message}");
+            EXIT_FAILED
+        }
+    }
+}
+
+/// Waits for the task to end; the first SIGINT/SIGTERM drains it, a second
+/// one (or a drain that takes too long) stops it at once.
+async fn wait_for_outcome(
+    task: &ractor::ActorRef<TaskMsg>,
+    done: oneshot::Receiver<Outcome>,
+) -> Outcome {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        return Outcome::Failed("cannot install signal handlers".into());
+    };
+    tokio::pin!(done);
+    let mut deadline: Option<tokio::time::Instant> = None;
+    loop {
+        let drain_timer = async {
+            match deadline {
+                Some(d) => tokio::time::sleep_until(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            outcome = &mut done => {
+                return outcome.unwrap_or_else(|_| Outcome::Failed("the task ended without an outcome".into()));
+            }
+            _ = term.recv() => on_signal(task, &mut deadline),
+            _ = int.recv() => on_signal(task, &mut deadline),
+            _ = drain_timer => {
+                tracing::warn!(secs = DRAIN_TIMEOUT.as_secs(), "drain took too long");
+                let _ = task.send_message(TaskMsg::Abort);
+                deadline = None;
+            }
+        }
+    }
+}
+
+fn on_signal(task: &ractor::ActorRef<TaskMsg>, deadline: &mut Option<tokio::time::Instant>) {
+    if deadline.is_none() {
+        tracing::info!("signal received: draining (send it again to stop at once)");
+        let _ = task.send_message(TaskMsg::Shutdown);
+        *deadline = Some(tokio::time::Instant::now() + DRAIN_TIMEOUT);
+    } else {
+        let _ = task.send_message(TaskMsg::Abort);
+    }
+}
+
+async fn verify(args: VerifyArgs) -> u8 {
+    logging::init(args.log_format);
+    let parsed = (|| {
+        let source = match url::parse_source(&args.source)? {
+            url::SourceSpec::Redis(ep) => ep,
+            url::SourceSpec::Twemproxy { .. } => {
+                return Err(config::ConfigError::Url(url::UrlError::TwemproxyTarget))
+            }
+        };
+        let target = url::parse_target(&args.target)?;
+        let filter = config::db_filter(args.dbs.clone(), &args.db_maps)?;
+        Ok::<_, config::ConfigError>((source, target, filter))
+    })();
+    let (source, target, filter) = match parsed {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return EXIT_USAGE;
+        }
+    };
+    let source_info = match server::probe(&source).await {
+        Ok(i) => i,
+        Err(e) => {
+            tracing::error!("{e}");
+            return EXIT_FAILED;
+        }
+    };
+    let dbs: Vec<(u32, u32)> = source_info
+        .keyspace
+        .keys()
+        .filter_map(|&db| filter.target_db(db).map(|t| (db, t)))
+        .collect();
+    match verify::verify(&source, &target, &dbs, args.show).await {
+        Ok(report) => {
+            for line in &report.differences {
+                println!("{line}");
+            }
+            for (db, n) in report.extra_on_target.iter().filter(|(_, n)| **n > 0) {
+                println!("db{db}: {n} keys on the target that the source does not have");
+            }
+            println!(
+                "compared {} keys: {} differences",
+                report.keys_compared, report.n_differences
+            );
+            if report.consistent() {
+                0
+            } else {
+                EXIT_DIFFERENT
+            }
+        }
+        Err(e) => {
+            tracing::error!("{e}");
+            EXIT_FAILED
+        }
+    }
+}

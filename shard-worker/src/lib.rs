@@ -1,1 +1,35 @@
-//! placeholder
+//! shardsync's workers: the actors that move data.
+//!
+//! # Layout
+//!
+//! Following a replayed command from the source socket to the target:
+//!
+//! - [`source`]: the source worker actor, one per source master.
+//!   `handshake` speaks the replica protocol up to PSYNC's answer; `intake`
+//!   reads the RDB transfer and then the command stream, keeping the
+//!   replication offset, and hands commands to the dispatcher.
+//! - [`route`]: the [`route::Router`] decides which writer gets a command
+//!   (by key); the [`route::Dispatcher`] builds per-writer
+//!   [`route::Batch`]es and hands them over through bounded queues.
+//! - [`write`]: the writer actor, one per target node: pipelined writes,
+//!   every reply checked, batches confirmed back into [`progress`].
+//! - [`progress`]: per-shard and per-writer counters and the applied-offset
+//!   bookkeeping that ACKs, checkpoints and `/status` read.
+//! - [`events`]: telemetry events (one log line + one counter each).
+//! - [`conn`], [`endpoint`], [`error`]: connections, addresses with
+//!   redacted credentials, and errors that carry their [`error::Recovery`].
+//!
+//! Shard workers never message each other; only confirmations flow back
+//! from writers, through the lock-free counters in [`progress`].
+
+pub mod conn;
+pub mod endpoint;
+pub mod error;
+pub mod events;
+pub mod progress;
+pub mod route;
+pub mod source;
+pub mod write;
+
+pub use endpoint::{Endpoint, Secret};
+pub use error::{Recovery, WorkerError};

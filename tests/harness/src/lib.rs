@@ -1,1 +1,25 @@
-//! placeholder
+//! Test harness for shardsync's integration tests and benchmarks.
+//!
+//! # Layout
+//!
+//! - [`server`]: real `redis-server` processes on free loopback ports,
+//!   killed on drop (`REDIS_SERVER` picks another binary, e.g. 6.2).
+//! - [`shardsync`]: the binary under test as a child process: status and
+//!   metrics over HTTP, signals, logs, a Prometheus text checker.
+//! - [`data`]: datasets (every type and encoding, bulk strings).
+//! - [`compare`]: a key-by-key comparator independent of `shardsync verify`.
+//! - [`wait`]: polling helpers (tests never sleep a fixed time to "let
+//!   things settle").
+
+pub mod compare;
+pub mod data;
+pub mod server;
+pub mod shardsync;
+pub mod wait;
+
+pub use server::{RedisServer, ServerConfig};
+pub use shardsync::Shardsync;
+pub use wait::{wait_for, wait_until};
+
+/// Timeout for things that take a moment (a sync of a small dataset).
+pub const SHORT: std::time::Duration = std::time::Duration::from_secs(30);

@@ -1,0 +1,255 @@
+//! Task configuration: the TOML file (`--config`) and the command line map
+//! onto the same [`TaskConfig`]. Flags given on the command line override
+//! the file.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use engine::filter::DbFilter;
+use serde::Deserialize;
+use shard_worker::Endpoint;
+
+use crate::cli::SyncArgs;
+use crate::url::{self, SourceSpec, UrlError};
+
+/// What to do with keys the target already has.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum OnConflict {
+    /// Refuse to start unless the target's databases we write to are empty.
+    #[default]
+    Precheck,
+    /// Start anyway; the source's value replaces the target's (RESTORE REPLACE).
+    Ignore,
+    /// Start anyway; keys the target already has are kept as they are.
+    Skip,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// One or several values (TOML `target = "..."` or `target = ["...", ...]`).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// The TOML task file.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// Source URL: `redis://[user[:password]@]host:port` or
+    /// `twemproxy:///path/nutcracker.yml[#pool]`.
+    pub source: Option<String>,
+    /// Target URL(s).
+    pub target: Option<OneOrMany>,
+    /// Address of the status and metrics endpoint.
+    pub http: Option<String>,
+    /// Where checkpoints are kept (none: a restart starts with a full sync).
+    pub checkpoint_dir: Option<PathBuf>,
+    /// Source databases to copy (default: all).
+    #[serde(default)]
+    pub db: Vec<u32>,
+    /// Renamed databases, as `"SRC:DST"`.
+    #[serde(default)]
+    pub db_map: Vec<String>,
+    pub on_conflict: Option<OnConflict>,
+    /// How long network errors are retried, e.g. `"720m"`, `"30s"`.
+    pub retry_timeout: Option<String>,
+    pub log_format: Option<LogFormat>,
+    /// Replay PUBLISH on the target.
+    pub replay_publish: Option<bool>,
+}
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("no source given (--source URL or `source` in the config file)")]
+    NoSource,
+    #[error("no target given (--target URL or `target` in the config file)")]
+    NoTarget,
+    #[error(transparent)]
+    Url(#[from] UrlError),
+    #[error("--http {0}: expected host:port, e.g. 127.0.0.1:9750")]
+    Http(String),
+    #[error("--retry-timeout {0}: expected a duration like 30s, 10m or 12h")]
+    Duration(String),
+    #[error("--db-map {0}: expected SRC:DST, two database numbers")]
+    DbMap(String),
+    #[error("--db-map maps source databases {0} and {1} onto the same target database {2}")]
+    DbMapCollision(u32, u32, u32),
+}
+
+/// A resolved, validated task.
+#[derive(Clone, Debug)]
+pub struct TaskConfig {
+    pub source: SourceSpec,
+    pub targets: Vec<Endpoint>,
+    pub http: SocketAddr,
+    pub checkpoint_dir: Option<PathBuf>,
+    pub db_filter: DbFilter,
+    pub on_conflict: OnConflict,
+    pub retry_timeout: Duration,
+    pub log_format: LogFormat,
+    pub replay_publish: bool,
+}
+
+pub const DEFAULT_HTTP: &str = "127.0.0.1:9750";
+pub const DEFAULT_RETRY_TIMEOUT: &str = "720m";
+
+impl FileConfig {
+    pub fn load(path: &Path) -> Result<FileConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.message().to_string()
+                + &e.span()
+                    .map(|s| format!(" (at byte {})", s.start))
+                    .unwrap_or_default(),
+        })
+    }
+}
+
+impl TaskConfig {
+    /// Merges the config file (if any) with the command line and validates.
+    pub fn from_args(args: &SyncArgs) -> Result<TaskConfig, ConfigError> {
+        let file = match &args.config {
+            Some(path) => FileConfig::load(path)?,
+            None => FileConfig::default(),
+        };
+        let source = args
+            .source
+            .clone()
+            .or(file.source)
+            .ok_or(ConfigError::NoSource)?;
+        let targets: Vec<String> = if !args.targets.is_empty() {
+            args.targets.clone()
+        } else {
+            match file.target {
+                Some(OneOrMany::One(t)) => vec![t],
+                Some(OneOrMany::Many(ts)) => ts,
+                None => vec![],
+            }
+        };
+        if targets.is_empty() {
+            return Err(ConfigError::NoTarget);
+        }
+        let http = args
+            .http
+            .clone()
+            .or(file.http)
+            .unwrap_or_else(|| DEFAULT_HTTP.to_string());
+        let http: SocketAddr = http.parse().map_err(|_| ConfigError::Http(http.clone()))?;
+        let retry = args
+            .retry_timeout
+            .clone()
+            .or(file.retry_timeout)
+            .unwrap_or_else(|| DEFAULT_RETRY_TIMEOUT.to_string());
+        let retry_timeout =
+            humantime::parse_duration(&retry).map_err(|_| ConfigError::Duration(retry.clone()))?;
+        let dbs = if !args.dbs.is_empty() {
+            args.dbs.clone()
+        } else {
+            file.db
+        };
+        let maps = if !args.db_maps.is_empty() {
+            args.db_maps.clone()
+        } else {
+            file.db_map
+        };
+        Ok(TaskConfig {
+            source: url::parse_source(&source)?,
+            targets: targets
+                .iter()
+                .map(|t| url::parse_target(t))
+                .collect::<Result<_, _>>()?,
+            http,
+            checkpoint_dir: args.checkpoint_dir.clone().or(file.checkpoint_dir),
+            db_filter: db_filter(dbs, &maps)?,
+            on_conflict: args.on_conflict.or(file.on_conflict).unwrap_or_default(),
+            retry_timeout,
+            log_format: args.log_format.or(file.log_format).unwrap_or_default(),
+            replay_publish: args.replay_publish || file.replay_publish.unwrap_or(false),
+        })
+    }
+}
+
+/// Builds the database filter from `--db` and `--db-map`.
+pub fn db_filter(dbs: Vec<u32>, maps: &[String]) -> Result<DbFilter, ConfigError> {
+    let mut map = BTreeMap::new();
+    for m in maps {
+        let (src, dst) = m
+            .split_once(':')
+            .and_then(|(a, b)| Some((a.trim().parse::<u32>().ok()?, b.trim().parse::<u32>().ok()?)))
+            .ok_or_else(|| ConfigError::DbMap(m.clone()))?;
+        map.insert(src, dst);
+    }
+    let filter = DbFilter::new(dbs, map);
+    // Two source databases landing in one target database would merge them.
+    let sources: Vec<u32> = match filter.selected() {
+        Some(s) => s.to_vec(),
+        None => (0..64).chain(filter.mapping().keys().copied()).collect(),
+    };
+    let mut seen: BTreeMap<u32, u32> = BTreeMap::new();
+    for src in sources {
+        if let Some(dst) = filter.target_db(src) {
+            if let Some(&other) = seen.get(&dst) {
+                if other != src {
+                    return Err(ConfigError::DbMapCollision(
+                        other.min(src),
+                        other.max(src),
+                        dst,
+                    ));
+                }
+            }
+            seen.insert(dst, src);
+        }
+    }
+    Ok(filter)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_config_refuses_unknown_fields() {
+        let err = toml::from_str::<FileConfig>("source = 'redis://h:1'\ntargte = 'x'").unwrap_err();
+        assert!(err.to_string().contains("targte"), "{err}");
+    }
+
+    #[test]
+    fn db_map_parsing_and_collisions() {
+        let f = db_filter(vec![1], &["1:0".into()]).unwrap();
+        assert_eq!(f.target_db(1), Some(0));
+        assert!(matches!(
+            db_filter(vec![], &["x".into()]),
+            Err(ConfigError::DbMap(_))
+        ));
+        // Without --db, db 0 is copied too, so mapping 1 onto 0 would merge.
+        assert!(matches!(
+            db_filter(vec![], &["1:0".into()]),
+            Err(ConfigError::DbMapCollision(0, 1, 0))
+        ));
+        assert!(db_filter(vec![0, 1], &["1:2".into()]).is_ok());
+    }
+}

@@ -1,0 +1,208 @@
+//! The task as `/status` shows it.
+//!
+//! ```json
+//! {"state": "...", "shards": [{"source": "host:port", "state": "...",
+//!   "offset": N, "lag_ms": N,
+//!   "full_sync": {"keys": N, "bytes": N, "total_bytes": N}}]}
+//! ```
+//!
+//! Fields beyond the contract (applied offsets, targets, the error that
+//! failed the task) are added, never renamed.
+
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Instant;
+
+use serde::Serialize;
+use shard_worker::progress::{ShardState, ShardStats, WriterStats};
+
+/// Shards and writers, known once the precheck has planned the task.
+pub struct Workers {
+    pub shards: Vec<Arc<ShardStats>>,
+    pub writers: Vec<Arc<WriterStats>>,
+}
+
+/// Task-level state set by the coordinator itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+enum Phase {
+    Prechecking = 0,
+    Running = 1,
+    Stopped = 2,
+    Failed = 3,
+}
+
+pub struct TaskStatus {
+    phase: AtomicU8,
+    workers: OnceLock<Workers>,
+    error: Mutex<Option<String>>,
+    pub started: Instant,
+}
+
+impl Default for TaskStatus {
+    fn default() -> Self {
+        TaskStatus {
+            phase: AtomicU8::new(Phase::Prechecking as u8),
+            workers: OnceLock::new(),
+            error: Mutex::new(None),
+            started: Instant::now(),
+        }
+    }
+}
+
+impl TaskStatus {
+    pub fn set_workers(&self, workers: Workers) {
+        let _ = self.workers.set(workers);
+        self.phase.store(Phase::Running as u8, Ordering::Release);
+    }
+
+    pub fn workers(&self) -> Option<&Workers> {
+        self.workers.get()
+    }
+
+    pub fn set_stopped(&self) {
+        self.phase.store(Phase::Stopped as u8, Ordering::Release);
+        if let Some(w) = self.workers() {
+            for s in &w.shards {
+                if s.state() != ShardState::Failed {
+                    s.set_state(ShardState::Stopped);
+                }
+            }
+        }
+    }
+
+    pub fn set_failed(&self, error: String) {
+        *self.error.lock().expect("error lock") = Some(error);
+        self.phase.store(Phase::Failed as u8, Ordering::Release);
+    }
+
+    pub fn error(&self) -> Option<String> {
+        self.error.lock().expect("error lock").clone()
+    }
+
+    /// A shard's state as reported: an incremental shard whose target
+    /// connection is down is `reconnecting`.
+    pub fn shard_state(&self, shard: &ShardStats) -> ShardState {
+        let state = shard.state();
+        let writers_down = self.workers().is_some_and(|w| {
+            w.writers
+                .iter()
+                .any(|w| !w.connected.load(Ordering::Relaxed))
+        });
+        if state == ShardState::Incremental && writers_down {
+            ShardState::Reconnecting
+        } else {
+            state
+        }
+    }
+
+    /// The task's state, derived from its shards while it runs.
+    pub fn state(&self) -> &'static str {
+        match self.phase() {
+            Phase::Prechecking => return "prechecking",
+            Phase::Stopped => return "stopped",
+            Phase::Failed => return "failed",
+            Phase::Running => {}
+        }
+        let Some(workers) = self.workers() else {
+            return "prechecking";
+        };
+        let states: Vec<ShardState> = workers.shards.iter().map(|s| self.shard_state(s)).collect();
+        let any = |st: ShardState| states.contains(&st);
+        if any(ShardState::Failed) {
+            "failed"
+        } else if any(ShardState::Reconnecting) {
+            "reconnecting"
+        } else if any(ShardState::FullSync) || any(ShardState::Prechecking) {
+            "full_sync"
+        } else if states.iter().all(|s| *s == ShardState::Stopped) && !states.is_empty() {
+            "stopped"
+        } else {
+            "incremental"
+        }
+    }
+
+    fn phase(&self) -> Phase {
+        match self.phase.load(Ordering::Acquire) {
+            0 => Phase::Prechecking,
+            1 => Phase::Running,
+            2 => Phase::Stopped,
+            _ => Phase::Failed,
+        }
+    }
+
+    pub fn snapshot(&self) -> StatusJson {
+        let mut shards = Vec::new();
+        let mut targets = Vec::new();
+        if let Some(w) = self.workers() {
+            for s in &w.shards {
+                shards.push(ShardJson {
+                    source: s.source.clone(),
+                    state: self.shard_state(s).as_str(),
+                    offset: s.source_offset.load(Ordering::Relaxed),
+                    applied_offset: s.applied().unwrap_or(0),
+                    lag_ms: s.lag_ms(),
+                    full_sync: FullSyncJson {
+                        keys: s.full_sync_keys.load(Ordering::Relaxed),
+                        bytes: s.full_sync_bytes.load(Ordering::Relaxed),
+                        total_bytes: s.full_sync_total_bytes.load(Ordering::Relaxed),
+                    },
+                });
+            }
+            for t in &w.writers {
+                targets.push(TargetJson {
+                    target: t.target.clone(),
+                    connected: t.connected.load(Ordering::Relaxed),
+                    commands_applied: t.commands_applied.load(Ordering::Relaxed),
+                    errors: t.error_counts().iter().map(|(_, n)| n).sum(),
+                });
+            }
+        }
+        StatusJson {
+            state: self.state(),
+            shards,
+            targets,
+            uptime_secs: self.started.elapsed().as_secs(),
+            error: self.error(),
+        }
+    }
+}
+
+#[derive(Serialize)]
+pub struct StatusJson {
+    pub state: &'static str,
+    pub shards: Vec<ShardJson>,
+    pub targets: Vec<TargetJson>,
+    pub uptime_secs: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+#[derive(Serialize)]
+pub struct ShardJson {
+    pub source: String,
+    pub state: &'static str,
+    /// Replication offset read from the source.
+    pub offset: u64,
+    /// Replication offset confirmed by the target(s).
+    pub applied_offset: u64,
+    pub lag_ms: u64,
+    pub full_sync: FullSyncJson,
+}
+
+#[derive(Serialize)]
+pub struct FullSyncJson {
+    pub keys: u64,
+    pub bytes: u64,
+    /// Size of the RDB when the source announced it; 0 for diskless
+    /// transfers, whose size is not known in advance.
+    pub total_bytes: u64,
+}
+
+#[derive(Serialize)]
+pub struct TargetJson {
+    pub target: String,
+    pub connected: bool,
+    pub commands_applied: u64,
+    pub errors: u64,
+}

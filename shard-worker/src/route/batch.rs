@@ -1,0 +1,214 @@
+//! Batches: the unit that travels from a shard's intake to a writer.
+//!
+//! A batch is a run of RESP-encoded commands for one writer, all to run in
+//! one target database, with what each reply should look like. Building
+//! commands straight into one buffer means no allocation per command and
+//! one socket write per batch.
+
+use bytes::{Bytes, BytesMut};
+
+/// What a command's reply should be, beyond "not an error".
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExpectKind {
+    /// Any reply that is not an error.
+    Ok,
+    /// A RESTORE without REPLACE: `BUSYKEY` means the target kept its key.
+    KeepExisting,
+    /// FUNCTION LOAD without REPLACE: "already exists" means the target
+    /// kept its library.
+    KeepExistingFunction,
+    /// `MULTI`: a transaction is confirmed as a whole, at its `EXEC`.
+    TxBegin,
+    /// A command inside a transaction (`+QUEUED`).
+    TxQueued,
+    /// `EXEC`: the transaction's replies, errors nested inside.
+    TxEnd,
+}
+
+/// One command's place in a batch and what its reply should be.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Expect {
+    /// Byte offset of the command in the batch payload.
+    pub start: u32,
+    pub kind: ExpectKind,
+}
+
+/// Commands for one writer.
+#[derive(Clone, Debug)]
+pub struct Batch {
+    /// Index of the shard the commands came from.
+    pub shard: usize,
+    /// Target database the commands run in; `None` when it does not matter
+    /// (a cluster target has only db 0, functions are global).
+    pub db: Option<u32>,
+    pub payload: Bytes,
+    pub replies: Vec<Expect>,
+    /// Stream position after the last command: replication offset and the
+    /// source db selected there. `None` for full-sync batches, which make
+    /// nothing resumable by themselves.
+    pub end: Option<(u64, u32)>,
+}
+
+impl Batch {
+    pub fn len(&self) -> usize {
+        self.replies.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.replies.is_empty()
+    }
+
+    /// The commands from reply `k` on, as a batch of their own (for resending
+    /// after a connection loss). A cut inside a transaction moves back to
+    /// its `MULTI`: a transaction whose EXEC reply was not seen either ran
+    /// whole or not at all, so it is resent whole.
+    pub fn tail_from(&self, k: usize) -> Batch {
+        let mut k = k.min(self.replies.len());
+        if let Some(open) = self.replies[..k]
+            .iter()
+            .rposition(|e| matches!(e.kind, ExpectKind::TxBegin | ExpectKind::TxEnd))
+        {
+            if self.replies[open].kind == ExpectKind::TxBegin {
+                k = open;
+            }
+        }
+        let cut = self
+            .replies
+            .get(k)
+            .map_or(self.payload.len(), |e| e.start as usize);
+        Batch {
+            shard: self.shard,
+            db: self.db,
+            payload: self.payload.slice(cut..),
+            replies: self.replies[k..]
+                .iter()
+                .map(|e| Expect {
+                    start: e.start - cut as u32,
+                    kind: e.kind,
+                })
+                .collect(),
+            end: self.end,
+        }
+    }
+
+    /// The encoded command at reply index `i`.
+    pub fn command_bytes(&self, i: usize) -> &[u8] {
+        let start = self.replies[i].start as usize;
+        let end = self
+            .replies
+            .get(i + 1)
+            .map_or(self.payload.len(), |e| e.start as usize);
+        &self.payload[start..end]
+    }
+}
+
+/// Accumulates one writer's next batch.
+pub struct BatchBuilder {
+    db: Option<u32>,
+    buf: BytesMut,
+    replies: Vec<Expect>,
+}
+
+impl Default for BatchBuilder {
+    fn default() -> Self {
+        BatchBuilder {
+            db: None,
+            buf: BytesMut::with_capacity(64 * 1024),
+            replies: Vec::new(),
+        }
+    }
+}
+
+impl BatchBuilder {
+    pub fn is_empty(&self) -> bool {
+        self.replies.is_empty()
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.buf.len()
+    }
+
+    pub fn commands(&self) -> usize {
+        self.replies.len()
+    }
+
+    /// Whether a command for database `db` can join this batch.
+    pub fn accepts_db(&self, db: Option<u32>) -> bool {
+        self.is_empty() || db.is_none() || self.db.is_none() || self.db == db
+    }
+
+    /// Appends one command written by `encode`.
+    pub fn push(&mut self, db: Option<u32>, kind: ExpectKind, encode: impl FnOnce(&mut BytesMut)) {
+        debug_assert!(self.accepts_db(db));
+        if db.is_some() {
+            self.db = db;
+        }
+        self.replies.push(Expect {
+            start: self.buf.len() as u32,
+            kind,
+        });
+        encode(&mut self.buf);
+    }
+
+    /// Takes the batch built so far.
+    pub fn take(&mut self, shard: usize, end: Option<(u64, u32)>) -> Batch {
+        let payload = self.buf.split().freeze();
+        if self.buf.capacity() < 16 * 1024 {
+            self.buf.reserve(64 * 1024);
+        }
+        Batch {
+            shard,
+            db: self.db.take(),
+            payload,
+            replies: std::mem::take(&mut self.replies),
+            end,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use engine::resp::encode;
+
+    fn batch(cmds: &[(&[&str], ExpectKind)]) -> Batch {
+        let mut b = BatchBuilder::default();
+        for (args, kind) in cmds {
+            b.push(Some(0), *kind, |buf| encode::command(buf, args));
+        }
+        b.take(0, Some((99, 0)))
+    }
+
+    #[test]
+    fn tail_keeps_whole_commands() {
+        let b = batch(&[
+            (&["SET", "a", "1"], ExpectKind::Ok),
+            (&["SET", "b", "2"], ExpectKind::Ok),
+            (&["DEL", "c"], ExpectKind::Ok),
+        ]);
+        let t = b.tail_from(1);
+        assert_eq!(t.len(), 2);
+        assert_eq!(&t.payload[..], &b.payload[b.replies[1].start as usize..]);
+        assert_eq!(t.command_bytes(0), b.command_bytes(1));
+        assert_eq!(t.replies[0].start, 0);
+        assert!(b.tail_from(3).is_empty());
+    }
+
+    #[test]
+    fn tail_inside_a_transaction_resends_it_whole() {
+        let b = batch(&[
+            (&["SET", "a", "1"], ExpectKind::Ok),
+            (&["MULTI"], ExpectKind::TxBegin),
+            (&["INCR", "x"], ExpectKind::TxQueued),
+            (&["INCR", "y"], ExpectKind::TxQueued),
+            (&["EXEC"], ExpectKind::TxEnd),
+            (&["SET", "b", "2"], ExpectKind::Ok),
+        ]);
+        assert_eq!(
+            b.tail_from(3).len(),
+            5,
+            "cut after a QUEUED moves back to MULTI"
+        );
+        assert_eq!(b.tail_from(5).len(), 1, "after EXEC's reply the tx is done");
+    }
+}

@@ -1,0 +1,158 @@
+//! Routing: which writer gets a command, and batching commands per writer.
+//!
+//! A shard's intake holds a [`Dispatcher`]: it appends each command to the
+//! batch being built for the writer that owns the command's key, and hands
+//! batches over through the writers' bounded queues. A full queue makes the
+//! hand-over wait, which is the backpressure that bounds memory.
+
+pub mod batch;
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use tokio::sync::mpsc;
+
+pub use batch::{Batch, BatchBuilder, Expect, ExpectKind};
+
+use crate::progress::{ShardStats, WriterStats};
+
+/// The sending side of one writer's queue.
+#[derive(Clone)]
+pub struct WriterHandle {
+    pub index: usize,
+    pub target: String,
+    pub tx: mpsc::Sender<Batch>,
+    pub stats: Arc<WriterStats>,
+}
+
+/// How keys map to writers.
+#[derive(Clone)]
+pub enum Topology {
+    /// One standalone target: every command goes to writer 0.
+    Single,
+}
+
+/// Where commands go: the writers and the topology that chooses among them.
+#[derive(Clone)]
+pub struct Router {
+    pub topology: Topology,
+    pub writers: Vec<WriterHandle>,
+}
+
+impl Router {
+    /// The writer for a command on `key`.
+    pub fn writer_for_key(&self, _key: &[u8]) -> usize {
+        match self.topology {
+            Topology::Single => 0,
+        }
+    }
+
+    /// The writer for a command without keys.
+    pub fn default_writer(&self) -> usize {
+        0
+    }
+
+    pub fn n_writers(&self) -> usize {
+        self.writers.len()
+    }
+}
+
+/// Batch size at which a batch is handed over without waiting for more.
+pub const FLUSH_BYTES: usize = 256 * 1024;
+/// Command count at which a batch is handed over.
+pub const FLUSH_COMMANDS: usize = 4096;
+
+/// The queue to a writer is gone: the writer stopped (the task is ending or
+/// failed). The intake stops too.
+#[derive(Debug, thiserror::Error)]
+#[error("the writer for {target} has stopped")]
+pub struct WriterGone {
+    pub target: String,
+}
+
+/// Builds and hands over batches for one shard.
+pub struct Dispatcher {
+    shard: usize,
+    router: Router,
+    builders: Vec<BatchBuilder>,
+    stats: Arc<ShardStats>,
+}
+
+impl Dispatcher {
+    pub fn new(shard: usize, router: Router, stats: Arc<ShardStats>) -> Dispatcher {
+        let builders = (0..router.n_writers())
+            .map(|_| BatchBuilder::default())
+            .collect();
+        Dispatcher {
+            shard,
+            router,
+            builders,
+            stats,
+        }
+    }
+
+    pub fn router(&self) -> &Router {
+        &self.router
+    }
+
+    /// Appends a command for writer `w`, to run in target database `db`.
+    /// Hands the batch over first when the database changes. `at` is the
+    /// stream position after the commands already in the batch (`None`
+    /// during a full sync).
+    pub async fn push(
+        &mut self,
+        w: usize,
+        db: Option<u32>,
+        kind: ExpectKind,
+        at: Option<(u64, u32)>,
+        encode: impl FnOnce(&mut BytesMut),
+    ) -> Result<(), WriterGone> {
+        if !self.builders[w].accepts_db(db) {
+            self.flush_one(w, at).await?;
+        }
+        self.builders[w].push(db, kind, encode);
+        Ok(())
+    }
+
+    /// Hands over every batch that reached its size.
+    pub async fn flush_full(&mut self, at: Option<(u64, u32)>) -> Result<(), WriterGone> {
+        for w in 0..self.builders.len() {
+            let b = &self.builders[w];
+            if b.bytes() >= FLUSH_BYTES || b.commands() >= FLUSH_COMMANDS {
+                self.flush_one(w, at).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Hands over every non-empty batch, marking them as ending at `at`.
+    pub async fn flush_all(&mut self, at: Option<(u64, u32)>) -> Result<(), WriterGone> {
+        for w in 0..self.builders.len() {
+            if !self.builders[w].is_empty() {
+                self.flush_one(w, at).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn flush_one(&mut self, w: usize, at: Option<(u64, u32)>) -> Result<(), WriterGone> {
+        let batch = self.builders[w].take(self.shard, at);
+        // Counted before it is sent, so that `processed` can never move past
+        // a batch the progress table does not know about.
+        self.stats.note_dispatched(w);
+        let handle = &self.router.writers[w];
+        handle.stats.queued_batches.fetch_add(1, Ordering::Relaxed);
+        handle.tx.send(batch).await.map_err(|_| {
+            handle.stats.queued_batches.fetch_sub(1, Ordering::Relaxed);
+            WriterGone {
+                target: handle.target.clone(),
+            }
+        })
+    }
+
+    /// Whether anything is waiting to be handed over.
+    pub fn is_empty(&self) -> bool {
+        self.builders.iter().all(BatchBuilder::is_empty)
+    }
+}

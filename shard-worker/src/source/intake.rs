@@ -1,0 +1,731 @@
+//! The intake: everything read from a source master goes through here.
+//!
+//! After a `+FULLRESYNC` it reads the RDB transfer (`$<len>` or diskless
+//! `$EOF:<mark>`), turning each entry into a RESTORE for the writer that
+//! owns the key; then, and directly after a `+CONTINUE`, it reads the
+//! command stream, keeping the replication offset byte-exact, tracking
+//! SELECT, holding transactions until their EXEC, and handing commands to
+//! writers. Replication chatter (PING, REPLCONF) counts in the offset but is
+//! never replayed.
+//!
+//! The offset published as *processed* only moves at points outside a
+//! transaction, after the batches holding everything before it were handed
+//! over; a resumed stream therefore never starts inside a transaction.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, BytesMut};
+use engine::command::{self, CommandSpec, Role};
+use engine::filter::DbFilter;
+use engine::rdb::{RdbItem, RdbReader};
+use engine::resp::{encode, parse_command, Command};
+use engine::restore::{encode_restore, Existing};
+use ractor::ActorRef;
+use tokio::io::AsyncReadExt;
+use tokio::net::tcp::OwnedReadHalf;
+use tokio::sync::watch;
+
+use super::handshake::KEEPALIVE_TIMEOUT;
+use super::idle::IdleTimeout;
+use super::SourceMsg;
+use crate::error::WorkerError;
+use crate::events::{self, LogLimiter};
+use crate::progress::ShardStats;
+use crate::route::{Dispatcher, ExpectKind, WriterGone};
+
+/// How the intake treats what it reads.
+#[derive(Clone, Debug)]
+pub struct IntakeOptions {
+    /// What a RESTORE does to a key the target already has.
+    pub existing: Existing,
+    pub db_filter: DbFilter,
+    /// Number of databases on the source (`CONFIG GET databases`), to turn
+    /// a FLUSHALL into per-database flushes when databases are filtered.
+    pub source_databases: u32,
+    /// Replay PUBLISH on the target (off by default: subscribers of the
+    /// target would see every message twice in a migration).
+    pub replay_publish: bool,
+    /// Longest silence on the replication link before it is considered dead.
+    pub read_timeout: Duration,
+    /// Largest value (DUMP payload) accepted in one RESTORE.
+    pub max_value_len: usize,
+}
+
+impl Default for IntakeOptions {
+    fn default() -> Self {
+        IntakeOptions {
+            existing: Existing::Replace,
+            db_filter: DbFilter::all(),
+            source_databases: 16,
+            replay_publish: false,
+            read_timeout: Duration::from_secs(60),
+            max_value_len: engine::rdb::DEFAULT_MAX_VALUE_LEN,
+        }
+    }
+}
+
+/// How an intake ended without error.
+#[derive(Debug, PartialEq, Eq)]
+pub enum IntakeEnd {
+    /// Asked to stop; everything read was handed over.
+    Stopped,
+}
+
+/// Where the stream was when a transaction opened, and what it holds.
+struct OpenTx {
+    /// Source db when MULTI arrived.
+    start_db: u32,
+    commands: Vec<(Command, Option<&'static CommandSpec>)>,
+}
+
+pub(crate) struct Intake {
+    pub addr: String,
+    /// The socket's read half; lent to the RDB reader during a full sync.
+    reader: Option<OwnedReadHalf>,
+    pub buf: BytesMut,
+    pub dispatcher: Dispatcher,
+    pub stats: Arc<ShardStats>,
+    pub actor: ActorRef<SourceMsg>,
+    pub stop: watch::Receiver<bool>,
+    pub options: IntakeOptions,
+    /// Replication id of this sync.
+    pub replid: String,
+    /// Offset of the next byte of the stream.
+    pub offset: u64,
+    /// Source db selected at `offset`.
+    pub db: u32,
+    tx: Option<OpenTx>,
+    log: LogLimiter,
+}
+
+impl Intake {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        addr: String,
+        reader: OwnedReadHalf,
+        buf: BytesMut,
+        dispatcher: Dispatcher,
+        stats: Arc<ShardStats>,
+        actor: ActorRef<SourceMsg>,
+        stop: watch::Receiver<bool>,
+        options: IntakeOptions,
+        replid: String,
+        offset: u64,
+        db: u32,
+    ) -> Intake {
+        Intake {
+            addr,
+            reader: Some(reader),
+            buf,
+            dispatcher,
+            stats,
+            actor,
+            stop,
+            options,
+            replid,
+            offset,
+            db,
+            tx: None,
+            log: LogLimiter::new(),
+        }
+    }
+
+    fn stop_requested(&self) -> bool {
+        *self.stop.borrow()
+    }
+
+    // ---------------------------------------------------------------- RDB
+
+    /// Reads the RDB transfer that follows `+FULLRESYNC`. Returns `false`
+    /// when asked to stop before it ended.
+    pub async fn full_sync(&mut self) -> Result<bool, WorkerError> {
+        let header = self.read_transfer_header().await?;
+        let (total, mark) = match &header {
+            Transfer::Sized(len) => (*len, None),
+            Transfer::Marked(mark) => (0, Some(mark.clone())),
+        };
+        self.stats.begin_full_sync(&self.replid, self.offset, total);
+        events::FullSyncStarted {
+            source: &self.addr,
+            replid: &self.replid,
+            offset: self.offset,
+            transfer: if mark.is_some() { "diskless" } else { "disk" },
+        }
+        .emit();
+        let started = Instant::now();
+
+        let reader = self
+            .reader
+            .take()
+            .expect("the read half is here between phases");
+        let initial = std::mem::take(&mut self.buf);
+        let timed = IdleTimeout::new(reader, self.options.read_timeout);
+        let mut rdb = RdbReader::open(timed, initial)
+            .await
+            .map_err(|source| self.rdb_error(source))?;
+        rdb.set_max_value_len(self.options.max_value_len);
+
+        let mut stop = self.stop.clone();
+        let mut keys = 0u64;
+        loop {
+            let item = tokio::select! {
+                biased;
+                _ = stop.changed() => {
+                    self.dispatcher.flush_all(None).await.map_err(writer_gone)?;
+                    return Ok(false);
+                }
+                item = rdb.next() => item.map_err(|source| self.rdb_error(source))?,
+            };
+            let Some(item) = item else { break };
+            match item {
+                RdbItem::Entry(entry) => {
+                    keys += 1;
+                    self.stats.full_sync_keys.store(keys, Ordering::Relaxed);
+                    self.stats
+                        .full_sync_bytes
+                        .store(rdb.offset(), Ordering::Relaxed);
+                    let Some(tdb) = self.options.db_filter.target_db(entry.db) else {
+                        continue;
+                    };
+                    let w = self.dispatcher.router().writer_for_key(&entry.key);
+                    let existing = self.options.existing;
+                    let kind = match existing {
+                        Existing::Replace => ExpectKind::Ok,
+                        Existing::Keep => ExpectKind::KeepExisting,
+                    };
+                    self.dispatcher
+                        .push(w, Some(tdb), kind, None, |buf| {
+                            encode_restore(buf, &entry.key, &entry, existing)
+                        })
+                        .await
+                        .map_err(writer_gone)?;
+                    self.dispatcher
+                        .flush_full(None)
+                        .await
+                        .map_err(writer_gone)?;
+                }
+                RdbItem::Function { code } => {
+                    let (args, kind): (&[&[u8]], _) = match self.options.existing {
+                        Existing::Replace => (&[b"FUNCTION", b"LOAD", b"REPLACE"], ExpectKind::Ok),
+                        Existing::Keep => {
+                            (&[b"FUNCTION", b"LOAD"], ExpectKind::KeepExistingFunction)
+                        }
+                    };
+                    for w in 0..self.dispatcher.router().n_writers() {
+                        self.dispatcher
+                            .push(w, None, kind, None, |buf| {
+                                encode::array_header(buf, args.len() + 1);
+                                for a in args {
+                                    encode::bulk(buf, a);
+                                }
+                                encode::bulk(buf, &code);
+                            })
+                            .await
+                            .map_err(writer_gone)?;
+                    }
+                }
+                RdbItem::ModuleAux { module_id } => {
+                    tracing::debug!(source = %self.addr, module = %engine::rdb::module_type_name(module_id), "module aux data skipped");
+                }
+                RdbItem::End(checksum) => {
+                    tracing::debug!(source = %self.addr, ?checksum, "RDB end");
+                }
+                RdbItem::Aux { .. } | RdbItem::SelectDb(_) | RdbItem::ResizeDb { .. } => {}
+            }
+        }
+        let rdb_len = rdb.offset();
+        self.stats.full_sync_bytes.store(rdb_len, Ordering::Relaxed);
+        let (timed, rest) = rdb.into_parts();
+        self.reader = Some(timed.into_inner());
+        self.buf = rest;
+        match header {
+            Transfer::Sized(len) if len != rdb_len => {
+                return Err(WorkerError::Unexpected {
+                    addr: self.addr.clone(),
+                    context: "reading the RDB transfer",
+                    reply: format!("the RDB ended after {rdb_len} of the {len} bytes announced"),
+                })
+            }
+            Transfer::Marked(mark) => self.expect_eof_mark(&mark).await?,
+            _ => {}
+        }
+        self.dispatcher.flush_all(None).await.map_err(writer_gone)?;
+        // After a full sync the master selects a db before any command; 0
+        // stands until then.
+        self.db = 0;
+        self.stats.begin_incremental(&self.replid, self.offset, 0);
+        events::FullSyncRead {
+            source: &self.addr,
+            keys,
+            bytes: rdb_len,
+            elapsed: started.elapsed(),
+        }
+        .emit();
+        // A master that sent the RDB diskless waits for this first ACK
+        // before it streams any command.
+        let _ = self.actor.send_message(SourceMsg::RdbLoaded);
+        Ok(true)
+    }
+
+    fn rdb_error(&self, source: engine::rdb::RdbError) -> WorkerError {
+        match source {
+            engine::rdb::RdbError::Io(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                WorkerError::Timeout {
+                    addr: self.addr.clone(),
+                    context: "receiving the RDB",
+                    secs: self.options.read_timeout.as_secs(),
+                }
+            }
+            engine::rdb::RdbError::Io(e) => WorkerError::Io {
+                addr: self.addr.clone(),
+                context: "receiving the RDB",
+                source: e,
+            },
+            other => WorkerError::Rdb {
+                addr: self.addr.clone(),
+                source: other,
+            },
+        }
+    }
+
+    /// Reads `$<len>\r\n` or `$EOF:<40 bytes>\r\n`, skipping keep-alives.
+    async fn read_transfer_header(&mut self) -> Result<Transfer, WorkerError> {
+        loop {
+            while self.buf.first() == Some(&b'\n') {
+                self.buf.advance(1);
+            }
+            if let Some(nl) = self.buf.iter().position(|&b| b == b'\n') {
+                let line = self.buf.split_to(nl + 1);
+                let text = String::from_utf8_lossy(&line)
+                    .trim_end_matches(['\r', '\n'])
+                    .to_string();
+                return parse_transfer_header(&self.addr, &text);
+            }
+            if self.buf.len() > 1024 {
+                return Err(WorkerError::Unexpected {
+                    addr: self.addr.clone(),
+                    context: "waiting for the RDB transfer",
+                    reply: "a header line longer than 1 KiB".into(),
+                });
+            }
+            self.read_more("waiting for the RDB transfer", KEEPALIVE_TIMEOUT)
+                .await?;
+        }
+    }
+
+    async fn expect_eof_mark(&mut self, mark: &[u8]) -> Result<(), WorkerError> {
+        while self.buf.len() < mark.len() {
+            self.read_more(
+                "reading the end of the RDB transfer",
+                self.options.read_timeout,
+            )
+            .await?;
+        }
+        if &self.buf[..mark.len()] != mark {
+            return Err(WorkerError::Unexpected {
+                addr: self.addr.clone(),
+                context: "reading the end of the RDB transfer",
+                reply: "the end-of-transfer mark does not match".into(),
+            });
+        }
+        self.buf.advance(mark.len());
+        Ok(())
+    }
+
+    async fn read_more(
+        &mut self,
+        context: &'static str,
+        timeout: Duration,
+    ) -> Result<(), WorkerError> {
+        if self.buf.capacity() - self.buf.len() < 32 * 1024 {
+            self.buf.reserve(256 * 1024);
+        }
+        let reader = self
+            .reader
+            .as_mut()
+            .expect("the read half is here between phases");
+        match tokio::time::timeout(timeout, reader.read_buf(&mut self.buf)).await {
+            Ok(Ok(0)) => Err(WorkerError::Closed {
+                addr: self.addr.clone(),
+                context,
+            }),
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(source)) => Err(WorkerError::Io {
+                addr: self.addr.clone(),
+                context,
+                source,
+            }),
+            Err(_) => Err(WorkerError::Timeout {
+                addr: self.addr.clone(),
+                context,
+                secs: timeout.as_secs(),
+            }),
+        }
+    }
+
+    // ------------------------------------------------------------- stream
+
+    /// Reads and replays the command stream until asked to stop.
+    pub async fn stream(&mut self) -> Result<IntakeEnd, WorkerError> {
+        let mut safe = Some((self.offset, self.db));
+        loop {
+            while let Some(cmd) =
+                parse_command(&mut self.buf).map_err(|source| WorkerError::Protocol {
+                    addr: self.addr.clone(),
+                    source,
+                })?
+            {
+                self.offset += cmd.wire_len() as u64;
+                self.stats.commands_received.fetch_add(1, Ordering::Relaxed);
+                self.handle(cmd, safe).await?;
+                if self.tx.is_none() {
+                    safe = Some((self.offset, self.db));
+                }
+                self.dispatcher
+                    .flush_full(safe)
+                    .await
+                    .map_err(writer_gone)?;
+            }
+            self.dispatcher.flush_all(safe).await.map_err(writer_gone)?;
+            if let Some((offset, db)) = safe {
+                self.stats.publish_processed(offset, db);
+            }
+            self.stats
+                .source_offset
+                .store(self.offset, Ordering::Relaxed);
+
+            if self.stop_requested() {
+                return Ok(IntakeEnd::Stopped);
+            }
+            let mut stop = self.stop.clone();
+            tokio::select! {
+                biased;
+                _ = stop.changed() => return Ok(IntakeEnd::Stopped),
+                read = self.read_more("reading the replication stream", self.options.read_timeout) => read?,
+            }
+        }
+    }
+
+    async fn handle(&mut self, cmd: Command, safe: Option<(u64, u32)>) -> Result<(), WorkerError> {
+        let spec = command::lookup(&cmd);
+        let role = spec.map_or(Role::Data, |s| s.role);
+        match role {
+            Role::Ping => Ok(()),
+            Role::Replconf => {
+                if cmd
+                    .get(1)
+                    .is_some_and(|a| a.eq_ignore_ascii_case(b"GETACK"))
+                {
+                    let _ = self.actor.send_message(SourceMsg::GetAck);
+                }
+                Ok(())
+            }
+            Role::Select => {
+                let db = cmd
+                    .get(1)
+                    .and_then(|a| std::str::from_utf8(a).ok())
+                    .and_then(|s| s.parse::<u32>().ok())
+                    .ok_or_else(|| WorkerError::Unexpected {
+                        addr: self.addr.clone(),
+                        context: "reading the replication stream",
+                        reply: format!("a SELECT without a valid db: {cmd:?}"),
+                    })?;
+                self.db = db;
+                if let Some(tx) = &mut self.tx {
+                    tx.commands.push((cmd, spec));
+                }
+                Ok(())
+            }
+            Role::Multi => {
+                self.tx = Some(OpenTx {
+                    start_db: self.db,
+                    commands: Vec::new(),
+                });
+                Ok(())
+            }
+            Role::Exec => match self.tx.take() {
+                Some(tx) => self.dispatch_tx(tx, safe).await,
+                None => Ok(()),
+            },
+            Role::Discard => {
+                self.tx = None;
+                Ok(())
+            }
+            _ if self.tx.is_some() => {
+                if let Some(tx) = &mut self.tx {
+                    tx.commands.push((cmd, spec));
+                }
+                Ok(())
+            }
+            Role::Publish if !self.options.replay_publish => {
+                self.stats.commands_filtered.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            Role::FlushAll => self.flush_all_dbs(&cmd, safe).await,
+            Role::FlushDb => {
+                let Some(tdb) = self.options.db_filter.target_db(self.db) else {
+                    self.stats.commands_filtered.fetch_add(1, Ordering::Relaxed);
+                    return Ok(());
+                };
+                events::SourceFlushed {
+                    source: &self.addr,
+                    command: "FLUSHDB",
+                    target_dbs: &tdb.to_string(),
+                }
+                .emit();
+                self.forward(&cmd, spec, Some(tdb), safe).await
+            }
+            Role::SwapDb | Role::Move if !self.identity_dbs() => {
+                self.not_replayed(&cmd, "databases are filtered or renamed (--db / --db-map), so moving data between them cannot be mirrored");
+                Ok(())
+            }
+            Role::Function | Role::Publish => {
+                for w in 0..self.dispatcher.router().n_writers() {
+                    self.dispatcher
+                        .push(w, None, ExpectKind::Ok, safe, |buf| {
+                            buf.extend_from_slice(cmd.wire())
+                        })
+                        .await
+                        .map_err(writer_gone)?;
+                }
+                Ok(())
+            }
+            Role::SwapDb => {
+                let w = self.dispatcher.router().default_writer();
+                self.dispatcher
+                    .push(w, None, ExpectKind::Ok, safe, |buf| {
+                        buf.extend_from_slice(cmd.wire())
+                    })
+                    .await
+                    .map_err(writer_gone)
+            }
+            Role::Move | Role::Script | Role::Data => {
+                let Some(tdb) = self.options.db_filter.target_db(self.db) else {
+                    self.stats.commands_filtered.fetch_add(1, Ordering::Relaxed);
+                    return Ok(());
+                };
+                self.forward(&cmd, spec, Some(tdb), safe).await
+            }
+        }
+    }
+
+    /// Every database copied as-is: commands that move data between
+    /// databases can be replayed unchanged.
+    fn identity_dbs(&self) -> bool {
+        self.options.db_filter == DbFilter::all()
+    }
+
+    fn not_replayed(&mut self, cmd: &Command, reason: &str) {
+        let name = String::from_utf8_lossy(cmd.name()).to_uppercase();
+        events::CommandNotReplayed {
+            source: &self.addr,
+            command: &name,
+            reason,
+        }
+        .emit(&self.stats, &mut self.log);
+    }
+
+    /// Hands one command, unchanged, to the writer of its first key.
+    async fn forward(
+        &mut self,
+        cmd: &Command,
+        spec: Option<&'static CommandSpec>,
+        tdb: Option<u32>,
+        safe: Option<(u64, u32)>,
+    ) -> Result<(), WorkerError> {
+        let w = self.writer_for(cmd, spec);
+        self.dispatcher
+            .push(w, tdb, ExpectKind::Ok, safe, |buf| {
+                buf.extend_from_slice(cmd.wire())
+            })
+            .await
+            .map_err(writer_gone)
+    }
+
+    fn writer_for(&self, cmd: &Command, spec: Option<&'static CommandSpec>) -> usize {
+        let router = self.dispatcher.router();
+        match spec.and_then(|s| command::key_positions(s, cmd).first().copied()) {
+            Some(pos) => router.writer_for_key(cmd.arg(pos)),
+            None => router.default_writer(),
+        }
+    }
+
+    async fn flush_all_dbs(
+        &mut self,
+        cmd: &Command,
+        safe: Option<(u64, u32)>,
+    ) -> Result<(), WorkerError> {
+        if self.identity_dbs() {
+            events::SourceFlushed {
+                source: &self.addr,
+                command: "FLUSHALL",
+                target_dbs: "all",
+            }
+            .emit();
+            for w in 0..self.dispatcher.router().n_writers() {
+                self.dispatcher
+                    .push(w, None, ExpectKind::Ok, safe, |buf| {
+                        buf.extend_from_slice(cmd.wire())
+                    })
+                    .await
+                    .map_err(writer_gone)?;
+            }
+            return Ok(());
+        }
+        // Only the databases we copy are flushed on the target.
+        let filter = self.options.db_filter.clone();
+        let targets: Vec<u32> = (0..self.options.source_databases)
+            .filter_map(|db| filter.target_db(db))
+            .collect();
+        let listed: Vec<String> = targets.iter().map(u32::to_string).collect();
+        events::SourceFlushed {
+            source: &self.addr,
+            command: "FLUSHALL",
+            target_dbs: &listed.join(","),
+        }
+        .emit();
+        // Keep any ASYNC/SYNC modifier.
+        let modifier = cmd.get(1).map(<[u8]>::to_vec);
+        for tdb in targets {
+            for w in 0..self.dispatcher.router().n_writers() {
+                let modifier = modifier.clone();
+                self.dispatcher
+                    .push(w, Some(tdb), ExpectKind::Ok, safe, |buf| match &modifier {
+                        Some(m) => encode::command(buf, &[&b"FLUSHDB"[..], m]),
+                        None => encode::command(buf, &[b"FLUSHDB"]),
+                    })
+                    .await
+                    .map_err(writer_gone)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Hands a whole transaction to one writer, as MULTI ... EXEC. Commands
+    /// in databases that are not copied are left out; SELECTs inside the
+    /// transaction are kept (renamed), and the connection is put back in
+    /// the transaction's first database after EXEC.
+    async fn dispatch_tx(
+        &mut self,
+        tx: OpenTx,
+        safe: Option<(u64, u32)>,
+    ) -> Result<(), WorkerError> {
+        let mut db = tx.start_db;
+        let mut kept: Vec<(u32, &Command, Option<&'static CommandSpec>)> = Vec::new();
+        for (cmd, spec) in &tx.commands {
+            if spec.is_some_and(|s| s.role == Role::Select) {
+                // `handle` validated it.
+                db = std::str::from_utf8(cmd.arg(1))
+                    .ok()
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(db);
+                continue;
+            }
+            if spec.is_some_and(|s| s.role == Role::Publish) && !self.options.replay_publish {
+                continue;
+            }
+            match self.options.db_filter.target_db(db) {
+                Some(tdb) => kept.push((tdb, cmd, *spec)),
+                None => {
+                    self.stats.commands_filtered.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        let Some(&(first_db, first_cmd, first_spec)) = kept.first() else {
+            return Ok(());
+        };
+        let w = self.writer_for(first_cmd, first_spec);
+        let d = &mut self.dispatcher;
+        d.push(w, Some(first_db), ExpectKind::TxBegin, safe, |buf| {
+            encode::command(buf, &[b"MULTI"])
+        })
+        .await
+        .map_err(writer_gone)?;
+        let mut current = first_db;
+        for (tdb, cmd, _) in &kept {
+            if *tdb != current {
+                current = *tdb;
+                d.push(w, None, ExpectKind::TxQueued, safe, |buf| {
+                    encode::command(buf, &[&b"SELECT"[..], tdb.to_string().as_bytes()])
+                })
+                .await
+                .map_err(writer_gone)?;
+            }
+            d.push(w, None, ExpectKind::TxQueued, safe, |buf| {
+                buf.extend_from_slice(cmd.wire())
+            })
+            .await
+            .map_err(writer_gone)?;
+        }
+        d.push(w, None, ExpectKind::TxEnd, safe, |buf| {
+            encode::command(buf, &[b"EXEC"])
+        })
+        .await
+        .map_err(writer_gone)?;
+        if current != first_db {
+            d.push(w, None, ExpectKind::Ok, safe, |buf| {
+                encode::command(buf, &[&b"SELECT"[..], first_db.to_string().as_bytes()])
+            })
+            .await
+            .map_err(writer_gone)?;
+        }
+        Ok(())
+    }
+}
+
+/// The intake cannot go on once a writer's queue is closed.
+fn writer_gone(e: WriterGone) -> WorkerError {
+    WorkerError::Closed {
+        addr: e.target,
+        context: "handing commands to its writer (the writer stopped)",
+    }
+}
+
+/// The two RDB transfer forms.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Transfer {
+    /// `$<len>`: the RDB is exactly `len` bytes (disk-based sync).
+    Sized(u64),
+    /// `$EOF:<mark>`: the RDB is followed by the same 40-byte mark
+    /// (diskless sync).
+    Marked(Vec<u8>),
+}
+
+fn parse_transfer_header(addr: &str, line: &str) -> Result<Transfer, WorkerError> {
+    let bad = || WorkerError::Unexpected {
+        addr: addr.to_string(),
+        context: "reading the RDB transfer header",
+        reply: line.chars().take(120).collect(),
+    };
+    let rest = line.strip_prefix('$').ok_or_else(bad)?;
+    if let Some(mark) = rest.strip_prefix("EOF:") {
+        if mark.len() != 40 {
+            return Err(bad());
+        }
+        return Ok(Transfer::Marked(mark.as_bytes().to_vec()));
+    }
+    rest.parse::<u64>().map(Transfer::Sized).map_err(|_| bad())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transfer_headers() {
+        assert_eq!(
+            parse_transfer_header("h:1", "$1234").unwrap(),
+            Transfer::Sized(1234)
+        );
+        let mark = "x".repeat(40);
+        assert_eq!(
+            parse_transfer_header("h:1", &format!("$EOF:{mark}")).unwrap(),
+            Transfer::Marked(mark.into_bytes())
+        );
+        assert!(parse_transfer_header("h:1", "$EOF:short").is_err());
+        assert!(parse_transfer_header("h:1", "+OK").is_err());
+        assert!(parse_transfer_header("h:1", "$-1").is_err());
+    }
+}

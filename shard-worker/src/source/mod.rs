@@ -1,0 +1,222 @@
+//! The source worker actor: one per source master.
+//!
+//! It connects in `post_start` (so a failure reaches the supervisor), does
+//! the replica handshake, and hands the socket's read half to an intake
+//! task that reads the RDB and the stream. The actor keeps the write half
+//! and sends `REPLCONF ACK <applied offset>` every second and whenever the
+//! master asks (GETACK). It never blocks on the socket: the intake reports
+//! back by message.
+
+mod handshake;
+mod idle;
+mod intake;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+pub use handshake::{handshake, SyncStart};
+pub use intake::{IntakeEnd, IntakeOptions};
+
+use crate::conn::Conn;
+use crate::endpoint::Endpoint;
+use crate::error::WorkerError;
+use crate::events;
+use crate::progress::{ResumePoint, ShardStats};
+use crate::route::{Dispatcher, Router};
+use intake::Intake;
+
+/// How often the applied offset is acknowledged to the master.
+const ACK_PERIOD: Duration = Duration::from_secs(1);
+
+/// Everything a source worker needs to start.
+pub struct SourceArgs {
+    pub shard: usize,
+    pub endpoint: Endpoint,
+    pub router: Router,
+    pub stats: Arc<ShardStats>,
+    /// Ask for a partial resync from here (a checkpoint, or where the last
+    /// connection left off).
+    pub resume: Option<ResumePoint>,
+    pub options: IntakeOptions,
+    /// Port announced with `REPLCONF listening-port` (shown by the master's
+    /// `INFO replication`).
+    pub listening_port: u16,
+}
+
+pub enum SourceMsg {
+    /// Time to acknowledge.
+    AckTick,
+    /// The master asked for an acknowledgement.
+    GetAck,
+    /// The RDB is read: acknowledge now (a diskless master waits for it).
+    RdbLoaded,
+    /// The intake task ended.
+    IntakeExited(Result<IntakeEnd, WorkerError>),
+    /// Stop reading, hand over what was read, and stop.
+    Stop,
+}
+
+pub struct SourceState {
+    args: Option<SourceArgs>,
+    addr: String,
+    stats: Arc<ShardStats>,
+    writer: Option<OwnedWriteHalf>,
+    stop: watch::Sender<bool>,
+    intake: Option<JoinHandle<()>>,
+    ticker: Option<JoinHandle<()>>,
+    /// Acknowledging starts once the RDB (if any) is read.
+    acking: bool,
+}
+
+pub struct SourceWorker;
+
+impl Actor for SourceWorker {
+    type Msg = SourceMsg;
+    type State = SourceState;
+    type Arguments = SourceArgs;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        args: SourceArgs,
+    ) -> Result<SourceState, ActorProcessingErr> {
+        let (stop, _) = watch::channel(false);
+        Ok(SourceState {
+            addr: args.endpoint.addr(),
+            stats: args.stats.clone(),
+            args: Some(args),
+            writer: None,
+            stop,
+            intake: None,
+            ticker: None,
+            acking: false,
+        })
+    }
+
+    async fn post_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        state: &mut SourceState,
+    ) -> Result<(), ActorProcessingErr> {
+        let args = state.args.take().expect("arguments are used once");
+        let mut conn = Conn::open_authenticated(&args.endpoint).await?;
+        let start = handshake(&mut conn, args.resume.as_ref(), args.listening_port).await?;
+        let (reader, writer) = conn.stream.into_split();
+        state.writer = Some(writer);
+
+        let dispatcher = Dispatcher::new(args.shard, args.router, args.stats.clone());
+        let (replid, offset, db, full) = match &start {
+            SyncStart::Full { replid, offset } => (replid.clone(), *offset, 0, true),
+            SyncStart::Continue { replid, offset } => {
+                let db = args.resume.as_ref().map_or(0, |r| r.db);
+                events::PartialResync {
+                    source: &state.addr,
+                    replid,
+                    offset: *offset,
+                }
+                .emit(&args.stats);
+                args.stats.begin_incremental(replid, *offset, db);
+                state.acking = true;
+                (replid.clone(), *offset, db, false)
+            }
+        };
+        let mut intake = Intake::new(
+            state.addr.clone(),
+            reader,
+            conn.buf,
+            dispatcher,
+            args.stats.clone(),
+            myself.clone(),
+            state.stop.subscribe(),
+            args.options,
+            replid,
+            offset,
+            db,
+        );
+        let me = myself.clone();
+        state.intake = Some(tokio::spawn(async move {
+            let result = async {
+                if full && !intake.full_sync().await? {
+                    return Ok(IntakeEnd::Stopped);
+                }
+                intake.stream().await
+            }
+            .await;
+            let _ = me.send_message(SourceMsg::IntakeExited(result));
+        }));
+        state.ticker = Some(myself.send_interval(ACK_PERIOD, || SourceMsg::AckTick));
+        Ok(())
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        state: &mut SourceState,
+    ) -> Result<(), ActorProcessingErr> {
+        if let Some(t) = state.ticker.take() {
+            t.abort();
+        }
+        if let Some(t) = state.intake.take() {
+            t.abort();
+        }
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        message: SourceMsg,
+        state: &mut SourceState,
+    ) -> Result<(), ActorProcessingErr> {
+        match message {
+            SourceMsg::AckTick | SourceMsg::GetAck => {
+                if state.acking {
+                    send_ack(state).await;
+                }
+            }
+            SourceMsg::RdbLoaded => {
+                state.acking = true;
+                send_ack(state).await;
+            }
+            SourceMsg::IntakeExited(Ok(IntakeEnd::Stopped)) => {
+                state.intake = None;
+                myself.stop(Some("stopped".into()));
+            }
+            SourceMsg::IntakeExited(Err(err)) => {
+                state.intake = None;
+                return Err(Box::new(err));
+            }
+            SourceMsg::Stop => {
+                let _ = state.stop.send(true);
+                if state.intake.is_none() {
+                    myself.stop(Some("stopped".into()));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Sends `REPLCONF ACK <offset>`: the applied offset, or before anything is
+/// applied, the offset of what was read and handed over. Failures are left
+/// to the intake, which sees the same broken connection.
+async fn send_ack(state: &mut SourceState) {
+    let Some(offset) = state.stats.applied().or(state.stats.processed()) else {
+        return;
+    };
+    let Some(writer) = state.writer.as_mut() else {
+        return;
+    };
+    let ack = engine::resp::encode::to_bytes(&["REPLCONF", "ACK", &offset.to_string()]);
+    match tokio::time::timeout(Duration::from_secs(5), writer.write_all(&ack)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::debug!(source = %state.addr, error = %e, "ACK not sent"),
+        Err(_) => tracing::debug!(source = %state.addr, "ACK not sent within 5 s"),
+    }
+}

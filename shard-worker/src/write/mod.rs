@@ -1,0 +1,236 @@
+//! The writer actor: one per target node.
+//!
+//! It owns the receiving end of its bounded queue. Connecting happens in
+//! messages to itself (never blocking the mailbox), and the socket belongs
+//! to a pipeline task that reports back when it ends. On a lost connection
+//! the writer reconnects with backoff and resends what was not confirmed;
+//! it fails (and so reaches its supervisor) only on a fatal error or when
+//! the outage outlasts the retry policy. It stops by itself once every
+//! producer has dropped its queue handle and everything is confirmed: that
+//! is how a task drains.
+
+mod pipeline;
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+pub use pipeline::{Backoff, RetryPolicy};
+
+use crate::conn::Conn;
+use crate::endpoint::Endpoint;
+use crate::error::{Recovery, WorkerError};
+use crate::events::{self, describe_command};
+use crate::progress::{ShardStats, WriterStats};
+use crate::route::Batch;
+use pipeline::{PipelineCtx, PipelineExit};
+
+/// Default number of batches written but not yet confirmed.
+pub const DEFAULT_WINDOW: usize = 8;
+/// Default capacity of a writer's queue, in batches.
+pub const DEFAULT_QUEUE: usize = 16;
+
+/// Everything a writer needs to start.
+pub struct WriterArgs {
+    pub index: usize,
+    pub endpoint: Endpoint,
+    pub rx: mpsc::Receiver<Batch>,
+    /// Every shard's stats, indexed by shard, to confirm batches into.
+    pub shards: Arc<[Arc<ShardStats>]>,
+    pub stats: Arc<WriterStats>,
+    pub retry: RetryPolicy,
+    pub window: usize,
+}
+
+pub enum WriterMsg {
+    /// Try to (re)connect and start a pipeline.
+    Connect,
+    /// The pipeline task ended.
+    PipelineExited(Box<PipelineExit>),
+}
+
+pub struct WriterState {
+    args_endpoint: Endpoint,
+    ctx: Arc<PipelineCtx>,
+    rx: Option<mpsc::Receiver<Batch>>,
+    /// Batches to resend first on the next connection.
+    unconfirmed: VecDeque<Batch>,
+    retry: RetryPolicy,
+    outage: Option<Backoff>,
+    last_error: Option<String>,
+    pipeline: Option<JoinHandle<()>>,
+}
+
+pub struct Writer;
+
+impl Actor for Writer {
+    type Msg = WriterMsg;
+    type State = WriterState;
+    type Arguments = WriterArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: WriterArgs,
+    ) -> Result<WriterState, ActorProcessingErr> {
+        myself.send_message(WriterMsg::Connect)?;
+        Ok(WriterState {
+            args_endpoint: args.endpoint,
+            ctx: Arc::new(PipelineCtx {
+                writer: args.index,
+                shards: args.shards,
+                stats: args.stats,
+                window: args.window,
+            }),
+            rx: Some(args.rx),
+            unconfirmed: VecDeque::new(),
+            retry: args.retry,
+            outage: None,
+            last_error: None,
+            pipeline: None,
+        })
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        state: &mut WriterState,
+    ) -> Result<(), ActorProcessingErr> {
+        if let Some(task) = state.pipeline.take() {
+            task.abort();
+        }
+        state.ctx.stats.connected.store(false, Ordering::Relaxed);
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        message: WriterMsg,
+        state: &mut WriterState,
+    ) -> Result<(), ActorProcessingErr> {
+        match message {
+            WriterMsg::Connect => connect(&myself, state).await,
+            WriterMsg::PipelineExited(exit) => pipeline_exited(&myself, state, *exit),
+        }
+    }
+}
+
+async fn connect(
+    myself: &ActorRef<WriterMsg>,
+    state: &mut WriterState,
+) -> Result<(), ActorProcessingErr> {
+    let endpoint = &state.args_endpoint;
+    let conn = match Conn::open_authenticated(endpoint).await {
+        Ok(mut conn) => {
+            // Lets operators see in CLIENT LIST which connections are ours;
+            // failure (a very old server) does not matter.
+            let _ = conn
+                .request(&["CLIENT", "SETNAME", "shardsync-writer"])
+                .await;
+            conn
+        }
+        Err(err) => return retry_later(myself, state, err),
+    };
+    if state.outage.take().is_some() {
+        tracing::info!(target_node = %endpoint, "reconnected to the target");
+    }
+    state.last_error = None;
+    let stats = &state.ctx.stats;
+    stats.connected.store(true, Ordering::Relaxed);
+    let resend = std::mem::take(&mut state.unconfirmed);
+    report_resend(&resend, stats, &endpoint.addr());
+    let rx = state
+        .rx
+        .take()
+        .expect("the queue is here between pipelines");
+    let ctx = state.ctx.clone();
+    let me = myself.clone();
+    state.pipeline = Some(tokio::spawn(async move {
+        let exit = pipeline::run(conn, rx, resend, &ctx).await;
+        // If the actor is gone there is nobody left to tell.
+        let _ = me.send_message(WriterMsg::PipelineExited(Box::new(exit)));
+    }));
+    Ok(())
+}
+
+fn pipeline_exited(
+    myself: &ActorRef<WriterMsg>,
+    state: &mut WriterState,
+    exit: PipelineExit,
+) -> Result<(), ActorProcessingErr> {
+    state.pipeline = None;
+    state.rx = Some(exit.rx);
+    state.unconfirmed = exit.unconfirmed;
+    let stats = &state.ctx.stats;
+    stats.inflight_commands.store(0, Ordering::Relaxed);
+    stats.connected.store(false, Ordering::Relaxed);
+    match exit.result {
+        Ok(()) => {
+            // The queue closed and everything is confirmed: drained.
+            myself.stop(None);
+            Ok(())
+        }
+        Err(err) => {
+            stats.reconnects.fetch_add(1, Ordering::Relaxed);
+            retry_later(myself, state, err)
+        }
+    }
+}
+
+/// Schedules a reconnection, or fails when waiting cannot help.
+fn retry_later(
+    myself: &ActorRef<WriterMsg>,
+    state: &mut WriterState,
+    err: WorkerError,
+) -> Result<(), ActorProcessingErr> {
+    if err.recovery() == Recovery::Fatal {
+        return Err(Box::new(err));
+    }
+    let outage = state
+        .outage
+        .get_or_insert_with(|| Backoff::start(&state.retry));
+    let Some(delay) = outage.next_delay(&state.retry) else {
+        return Err(Box::new(WorkerError::RetriesExhausted {
+            addr: state.args_endpoint.addr(),
+            secs: outage.elapsed().as_secs(),
+            last: err.to_string(),
+        }));
+    };
+    tracing::warn!(
+        target_node = %state.args_endpoint,
+        error = %err,
+        retry_in_ms = delay.as_millis() as u64,
+        "target connection failed; retrying"
+    );
+    state.last_error = Some(err.to_string());
+    myself.send_after(delay, || WriterMsg::Connect);
+    Ok(())
+}
+
+/// Counts what is about to be sent a second time.
+fn report_resend(resend: &VecDeque<Batch>, stats: &WriterStats, target: &str) {
+    let mut commands = 0;
+    let mut non_idempotent = 0;
+    for batch in resend {
+        for i in 0..batch.len() {
+            commands += 1;
+            let (name, _) = describe_command(batch.command_bytes(i));
+            let idempotent =
+                engine::command::lookup_name(name.as_bytes()).is_some_and(|spec| spec.idempotent);
+            if !idempotent {
+                non_idempotent += 1;
+            }
+        }
+    }
+    events::CommandsResent {
+        target,
+        commands,
+        non_idempotent,
+    }
+    .emit(stats);
+}

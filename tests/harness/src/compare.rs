@@ -1,0 +1,261 @@
+//! Key-by-key comparison of two servers, independent of shardsync's own
+//! `verify` so that tests check the product against a separate oracle.
+//!
+//! Every key's type, value (read per type, unordered collections sorted),
+//! and exact expiry time (PEXPIRETIME) must match; streams are compared with
+//! `XINFO STREAM FULL` minus what legitimately differs (internal radix-tree
+//! sizes and wall-clock times of consumers and deliveries); function
+//! libraries are compared with their code.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use redis::Value;
+
+use crate::server::RedisServer;
+
+/// A value in a form that compares equal when the data is equal.
+#[derive(Debug, PartialEq)]
+enum Fingerprint {
+    String(Vec<u8>),
+    List(Vec<Vec<u8>>),
+    Set(BTreeSet<Vec<u8>>),
+    ZSet(Vec<(Vec<u8>, String)>),
+    Hash(BTreeMap<Vec<u8>, Vec<u8>>),
+    Stream(String),
+    Other(String, Vec<u8>),
+}
+
+fn keys(con: &mut redis::Connection) -> BTreeSet<Vec<u8>> {
+    let mut out = BTreeSet::new();
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, batch): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("COUNT")
+            .arg(1000)
+            .query(con)
+            .expect("SCAN");
+        out.extend(batch);
+        if next == 0 {
+            return out;
+        }
+        cursor = next;
+    }
+}
+
+fn fingerprint(con: &mut redis::Connection, key: &[u8]) -> (String, Option<Fingerprint>, i64) {
+    let kind: String = redis::cmd("TYPE").arg(key).query(con).expect("TYPE");
+    let expire: i64 = redis::cmd("PEXPIRETIME").arg(key).query(con).unwrap_or(-3);
+    let fp = match kind.as_str() {
+        "none" => None,
+        "string" => Some(Fingerprint::String(
+            redis::cmd("GET").arg(key).query(con).expect("GET"),
+        )),
+        "list" => Some(Fingerprint::List(
+            redis::cmd("LRANGE")
+                .arg(key)
+                .arg(0)
+                .arg(-1)
+                .query(con)
+                .expect("LRANGE"),
+        )),
+        "set" => Some(Fingerprint::Set(
+            redis::cmd("SMEMBERS")
+                .arg(key)
+                .query(con)
+                .expect("SMEMBERS"),
+        )),
+        "zset" => {
+            let flat: Vec<Vec<u8>> = redis::cmd("ZRANGE")
+                .arg(key)
+                .arg(0)
+                .arg(-1)
+                .arg("WITHSCORES")
+                .query(con)
+                .expect("ZRANGE");
+            Some(Fingerprint::ZSet(
+                flat.chunks(2)
+                    .map(|c| (c[0].clone(), normalize_score(&c[1])))
+                    .collect(),
+            ))
+        }
+        "hash" => Some(Fingerprint::Hash(
+            redis::cmd("HGETALL").arg(key).query(con).expect("HGETALL"),
+        )),
+        "stream" => {
+            let full: Value = redis::cmd("XINFO")
+                .arg("STREAM")
+                .arg(key)
+                .arg("FULL")
+                .query(con)
+                .expect("XINFO STREAM FULL");
+            Some(Fingerprint::Stream(canonical_stream(&full)))
+        }
+        other => {
+            let dump: Vec<u8> = redis::cmd("DUMP").arg(key).query(con).expect("DUMP");
+            Some(Fingerprint::Other(other.to_string(), dump))
+        }
+    };
+    (kind, fp, expire)
+}
+
+/// Scores compared as numbers (7.0 and 7.2 print some differently).
+fn normalize_score(s: &[u8]) -> String {
+    let text = String::from_utf8_lossy(s);
+    match text.parse::<f64>() {
+        Ok(v) => format!("{v:?}"),
+        Err(_) => text.into_owned(),
+    }
+}
+
+/// XINFO STREAM FULL as text, without fields that may differ between two
+/// equal streams: radix-tree sizes (internal layout), consumer seen/active
+/// times and PEL delivery times (wall clock of the server that applied them),
+/// and a group's `entries-read`/`lag`: Redis 7.0 replicates XREADGROUP as
+/// XCLAIM ... LASTID, which does not carry them, so even a native replica
+/// shows them as nil (checked against redis-server 7.0.15).
+fn canonical_stream(v: &Value) -> String {
+    const SKIP: &[&str] = &[
+        "radix-tree-keys",
+        "radix-tree-nodes",
+        "seen-time",
+        "active-time",
+        "entries-read",
+        "lag",
+    ];
+    fn text(v: &Value) -> String {
+        match v {
+            Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+            Value::SimpleString(s) => s.clone(),
+            Value::Int(i) => i.to_string(),
+            Value::Nil => "nil".into(),
+            Value::Okay => "OK".into(),
+            Value::Array(items) => {
+                let is_map = items.len() % 2 == 0
+                    && items
+                        .iter()
+                        .step_by(2)
+                        .all(|k| matches!(k, Value::BulkString(_) | Value::SimpleString(_)))
+                    && items.iter().step_by(2).any(|k| {
+                        let t = text(k);
+                        t.chars().all(|c| c.is_ascii_lowercase() || c == '-') && t.contains('-')
+                            || [
+                                "length",
+                                "groups",
+                                "consumers",
+                                "entries",
+                                "pending",
+                                "name",
+                                "lag",
+                            ]
+                            .contains(&t.as_str())
+                    });
+                if is_map {
+                    let parts: Vec<String> = items
+                        .chunks(2)
+                        .filter(|kv| !SKIP.contains(&text(&kv[0]).as_str()))
+                        .map(|kv| format!("{}={}", text(&kv[0]), text(&kv[1])))
+                        .collect();
+                    format!("{{{}}}", parts.join(","))
+                } else {
+                    // PEL entries: [id, consumer, delivery-time, count] in a
+                    // group, [id, delivery-time, count] in a consumer.
+                    let ints = items.iter().filter(|i| matches!(i, Value::Int(_))).count();
+                    let drop_time = match (items.len(), ints) {
+                        (4, 2) => Some(2),
+                        (3, 2) => Some(1),
+                        _ => None,
+                    };
+                    let parts: Vec<String> = items
+                        .iter()
+                        .enumerate()
+                        .filter(|(i, _)| Some(*i) != drop_time)
+                        .map(|(_, x)| text(x))
+                        .collect();
+                    format!("[{}]", parts.join(","))
+                }
+            }
+            other => format!("{other:?}"),
+        }
+    }
+    text(v)
+}
+
+fn functions(con: &mut redis::Connection) -> String {
+    let v: Value = redis::cmd("FUNCTION")
+        .arg("LIST")
+        .arg("WITHCODE")
+        .query(con)
+        .unwrap_or(Value::Nil);
+    let mut libs: Vec<String> = match v {
+        Value::Array(items) => items.iter().map(|i| format!("{i:?}")).collect(),
+        _ => vec![],
+    };
+    libs.sort();
+    libs.join("\n")
+}
+
+/// Differences between database `sdb` of `src` and `tdb` of `dst`.
+pub fn diff_db(src: &RedisServer, sdb: u32, dst: &RedisServer, tdb: u32) -> Vec<String> {
+    let mut s = src.client_db(sdb);
+    let mut d = dst.client_db(tdb);
+    let s_keys = keys(&mut s);
+    let d_keys = keys(&mut d);
+    let mut out = Vec::new();
+    for k in d_keys.difference(&s_keys) {
+        out.push(format!(
+            "db{tdb} {:?}: only on the target",
+            String::from_utf8_lossy(k)
+        ));
+    }
+    for k in &s_keys {
+        let (s_kind, s_fp, s_exp) = fingerprint(&mut s, k);
+        let (d_kind, d_fp, d_exp) = fingerprint(&mut d, k);
+        let name = String::from_utf8_lossy(k);
+        if s_kind == "none" {
+            continue; // expired while comparing
+        }
+        if s_kind != d_kind {
+            out.push(format!(
+                "db{sdb} {name:?}: type {s_kind} on the source, {d_kind} on the target"
+            ));
+        } else if s_fp != d_fp {
+            out.push(format!(
+                "db{sdb} {name:?}: {s_kind} values differ:\n  source {s_fp:?}\n  target {d_fp:?}"
+            ));
+        } else if s_exp != d_exp {
+            out.push(format!(
+                "db{sdb} {name:?}: expiry {s_exp} on the source, {d_exp} on the target"
+            ));
+        }
+    }
+    out
+}
+
+/// Differences over every database (same numbers on both sides), plus the
+/// function libraries.
+pub fn diff_all(src: &RedisServer, dst: &RedisServer) -> Vec<String> {
+    let mut out = Vec::new();
+    for db in 0..16 {
+        if src.dbsize(db) > 0 || dst.dbsize(db) > 0 {
+            out.extend(diff_db(src, db, dst, db));
+        }
+    }
+    if functions(&mut src.client()) != functions(&mut dst.client()) {
+        out.push("function libraries differ".into());
+    }
+    out
+}
+
+/// Panics with every difference listed.
+pub fn assert_same(src: &RedisServer, dst: &RedisServer) {
+    let diffs = diff_all(src, dst);
+    assert!(
+        diffs.is_empty(),
+        "{} differences between {} and {}:\n{}",
+        diffs.len(),
+        src.addr(),
+        dst.addr(),
+        diffs.join("\n")
+    );
+}

@@ -1,0 +1,240 @@
+//! Real `redis-server` processes on free loopback ports, stopped on drop.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use crate::wait::wait_until;
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    // Ports handed out in this process are remembered so that two servers
+    // started back to back never get the same one.
+    static LAST: AtomicU32 = AtomicU32::new(0);
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("bind an ephemeral port");
+        // Cluster nodes also use port + 10000; keep clear of the top.
+        if port < 55000 && LAST.swap(port as u32, Ordering::Relaxed) != port as u32 {
+            return port;
+        }
+    }
+}
+
+/// A scratch directory removed on drop.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "shardsync-test-{}-{}-{}",
+            std::process::id(),
+            tag,
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).expect("create a temp dir");
+        TempDir(dir)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Which `redis-server` to run.
+pub fn redis_server_binary() -> PathBuf {
+    std::env::var_os("REDIS_SERVER")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("redis-server"))
+}
+
+/// How to start a server.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    pub binary: PathBuf,
+    pub args: Vec<String>,
+    pub password: Option<String>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            binary: redis_server_binary(),
+            args: Vec::new(),
+            password: None,
+        }
+    }
+}
+
+impl ServerConfig {
+    /// Adds `--name value` (or several values).
+    pub fn arg(mut self, name: &str, values: &[&str]) -> Self {
+        self.args.push(format!("--{name}"));
+        self.args.extend(values.iter().map(|v| v.to_string()));
+        self
+    }
+
+    pub fn password(mut self, password: &str) -> Self {
+        self.password = Some(password.to_string());
+        self.arg("requirepass", &[password])
+    }
+
+    /// Full syncs to replicas go through disk (`$<len>` transfers).
+    pub fn disk_sync(self) -> Self {
+        self.arg("repl-diskless-sync", &["no"])
+    }
+
+    pub fn start(self) -> RedisServer {
+        RedisServer::start_with(self)
+    }
+}
+
+pub struct RedisServer {
+    pub port: u16,
+    pub password: Option<String>,
+    child: Child,
+    dir: TempDir,
+}
+
+impl RedisServer {
+    /// A server with test-friendly defaults: no persistence, diskless
+    /// replication without the 5 s gathering delay.
+    pub fn start() -> RedisServer {
+        ServerConfig::default().start()
+    }
+
+    pub fn config() -> ServerConfig {
+        ServerConfig::default()
+    }
+
+    fn start_with(config: ServerConfig) -> RedisServer {
+        for _attempt in 0..5 {
+            let port = free_port();
+            let dir = TempDir::new(&format!("redis-{port}"));
+            let mut cmd = Command::new(&config.binary);
+            cmd.arg("--port")
+                .arg(port.to_string())
+                .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+                .args(["--repl-diskless-sync-delay", "0", "--daemonize", "no"])
+                .arg("--dir")
+                .arg(dir.path())
+                .arg("--logfile")
+                .arg(dir.path().join("redis.log"))
+                .args(&config.args)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+            let child = cmd
+                .spawn()
+                .unwrap_or_else(|e| panic!("cannot run {}: {e}", config.binary.display()));
+            let mut server = RedisServer {
+                port,
+                password: config.password.clone(),
+                child,
+                dir,
+            };
+            let up = wait_until(Duration::from_secs(10), || {
+                server.exited() || server.try_client().is_some()
+            });
+            if up && !server.exited() {
+                return server;
+            }
+            // Port taken in the meantime, most likely: try another.
+        }
+        panic!("redis-server did not start after 5 attempts");
+    }
+
+    fn exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// `redis://[:password@]127.0.0.1:port` for shardsync.
+    pub fn url(&self) -> String {
+        match &self.password {
+            Some(p) => format!("redis://:{p}@127.0.0.1:{}", self.port),
+            None => format!("redis://127.0.0.1:{}", self.port),
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn try_client(&self) -> Option<redis::Connection> {
+        let client = redis::Client::open(format!("{}/", self.url())).ok()?;
+        let mut con = client
+            .get_connection_with_timeout(Duration::from_secs(1))
+            .ok()?;
+        redis::cmd("PING").query::<String>(&mut con).ok()?;
+        Some(con)
+    }
+
+    /// A connection (db 0).
+    pub fn client(&self) -> redis::Connection {
+        self.try_client()
+            .unwrap_or_else(|| panic!("cannot connect to {}", self.addr()))
+    }
+
+    /// A connection with database `db` selected.
+    pub fn client_db(&self, db: u32) -> redis::Connection {
+        let mut con = self.client();
+        redis::cmd("SELECT").arg(db).query::<()>(&mut con).unwrap();
+        con
+    }
+
+    /// Runs one command on db 0.
+    pub fn cmd<T: redis::FromRedisValue>(&self, args: &[&str]) -> T {
+        let mut cmd = redis::cmd(args[0]);
+        for a in &args[1..] {
+            cmd.arg(*a);
+        }
+        cmd.query(&mut self.client())
+            .unwrap_or_else(|e| panic!("{} {:?}: {e}", self.addr(), args))
+    }
+
+    /// One field of INFO.
+    pub fn info_field(&self, field: &str) -> Option<String> {
+        let info: String = self.cmd(&["INFO"]);
+        info.lines().find_map(|l| {
+            l.strip_prefix(&format!("{field}:"))
+                .map(|v| v.trim().to_string())
+        })
+    }
+
+    pub fn dbsize(&self, db: u32) -> u64 {
+        redis::cmd("DBSIZE").query(&mut self.client_db(db)).unwrap()
+    }
+
+    /// The master's replication offset.
+    pub fn master_repl_offset(&self) -> u64 {
+        self.info_field("master_repl_offset")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Stops the server (as a crash would: no save).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
