@@ -179,8 +179,12 @@ impl RedisServer {
         let mut con = client
             .get_connection_with_timeout(Duration::from_secs(1))
             .ok()?;
-        redis::cmd("PING").query::<String>(&mut con).ok()?;
-        Some(con)
+        match redis::cmd("PING").query::<String>(&mut con) {
+            Ok(_) => Some(con),
+            // A replica loading its dataset is up, just busy.
+            Err(e) if e.code() == Some("LOADING") => Some(con),
+            Err(_) => None,
+        }
     }
 
     /// A connection (db 0).
@@ -215,8 +219,14 @@ impl RedisServer {
         })
     }
 
+    /// Keys in database `db`; 0 while the server cannot answer (a replica
+    /// loading its dataset answers LOADING).
     pub fn dbsize(&self, db: u32) -> u64 {
-        redis::cmd("DBSIZE").query(&mut self.client_db(db)).unwrap()
+        let mut con = self.client();
+        let selected: redis::RedisResult<()> = redis::cmd("SELECT").arg(db).query(&mut con);
+        selected
+            .and_then(|()| redis::cmd("DBSIZE").query(&mut con))
+            .unwrap_or(0)
     }
 
     /// The master's replication offset.
