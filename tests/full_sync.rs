@@ -169,3 +169,49 @@ fn keys_that_expire_during_the_sync_do_not_reappear() {
         .unwrap();
     assert_eq!(kept, "y");
 }
+
+#[test]
+fn lfu_counters_travel_with_the_keys() {
+    // With an LFU policy the RDB carries each key's frequency counter
+    // (the FREQ opcode), and RESTORE ... FREQ keeps it on the target.
+    let source = RedisServer::config()
+        .arg("maxmemory-policy", &["allkeys-lfu"])
+        .start();
+    let mut con = source.client();
+    redis::cmd("SET")
+        .arg("hot")
+        .arg("x")
+        .query::<()>(&mut con)
+        .unwrap();
+    redis::cmd("SET")
+        .arg("cold")
+        .arg("y")
+        .query::<()>(&mut con)
+        .unwrap();
+    for _ in 0..2000 {
+        redis::cmd("GET")
+            .arg("hot")
+            .query::<String>(&mut con)
+            .unwrap();
+    }
+    let freq = |server: &RedisServer, key: &str| -> i64 {
+        redis::cmd("OBJECT")
+            .arg("FREQ")
+            .arg(key)
+            .query(&mut server.client())
+            .unwrap()
+    };
+    let hot = freq(&source, "hot");
+    assert!(hot > freq(&source, "cold"));
+    let target = RedisServer::config()
+        .arg("maxmemory-policy", &["allkeys-lfu"])
+        .start();
+    let sync = Shardsync::sync(BIN, &["--source", &source.url(), "--target", &target.url()]);
+    sync.wait_caught_up(&source, SHORT);
+    // The counter decays with time, so allow one step of decay.
+    let copied = freq(&target, "hot");
+    assert!(
+        copied >= hot - 1 && copied > freq(&target, "cold"),
+        "source {hot}, target {copied}"
+    );
+}

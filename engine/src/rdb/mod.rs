@@ -35,8 +35,12 @@ pub enum RdbError {
     Checksum { expected: u64, actual: u64 },
     #[error("RDB version {0} is not supported (this build reads versions 1 to {MAX_VERSION})")]
     Version(u16),
-    #[error("value at byte {offset} is larger than {limit} bytes, the most one RESTORE can carry")]
-    TooLarge { offset: u64, limit: usize },
+    #[error("value of key {key:?} (at byte {offset}) is larger than {limit} bytes, the most one RESTORE can carry")]
+    TooLarge {
+        offset: u64,
+        limit: usize,
+        key: String,
+    },
     #[error("reading the RDB: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -324,7 +328,10 @@ impl<R: AsyncRead + Unpin> RdbReader<R> {
                 return Err(with_key(err, &key, value_at));
             }
         };
-        let mut payload = self.src.end_capture()?;
+        let mut payload = self
+            .src
+            .end_capture()
+            .map_err(|err| with_key(err, &key, value_at))?;
         finish_dump_payload(&mut payload, self.version);
         let entry = Entry {
             db: self.db,
@@ -375,6 +382,11 @@ fn with_key(err: RdbError, key: &[u8], value_at: u64) -> RdbError {
         RdbError::Invalid { offset, what } => RdbError::Invalid {
             offset,
             what: format!("{what} (value of key {key:?}, starting at byte {value_at})"),
+        },
+        RdbError::TooLarge { limit, .. } => RdbError::TooLarge {
+            offset: value_at,
+            limit,
+            key,
         },
         other => other,
     }

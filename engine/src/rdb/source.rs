@@ -70,6 +70,7 @@ impl<R: AsyncRead + Unpin> Source<R> {
                 return Err(RdbError::TooLarge {
                     offset: self.base + self.pos as u64,
                     limit: self.capture_limit,
+                    key: String::new(),
                 });
             }
             capture.extend_from_slice(new);
