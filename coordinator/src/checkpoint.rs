@@ -8,6 +8,7 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
@@ -41,16 +42,22 @@ pub struct Checkpoint {
 }
 
 impl Checkpoint {
-    pub fn of(stats: &ShardStats, targets: &[String]) -> Checkpoint {
+    /// The checkpoint of a shard, or `None` when it has nothing to record
+    /// (it never began a sync, and had no checkpoint to begin from).
+    pub fn of(stats: &ShardStats, targets: &[String]) -> Option<Checkpoint> {
+        let started =
+            stats.full_syncs.load(Ordering::Relaxed) > 0 || stats.ours.load(Ordering::Relaxed);
         let state = match (stats.state(), stats.resume_point()) {
-            (ShardState::FullSync, _) | (_, None) => CheckpointState::FullSyncInProgress,
+            (ShardState::FullSync, _) => CheckpointState::FullSyncInProgress,
             (_, Some(p)) => CheckpointState::Resumable {
                 replid: p.replid,
                 offset: p.offset,
                 db: p.db,
             },
+            (_, None) if started => CheckpointState::FullSyncInProgress,
+            (_, None) => return None,
         };
-        Checkpoint {
+        Some(Checkpoint {
             format: FORMAT,
             source: stats.source.clone(),
             targets: targets.to_vec(),
@@ -58,7 +65,7 @@ impl Checkpoint {
             written_at_ms: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as u64),
-        }
+        })
     }
 
     pub fn resume_point(&self) -> Option<ResumePoint> {

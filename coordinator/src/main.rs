@@ -160,24 +160,25 @@ async fn sync(args: SyncArgs) -> u8 {
         return EXIT_PRECHECK;
     };
 
+    let spill_dir = match &cfg.checkpoint_dir {
+        Some(dir) => dir.join("spill"),
+        None => std::env::temp_dir().join(format!("shardsync-spill-{}", std::process::id())),
+    };
     let options = IntakeOptions {
         existing: match cfg.on_conflict {
             OnConflict::Skip => Existing::Keep,
             OnConflict::Precheck | OnConflict::Ignore => Existing::Replace,
         },
-        db_filter: cfg.db_filter.clone(),
+        db_filter: plan.db_filter.clone(),
         source_databases: plan.source_databases,
         replay_publish: cfg.replay_publish,
+        spill_dir: spill_dir.clone(),
         ..IntakeOptions::default()
     };
     let (done_tx, done_rx) = oneshot::channel();
     let args = TaskArgs {
-        shards: plan
-            .shards
-            .into_iter()
-            .map(|s| (s.endpoint, s.resume))
-            .collect(),
-        targets: plan.targets,
+        shards: plan.shards,
+        target: plan.target,
         options,
         retry: RetryPolicy {
             timeout: cfg.retry_timeout,
@@ -195,7 +196,11 @@ async fn sync(args: SyncArgs) -> u8 {
             return EXIT_FAILED;
         }
     };
-    match wait_for_outcome(&task, done_rx).await {
+    let outcome = wait_for_outcome(&task, done_rx).await;
+    if cfg.checkpoint_dir.is_none() {
+        let _ = std::fs::remove_dir_all(&spill_dir);
+    }
+    match outcome {
         Outcome::Drained => {
             tracing::info!("stopped; every command read was applied");
             0

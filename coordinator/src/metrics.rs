@@ -131,6 +131,41 @@ pub fn render(status: &TaskStatus) -> String {
             "Source connections lost and retried.",
             COUNTER,
         );
+        let mut split = Family::new(
+            "commands_split_total",
+            "Multi-key commands split into per-slot parts (cluster targets).",
+            COUNTER,
+        );
+        let mut rewritten = Family::new(
+            "commands_rewritten_total",
+            "Cross-slot commands replaced by an equivalent (cluster targets).",
+            COUNTER,
+        );
+        let mut tx_split = Family::new(
+            "transactions_split_total",
+            "Transactions whose keys span slots, applied per slot.",
+            COUNTER,
+        );
+        let mut barriers = Family::new(
+            "barriers_total",
+            "Waits for everything dispatched to be confirmed (slot moves, rewrites).",
+            COUNTER,
+        );
+        let mut buffered = Family::new(
+            "intake_buffered_bytes",
+            "Stream bytes read from the source, waiting in memory.",
+            GAUGE,
+        );
+        let mut spill = Family::new(
+            "spill_bytes",
+            "Stream bytes read from the source, waiting in spill files.",
+            GAUGE,
+        );
+        let mut spilled = Family::new(
+            "spilled_bytes_total",
+            "Stream bytes ever written to spill files.",
+            COUNTER,
+        );
         for s in &workers.shards {
             let shard = s.source.as_str();
             let current = status.shard_state(s);
@@ -153,6 +188,13 @@ pub fn render(status: &TaskStatus) -> String {
             filtered.sample(&l, s.commands_filtered.load(Ordering::Relaxed) as f64);
             unsupported.sample(&l, s.commands_unsupported.load(Ordering::Relaxed) as f64);
             reconnects.sample(&l, s.source_reconnects.load(Ordering::Relaxed) as f64);
+            split.sample(&l, s.commands_split.load(Ordering::Relaxed) as f64);
+            rewritten.sample(&l, s.commands_rewritten.load(Ordering::Relaxed) as f64);
+            tx_split.sample(&l, s.transactions_split.load(Ordering::Relaxed) as f64);
+            barriers.sample(&l, s.barriers.load(Ordering::Relaxed) as f64);
+            buffered.sample(&l, s.buffered_bytes.load(Ordering::Relaxed) as f64);
+            spill.sample(&l, s.spill_bytes.load(Ordering::Relaxed) as f64);
+            spilled.sample(&l, s.spilled_bytes_total.load(Ordering::Relaxed) as f64);
         }
         families.extend([
             state,
@@ -168,6 +210,13 @@ pub fn render(status: &TaskStatus) -> String {
             filtered,
             unsupported,
             reconnects,
+            split,
+            rewritten,
+            tx_split,
+            barriers,
+            buffered,
+            spill,
+            spilled,
         ]);
 
         let mut connected = Family::new(
@@ -220,7 +269,7 @@ pub fn render(status: &TaskStatus) -> String {
             "Resent commands that may have run twice.",
             COUNTER,
         );
-        for w in &workers.writers {
+        for w in &workers.writers() {
             let target = w.target.as_str();
             let l = [("target", target)];
             connected.sample(&l, w.connected.load(Ordering::Relaxed) as u8 as f64);

@@ -1,16 +1,19 @@
 //! Prechecks: everything that can be known to be wrong before any data
 //! moves. Each check passes, warns, or fails; one failure refuses the task.
-//! A passing precheck also yields the [`Plan`]: the shards and targets the
-//! task will run with.
+//! A passing precheck also yields the [`Plan`]: the shards (one per source
+//! master) and the target nodes the task will run with.
 
 use std::fmt;
 
+use engine::cluster::ClusterNode;
+use engine::filter::DbFilter;
+use engine::slot::SLOTS;
 use shard_worker::progress::ResumePoint;
 use shard_worker::Endpoint;
 
 use crate::checkpoint::{CheckpointState, CheckpointStore};
 use crate::config::{OnConflict, TaskConfig};
-use crate::server::{probe, ServerInfo};
+use crate::server::{cluster_nodes, probe, ServerInfo};
 use crate::url::SourceSpec;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -44,14 +47,38 @@ pub struct ShardPlan {
     pub endpoint: Endpoint,
     /// Resume here (from a checkpoint) instead of a full sync.
     pub resume: Option<ResumePoint>,
+    /// A checkpoint says the targets already hold this shard's data.
+    pub ours: bool,
+}
+
+/// A cluster's masters with the slot ranges each serves.
+pub type ClusterMasters = Vec<(Endpoint, Vec<(u16, u16)>)>;
+
+/// The target: one server, or the masters of a cluster with their slots.
+#[derive(Clone, Debug)]
+pub enum TargetPlan {
+    Standalone(Endpoint),
+    Cluster { masters: ClusterMasters },
+}
+
+impl TargetPlan {
+    pub fn endpoints(&self) -> Vec<Endpoint> {
+        match self {
+            TargetPlan::Standalone(ep) => vec![ep.clone()],
+            TargetPlan::Cluster { masters } => masters.iter().map(|(ep, _)| ep.clone()).collect(),
+        }
+    }
 }
 
 /// What a task runs with.
 #[derive(Clone, Debug)]
 pub struct Plan {
     pub shards: Vec<ShardPlan>,
-    pub targets: Vec<Endpoint>,
+    pub target: TargetPlan,
     pub source_databases: u32,
+    /// The databases copied (the configured filter, narrowed to database 0
+    /// for a cluster target when only it holds keys).
+    pub db_filter: DbFilter,
 }
 
 pub struct Report {
@@ -105,6 +132,68 @@ pub async fn run(cfg: &TaskConfig, store: Option<&CheckpointStore>) -> Report {
     }
 }
 
+/// The masters of a cluster, probed; `None` (with failed checks) when the
+/// cluster cannot be used.
+async fn cluster_masters(
+    seed: &Endpoint,
+    role: &'static str,
+    checks: &mut Checks,
+) -> Option<Vec<(ServerInfo, Endpoint, Vec<(u16, u16)>)>> {
+    let nodes = match cluster_nodes(seed).await {
+        Ok(n) => n,
+        Err(e) => {
+            checks.fail(role, format!("cannot read the cluster's nodes: {e}"));
+            return None;
+        }
+    };
+    let masters: Vec<&ClusterNode> = nodes
+        .iter()
+        .filter(|n| n.master && !n.unusable && !n.slots.is_empty())
+        .collect();
+    let covered: u32 = masters.iter().map(|n| n.slot_count()).sum();
+    let mut out = Vec::new();
+    for node in masters {
+        let ep = seed.with_addr(node.host.clone(), node.port);
+        match probe(&ep).await {
+            Ok(info) => {
+                checks.pass(
+                    if role == "source" {
+                        "source reachable"
+                    } else {
+                        "target reachable"
+                    },
+                    format!(
+                        "{} is Redis {} (cluster master, {} slots)",
+                        info.addr,
+                        info.version_text,
+                        node.slot_count()
+                    ),
+                );
+                out.push((info, ep, node.slots.clone()));
+            }
+            Err(e) => checks.fail(
+                if role == "source" {
+                    "source reachable"
+                } else {
+                    "target reachable"
+                },
+                e.to_string(),
+            ),
+        }
+    }
+    if covered < SLOTS as u32 {
+        let msg = format!(
+            "the {role} cluster (seen from {seed}) serves {covered} of {SLOTS} slots; CLUSTER NODES shows no master for the others"
+        );
+        if role == "target" {
+            checks.fail("target slots", msg);
+        } else {
+            checks.warn("source slots", msg);
+        }
+    }
+    Some(out)
+}
+
 async fn plan(
     cfg: &TaskConfig,
     store: Option<&CheckpointStore>,
@@ -124,21 +213,37 @@ async fn plan(
             return None;
         }
     };
-    let source = match probe(&source_ep).await {
+    let seed = match probe(&source_ep).await {
         Ok(info) => info,
         Err(e) => {
             checks.fail("source reachable", e.to_string());
             return None;
         }
     };
-    checks.pass(
-        "source reachable",
-        format!(
-            "{} is Redis {} ({})",
-            source.addr, source.version_text, source.role
-        ),
-    );
-    check_source(&source, checks);
+    // One shard per source master.
+    let sources: Vec<(ServerInfo, Endpoint)> = if seed.cluster {
+        let masters = cluster_masters(&source_ep, "source", checks).await?;
+        checks.pass(
+            "source topology",
+            format!(
+                "Redis Cluster with {} masters: one shard each",
+                masters.len()
+            ),
+        );
+        masters.into_iter().map(|(i, e, _)| (i, e)).collect()
+    } else {
+        checks.pass(
+            "source reachable",
+            format!(
+                "{} is Redis {} ({})",
+                seed.addr, seed.version_text, seed.role
+            ),
+        );
+        vec![(seed.clone(), source_ep.clone())]
+    };
+    for (info, _) in &sources {
+        check_source(info, checks);
+    }
 
     if cfg.targets.len() > 1 {
         checks.fail(
@@ -147,65 +252,98 @@ async fn plan(
         );
         return None;
     }
-    let mut target_infos = Vec::new();
-    for ep in &cfg.targets {
-        match probe(ep).await {
-            Ok(info) => {
-                checks.pass(
-                    "target reachable",
-                    format!(
-                        "{} is Redis {} ({})",
-                        info.addr, info.version_text, info.role
-                    ),
-                );
-                target_infos.push(info);
-            }
-            Err(e) => checks.fail("target reachable", e.to_string()),
+    let target_ep = cfg.targets[0].clone();
+    let target_seed = match probe(&target_ep).await {
+        Ok(info) => info,
+        Err(e) => {
+            checks.fail("target reachable", e.to_string());
+            return None;
         }
-    }
+    };
+    let (target, targets): (TargetPlan, Vec<ServerInfo>) = if target_seed.cluster {
+        let masters = cluster_masters(&target_ep, "target", checks).await?;
+        checks.pass(
+            "target topology",
+            format!(
+                "Redis Cluster with {} masters: one writer each",
+                masters.len()
+            ),
+        );
+        let infos = masters.iter().map(|(i, _, _)| i.clone()).collect();
+        (
+            TargetPlan::Cluster {
+                masters: masters.into_iter().map(|(_, e, s)| (e, s)).collect(),
+            },
+            infos,
+        )
+    } else {
+        checks.pass(
+            "target reachable",
+            format!(
+                "{} is Redis {} ({})",
+                target_seed.addr, target_seed.version_text, target_seed.role
+            ),
+        );
+        (
+            TargetPlan::Standalone(target_ep.clone()),
+            vec![target_seed.clone()],
+        )
+    };
     if checks.failed() {
         return None;
     }
 
     // Checkpoints of an earlier run of this task.
-    let target_addrs: Vec<String> = cfg.targets.iter().map(Endpoint::addr).collect();
-    let mut resume = None;
-    let mut ours = false;
-    if let Some(store) = store {
-        match store.load(&source.addr) {
-            Ok(Some(ckpt)) if ckpt.targets == target_addrs => {
-                ours = true;
-                resume = ckpt.resume_point();
-                match &ckpt.state {
-                    CheckpointState::Resumable { offset, .. } => checks.pass(
-                        "checkpoint",
-                        format!(
-                            "resuming {} from offset {offset} (partial resync)",
-                            source.addr
+    let target_addrs: Vec<String> = target.endpoints().iter().map(Endpoint::addr).collect();
+    let mut shards = Vec::new();
+    for (info, ep) in &sources {
+        let mut shard = ShardPlan {
+            endpoint: ep.clone(),
+            resume: None,
+            ours: false,
+        };
+        if let Some(store) = store {
+            match store.load(&info.addr) {
+                Ok(Some(ckpt)) if same_targets(&ckpt.targets, &target_addrs) => {
+                    shard.ours = true;
+                    shard.resume = ckpt.resume_point();
+                    match &ckpt.state {
+                        CheckpointState::Resumable { offset, .. } => checks.pass(
+                            "checkpoint",
+                            format!(
+                                "resuming {} from offset {offset} (partial resync)",
+                                info.addr
+                            ),
                         ),
-                    ),
-                    CheckpointState::FullSyncInProgress => checks.warn(
-                        "checkpoint",
-                        format!(
-                            "an earlier full sync of {} did not finish; starting it over",
-                            source.addr
+                        CheckpointState::FullSyncInProgress => checks.warn(
+                            "checkpoint",
+                            format!(
+                                "an earlier full sync of {} did not finish; starting it over",
+                                info.addr
+                            ),
                         ),
-                    ),
+                    }
                 }
-            }
-            Ok(Some(ckpt)) => checks.warn(
-                "checkpoint",
-                format!(
-                    "the checkpoint of {} was written for targets {:?}, not {:?}; ignoring it",
-                    source.addr, ckpt.targets, target_addrs
+                Ok(Some(ckpt)) => checks.warn(
+                    "checkpoint",
+                    format!(
+                        "the checkpoint of {} was written for targets {:?}, not {:?}; ignoring it",
+                        info.addr, ckpt.targets, target_addrs
+                    ),
                 ),
-            ),
-            Ok(None) => {}
-            Err(e) => checks.fail("checkpoint", e.to_string()),
+                Ok(None) => {}
+                Err(e) => checks.fail("checkpoint", e.to_string()),
+            }
         }
+        shards.push(shard);
     }
+    let ours = shards.iter().any(|s| s.ours);
 
-    let source_databases = source.databases.unwrap_or(16);
+    let source_databases = sources
+        .iter()
+        .filter_map(|(i, _)| i.databases)
+        .max()
+        .unwrap_or(16);
     if let Some(selected) = cfg.db_filter.selected() {
         for &db in selected {
             if db >= source_databases {
@@ -219,20 +357,102 @@ async fn plan(
             }
         }
     }
-    for target in &target_infos {
-        check_target(cfg, &source, target, source_databases, ours, checks);
+    let db_filter = match &target {
+        TargetPlan::Cluster { .. } => cluster_db_filter(cfg, &seed, source_databases, checks),
+        TargetPlan::Standalone(_) => cfg.db_filter.clone(),
+    };
+    for (source, _) in &sources {
+        for t in &targets {
+            if !source.run_id.is_empty() && source.run_id == t.run_id {
+                checks.fail("target", format!("{} is the source itself", t.addr));
+            }
+        }
+    }
+    let source_rdb = sources
+        .iter()
+        .map(|(i, _)| i.rdb_version())
+        .max()
+        .unwrap_or(0);
+    let source_version = sources
+        .iter()
+        .max_by_key(|(i, _)| i.rdb_version())
+        .map(|(i, _)| i.version_text.clone())
+        .unwrap_or_default();
+    for t in &targets {
+        check_target(
+            cfg,
+            t,
+            &db_filter,
+            source_databases,
+            source_rdb,
+            &source_version,
+            ours,
+            checks,
+        );
     }
     if checks.failed() {
         return None;
     }
     Some(Plan {
-        shards: vec![ShardPlan {
-            endpoint: source_ep,
-            resume,
-        }],
-        targets: cfg.targets.clone(),
+        shards,
+        target,
         source_databases,
+        db_filter,
     })
+}
+
+/// Checkpoints name their targets; a cluster's masters may be listed in
+/// another order.
+fn same_targets(a: &[String], b: &[String]) -> bool {
+    let mut a = a.to_vec();
+    let mut b = b.to_vec();
+    a.sort();
+    b.sort();
+    a == b
+}
+
+/// A cluster target has only database 0: exactly one source database may
+/// land there.
+fn cluster_db_filter(
+    cfg: &TaskConfig,
+    source: &ServerInfo,
+    databases: u32,
+    checks: &mut Checks,
+) -> DbFilter {
+    if cfg.db_filter.selected().is_some() || !cfg.db_filter.mapping().is_empty() {
+        let written: Vec<(u32, u32)> = (0..databases)
+            .filter_map(|db| cfg.db_filter.target_db(db).map(|t| (db, t)))
+            .collect();
+        if let Some((db, t)) = written.iter().find(|(_, t)| *t != 0) {
+            checks.fail(
+                "databases",
+                format!("source database {db} would go to database {t}, but a cluster target has only database 0 (use --db {db} --db-map {db}:0)"),
+            );
+        }
+        return cfg.db_filter.clone();
+    }
+    let used: Vec<u32> = source
+        .keyspace
+        .iter()
+        .filter(|(_, n)| **n > 0)
+        .map(|(db, _)| *db)
+        .collect();
+    if used.iter().any(|&db| db != 0) {
+        let list: Vec<String> = used.iter().map(|d| d.to_string()).collect();
+        checks.fail(
+            "databases",
+            format!(
+                "the source has keys in databases {} but a cluster target has only database 0: choose one with --db N (and --db-map N:0 when N is not 0)",
+                list.join(", ")
+            ),
+        );
+    } else if !source.cluster {
+        checks.warn(
+            "databases",
+            "a cluster target has only database 0: database 0 is copied; writes the source receives in other databases are not",
+        );
+    }
+    DbFilter::new(vec![0], Default::default())
 }
 
 fn check_source(source: &ServerInfo, checks: &mut Checks) {
@@ -242,15 +462,6 @@ fn check_source(source: &ServerInfo, checks: &mut Checks) {
             format!(
                 "{} runs Redis {}; PSYNC needs 2.8 or newer",
                 source.addr, source.version_text
-            ),
-        );
-    }
-    if source.cluster {
-        checks.fail(
-            "source topology",
-            format!(
-                "{} is a Redis Cluster node; cluster sources are not supported by this build",
-                source.addr
             ),
         );
     }
@@ -281,28 +492,17 @@ fn check_source(source: &ServerInfo, checks: &mut Checks) {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn check_target(
     cfg: &TaskConfig,
-    source: &ServerInfo,
     target: &ServerInfo,
+    db_filter: &DbFilter,
     source_databases: u32,
+    source_rdb: u16,
+    source_version: &str,
     ours: bool,
     checks: &mut Checks,
 ) {
-    if target.cluster {
-        checks.fail(
-            "target topology",
-            format!(
-                "{} is a Redis Cluster node; cluster targets are not supported by this build",
-                target.addr
-            ),
-        );
-        return;
-    }
-    if !source.run_id.is_empty() && source.run_id == target.run_id {
-        checks.fail("target", format!("{} is the source itself", target.addr));
-        return;
-    }
     if target.role == "slave" {
         checks.fail(
             "target role",
@@ -312,7 +512,7 @@ fn check_target(
             ),
         );
     }
-    if target.rdb_version() < source.rdb_version() {
+    if target.rdb_version() < source_rdb {
         checks.fail(
             "target version",
             format!(
@@ -320,8 +520,8 @@ fn check_target(
                 target.addr,
                 target.version_text,
                 target.rdb_version(),
-                source.version_text,
-                source.rdb_version()
+                source_version,
+                source_rdb
             ),
         );
     } else {
@@ -331,7 +531,7 @@ fn check_target(
                 "{} (RDB {}) accepts RDB {} payloads",
                 target.addr,
                 target.rdb_version(),
-                source.rdb_version()
+                source_rdb
             ),
         );
     }
@@ -344,7 +544,7 @@ fn check_target(
     }
     // The target databases this task writes to.
     let mut written: Vec<u32> = (0..source_databases)
-        .filter_map(|db| cfg.db_filter.target_db(db))
+        .filter_map(|db| db_filter.target_db(db))
         .collect();
     written.sort_unstable();
     written.dedup();

@@ -67,6 +67,23 @@ pub async fn probe(ep: &Endpoint) -> Result<ServerInfo, WorkerError> {
     Ok(info)
 }
 
+/// The nodes of the cluster `ep` belongs to (`CLUSTER NODES`).
+pub async fn cluster_nodes(
+    ep: &Endpoint,
+) -> Result<Vec<engine::cluster::ClusterNode>, WorkerError> {
+    let mut conn = Conn::open_authenticated(ep).await?;
+    match conn.request(&["CLUSTER", "NODES"]).await? {
+        Frame::Bulk(text) => Ok(engine::cluster::parse_nodes(&String::from_utf8_lossy(
+            &text,
+        ))),
+        other => Err(WorkerError::Unexpected {
+            addr: conn.addr.clone(),
+            context: "reading CLUSTER NODES",
+            reply: other.to_text(),
+        }),
+    }
+}
+
 /// `CONFIG GET name`; `None` when refused (ACL, renamed command) or absent.
 async fn config_get(conn: &mut Conn, name: &str) -> Option<String> {
     match conn.request(&["CONFIG", "GET", name]).await.ok()? {

@@ -10,16 +10,30 @@
 //! failed the task) are added, never renamed.
 
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Instant;
 
 use serde::Serialize;
 use shard_worker::progress::{ShardState, ShardStats, WriterStats};
 
-/// Shards and writers, known once the precheck has planned the task.
+/// Shards and writers, known once the precheck has planned the task
+/// (writers are added when a cluster target gains a master).
 pub struct Workers {
     pub shards: Vec<Arc<ShardStats>>,
-    pub writers: Vec<Arc<WriterStats>>,
+    writers: RwLock<Vec<Arc<WriterStats>>>,
+}
+
+impl Workers {
+    pub fn new(shards: Vec<Arc<ShardStats>>) -> Workers {
+        Workers {
+            shards,
+            writers: RwLock::new(Vec::new()),
+        }
+    }
+
+    pub fn writers(&self) -> Vec<Arc<WriterStats>> {
+        self.writers.read().expect("writers lock").clone()
+    }
 }
 
 /// Task-level state set by the coordinator itself.
@@ -60,6 +74,12 @@ impl TaskStatus {
         self.workers.get()
     }
 
+    pub fn add_writer(&self, stats: Arc<WriterStats>) {
+        if let Some(w) = self.workers() {
+            w.writers.write().expect("writers lock").push(stats);
+        }
+    }
+
     pub fn set_stopped(&self) {
         self.phase.store(Phase::Stopped as u8, Ordering::Release);
         if let Some(w) = self.workers() {
@@ -85,7 +105,7 @@ impl TaskStatus {
     pub fn shard_state(&self, shard: &ShardStats) -> ShardState {
         let state = shard.state();
         let writers_down = self.workers().is_some_and(|w| {
-            w.writers
+            w.writers()
                 .iter()
                 .any(|w| !w.connected.load(Ordering::Relaxed))
         });
@@ -149,7 +169,7 @@ impl TaskStatus {
                     },
                 });
             }
-            for t in &w.writers {
+            for t in &w.writers() {
                 targets.push(TargetJson {
                     target: t.target.clone(),
                     connected: t.connected.load(Ordering::Relaxed),

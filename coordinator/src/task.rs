@@ -5,11 +5,15 @@
 //! - a source worker that lost its link is started again after a backoff,
 //!   asking for a partial resync from where it left off (or a full sync,
 //!   when its position is no longer trustworthy);
-//! - anything fatal, or an outage longer than `--retry-timeout`, fails the
-//!   task.
+//! - anything fatal, an outage longer than `--retry-timeout`, or full
+//!   resyncs that keep failing, fails the task. An outage ends only when
+//!   the shard made progress, so a failure that recurs right after every
+//!   reconnection still runs into the timeout.
 //!
 //! Writers reconnect by themselves (their queue and unconfirmed batches
-//! must survive a reconnection), so a writer that fails has given up.
+//! must survive a reconnection), so a writer that fails has given up. On a
+//! cluster target, a writer redirected to a node nobody writes to yet asks
+//! the supervisor for a new writer ([`NodeRequest`]).
 //!
 //! Shutdown drains: sources stop reading and hand over what they read;
 //! once every source is gone the supervisor drops its queue handles, so
@@ -17,12 +21,14 @@
 //! and confirmed.
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use engine::slot::SLOTS;
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
 use shard_worker::progress::{ResumePoint, ShardState, ShardStats, WriterStats};
-use shard_worker::route::{Router, Topology, WriterHandle};
+use shard_worker::route::{ClusterRouting, NodeRequest, Router, WriterHandle};
 use shard_worker::source::{IntakeOptions, SourceArgs, SourceMsg, SourceWorker};
 use shard_worker::write::{
     Backoff, RetryPolicy, Writer, WriterArgs, WriterMsg, DEFAULT_QUEUE, DEFAULT_WINDOW,
@@ -31,10 +37,16 @@ use shard_worker::{Endpoint, Recovery, WorkerError};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::checkpoint::{Checkpoint, CheckpointStore};
+use crate::precheck::{ClusterMasters, ShardPlan, TargetPlan};
 use crate::status::{TaskStatus, Workers};
 
 /// How often checkpoints are written while the task runs.
 const CHECKPOINT_PERIOD: Duration = Duration::from_secs(5);
+/// Full resyncs in a row that fail before the shard made any progress:
+/// beyond this the task fails (each one costs the source a fork).
+const MAX_FUTILE_FULL_RESYNCS: u32 = 3;
+/// Writers a task can run; shards track progress per writer up to this.
+const MIN_WRITER_SLOTS: usize = 256;
 
 /// How a task ended.
 #[derive(Debug, PartialEq, Eq)]
@@ -47,8 +59,8 @@ pub enum Outcome {
 }
 
 pub struct TaskArgs {
-    pub shards: Vec<(Endpoint, Option<ResumePoint>)>,
-    pub targets: Vec<Endpoint>,
+    pub shards: Vec<ShardPlan>,
+    pub target: TargetPlan,
     pub options: IntakeOptions,
     pub retry: RetryPolicy,
     pub listening_port: u16,
@@ -67,15 +79,25 @@ pub enum TaskMsg {
         shard: usize,
         full: bool,
     },
+    /// A writer needs a writer for a node not seen before.
+    AddNode(NodeRequest),
     Checkpoint,
+}
+
+/// An outage of a shard's source link, and where the shard was when it
+/// began (progress since then ends it).
+struct Outage {
+    backoff: Backoff,
+    marker: (u64, u64),
+    futile_full_resyncs: u32,
 }
 
 pub struct TaskState {
     shards: Vec<Arc<ShardStats>>,
     shard_eps: Vec<Endpoint>,
-    writers: Vec<Arc<WriterStats>>,
     targets: Vec<Endpoint>,
     target_addrs: Vec<String>,
+    cluster: Option<ClusterMasters>,
     options: IntakeOptions,
     retry: RetryPolicy,
     listening_port: u16,
@@ -85,11 +107,13 @@ pub struct TaskState {
     /// The master copy of the router, for respawns; dropped at shutdown so
     /// the writers' queues can close.
     router: Option<Router>,
+    routing: Option<Arc<ClusterRouting>>,
     sources: Vec<Option<ActorRef<SourceMsg>>>,
     writer_refs: Vec<Option<ActorRef<WriterMsg>>>,
     ids: HashMap<ActorId, Child>,
-    outages: Vec<Option<Backoff>>,
+    outages: Vec<Option<Outage>>,
     initial_resume: Vec<Option<ResumePoint>>,
+    max_writers: usize,
     stopping: bool,
 }
 
@@ -111,31 +135,34 @@ impl Actor for Task {
         _myself: ActorRef<TaskMsg>,
         args: TaskArgs,
     ) -> Result<TaskState, ActorProcessingErr> {
-        let n_writers = args.targets.len();
+        let targets = args.target.endpoints();
+        let max_writers = MIN_WRITER_SLOTS.max(4 * targets.len());
         let shards: Vec<Arc<ShardStats>> = args
             .shards
             .iter()
-            .map(|(ep, _)| Arc::new(ShardStats::new(ep.addr(), n_writers)))
+            .map(|plan| {
+                let stats = Arc::new(ShardStats::new(plan.endpoint.addr(), max_writers));
+                stats.ours.store(plan.ours, Ordering::Relaxed);
+                if let Some(point) = &plan.resume {
+                    stats.seed(point);
+                }
+                stats
+            })
             .collect();
-        let writers: Vec<Arc<WriterStats>> = args
-            .targets
-            .iter()
-            .map(|ep| Arc::new(WriterStats::new(ep.addr())))
-            .collect();
-        args.status.set_workers(Workers {
-            shards: shards.clone(),
-            writers: writers.clone(),
-        });
+        args.status.set_workers(Workers::new(shards.clone()));
         Ok(TaskState {
-            shard_eps: args.shards.iter().map(|(ep, _)| ep.clone()).collect(),
-            initial_resume: args.shards.into_iter().map(|(_, r)| r).collect(),
+            shard_eps: args.shards.iter().map(|s| s.endpoint.clone()).collect(),
+            initial_resume: args.shards.into_iter().map(|s| s.resume).collect(),
             outages: shards.iter().map(|_| None).collect(),
             sources: shards.iter().map(|_| None).collect(),
             shards,
-            target_addrs: args.targets.iter().map(Endpoint::addr).collect(),
-            targets: args.targets,
+            target_addrs: targets.iter().map(Endpoint::addr).collect(),
+            cluster: match args.target {
+                TargetPlan::Cluster { masters } => Some(masters),
+                TargetPlan::Standalone(_) => None,
+            },
+            targets,
             writer_refs: Vec::new(),
-            writers,
             options: args.options,
             retry: args.retry,
             listening_port: args.listening_port,
@@ -143,7 +170,9 @@ impl Actor for Task {
             checkpoints: args.checkpoints,
             done: Some(args.done),
             router: None,
+            routing: None,
             ids: HashMap::new(),
+            max_writers,
             stopping: false,
         })
     }
@@ -153,39 +182,47 @@ impl Actor for Task {
         myself: ActorRef<TaskMsg>,
         state: &mut TaskState,
     ) -> Result<(), ActorProcessingErr> {
-        let shard_stats: Arc<[Arc<ShardStats>]> = state.shards.clone().into();
+        // Queues first: the cluster map needs every writer's handle, and
+        // every writer needs the map.
         let mut handles = Vec::new();
-        for (index, stats) in state.writers.clone().into_iter().enumerate() {
-            let (tx, rx) = mpsc::channel(DEFAULT_QUEUE);
-            let endpoint = state.targets[index].clone();
-            let (actor, _) = Actor::spawn_linked(
-                None,
-                Writer,
-                WriterArgs {
-                    index,
-                    endpoint,
-                    rx,
-                    shards: shard_stats.clone(),
-                    stats: stats.clone(),
-                    retry: state.retry.clone(),
-                    window: DEFAULT_WINDOW,
-                },
-                myself.get_cell(),
-            )
-            .await?;
-            state.ids.insert(actor.get_id(), Child::Writer(index));
-            state.writer_refs.push(Some(actor));
-            handles.push(WriterHandle {
-                index,
-                target: stats.target.clone(),
-                tx,
-                stats,
-            });
+        let mut lanes = Vec::new();
+        for (index, endpoint) in state.targets.clone().into_iter().enumerate() {
+            let (handle, rx, redirects) = writer_channels(index, endpoint);
+            state.status.add_writer(handle.stats.clone());
+            handles.push(handle);
+            lanes.push((rx, redirects));
         }
-        state.router = Some(Router {
-            topology: Topology::Single,
-            writers: handles,
-        });
+        if let Some(masters) = &state.cluster {
+            let mut owner = vec![0usize; SLOTS as usize];
+            for (i, (_, ranges)) in masters.iter().enumerate() {
+                for &(a, b) in ranges {
+                    for slot in a..=b {
+                        owner[slot as usize] = i;
+                    }
+                }
+            }
+            let (node_tx, mut node_rx) = mpsc::channel::<NodeRequest>(16);
+            let routing = Arc::new(ClusterRouting::new(
+                |s| owner[s as usize],
+                handles.clone(),
+                node_tx,
+            ));
+            let me = myself.clone();
+            tokio::spawn(async move {
+                while let Some(request) = node_rx.recv().await {
+                    if me.send_message(TaskMsg::AddNode(request)).is_err() {
+                        return;
+                    }
+                }
+            });
+            state.router = Some(Router::cluster(routing.clone()));
+            state.routing = Some(routing);
+        } else {
+            state.router = Some(Router::single(handles[0].clone()));
+        }
+        for (handle, (rx, redirects)) in handles.iter().zip(lanes) {
+            spawn_writer(&myself, state, handle, rx, redirects).await?;
+        }
         for shard in 0..state.shards.len() {
             let resume = state.initial_resume[shard].take();
             spawn_source(&myself, state, shard, resume).await?;
@@ -226,6 +263,7 @@ impl Actor for Task {
                     spawn_source(&myself, state, shard, resume).await?;
                 }
             }
+            TaskMsg::AddNode(request) => add_node(&myself, state, request).await?,
             TaskMsg::Checkpoint => write_checkpoints(state),
         }
         Ok(())
@@ -238,12 +276,6 @@ impl Actor for Task {
         state: &mut TaskState,
     ) -> Result<(), ActorProcessingErr> {
         match event {
-            SupervisionEvent::ActorStarted(cell) => {
-                if let Some(Child::Source(shard)) = state.ids.get(&cell.get_id()) {
-                    // Connected and past the handshake: the outage is over.
-                    state.outages[*shard] = None;
-                }
-            }
             SupervisionEvent::ActorTerminated(cell, _, _) => {
                 match state.ids.remove(&cell.get_id()) {
                     Some(Child::Source(shard)) => state.sources[shard] = None,
@@ -279,15 +311,106 @@ impl Actor for Task {
     }
 }
 
+/// A writer's queues and the handle producers use.
+fn writer_channels(
+    index: usize,
+    endpoint: Endpoint,
+) -> (
+    WriterHandle,
+    mpsc::Receiver<shard_worker::route::Batch>,
+    mpsc::UnboundedReceiver<shard_worker::route::Redirected>,
+) {
+    let (tx, rx) = mpsc::channel(DEFAULT_QUEUE);
+    let (redirect, redirects) = mpsc::unbounded_channel();
+    let handle = WriterHandle {
+        index,
+        target: endpoint.addr(),
+        stats: Arc::new(WriterStats::new(endpoint.addr())),
+        endpoint,
+        tx,
+        redirect,
+    };
+    (handle, rx, redirects)
+}
+
+async fn spawn_writer(
+    myself: &ActorRef<TaskMsg>,
+    state: &mut TaskState,
+    handle: &WriterHandle,
+    rx: mpsc::Receiver<shard_worker::route::Batch>,
+    redirects: mpsc::UnboundedReceiver<shard_worker::route::Redirected>,
+) -> Result<(), ActorProcessingErr> {
+    let (actor, _) = Actor::spawn_linked(
+        None,
+        Writer,
+        WriterArgs {
+            index: handle.index,
+            endpoint: handle.endpoint.clone(),
+            rx,
+            redirects,
+            routing: state.routing.clone(),
+            shards: state.shards.clone().into(),
+            stats: handle.stats.clone(),
+            retry: state.retry.clone(),
+            window: DEFAULT_WINDOW,
+        },
+        myself.get_cell(),
+    )
+    .await?;
+    state
+        .ids
+        .insert(actor.get_id(), Child::Writer(handle.index));
+    while state.writer_refs.len() <= handle.index {
+        state.writer_refs.push(None);
+    }
+    state.writer_refs[handle.index] = Some(actor);
+    Ok(())
+}
+
+/// Starts a writer for a target node that appeared during the sync.
+async fn add_node(
+    myself: &ActorRef<TaskMsg>,
+    state: &mut TaskState,
+    request: NodeRequest,
+) -> Result<(), ActorProcessingErr> {
+    let Some(routing) = state.routing.clone() else {
+        let _ = request.reply.send(None);
+        return Ok(());
+    };
+    let addr = shard_worker::endpoint::addr_of(&request.host, request.port);
+    if let Some(w) = routing.find(&addr) {
+        let _ = request.reply.send(routing.handle(w));
+        return Ok(());
+    }
+    let index = routing.next_index();
+    if state.stopping || index >= state.max_writers {
+        tracing::error!(node = %addr, "no writer for a new target node (stopping, or too many nodes)");
+        let _ = request.reply.send(None);
+        return Ok(());
+    }
+    tracing::info!(node = %addr, "a new target master appeared; starting a writer for it");
+    let endpoint = state.targets[0].with_addr(request.host.clone(), request.port);
+    let (handle, rx, redirects) = writer_channels(index, endpoint);
+    state.status.add_writer(handle.stats.clone());
+    spawn_writer(myself, state, &handle, rx, redirects).await?;
+    routing.add_writer(handle.clone());
+    if let Some(router) = &mut state.router {
+        router.refresh();
+    }
+    let _ = request.reply.send(Some(handle));
+    Ok(())
+}
+
 async fn spawn_source(
     myself: &ActorRef<TaskMsg>,
     state: &mut TaskState,
     shard: usize,
     resume: Option<ResumePoint>,
 ) -> Result<(), ActorProcessingErr> {
-    let Some(router) = state.router.clone() else {
+    let Some(mut router) = state.router.clone() else {
         return Ok(());
     };
+    router.refresh();
     let (actor, _) = Actor::spawn_linked(
         None,
         SourceWorker,
@@ -308,6 +431,14 @@ async fn spawn_source(
     Ok(())
 }
 
+/// Where a shard is, to tell whether it moved since an outage began.
+fn progress_marker(stats: &ShardStats) -> (u64, u64) {
+    (
+        stats.commands_received.load(Ordering::Relaxed),
+        stats.full_syncs_loaded.load(Ordering::Relaxed),
+    )
+}
+
 /// A source worker failed: retry it, or fail the task.
 fn source_failed(
     myself: &ActorRef<TaskMsg>,
@@ -316,20 +447,38 @@ fn source_failed(
     recovery: Recovery,
     message: String,
 ) {
-    let stats = &state.shards[shard];
+    let stats = state.shards[shard].clone();
     if recovery == Recovery::Fatal {
         stats.set_state(ShardState::Failed);
         fail(myself, state, message);
         return;
     }
     stats.set_state(ShardState::Reconnecting);
-    stats
-        .source_reconnects
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let outage = state.outages[shard].get_or_insert_with(|| Backoff::start(&state.retry));
-    match outage.next_delay(&state.retry) {
+    stats.source_reconnects.fetch_add(1, Ordering::Relaxed);
+    let marker = progress_marker(&stats);
+    let outage = &mut state.outages[shard];
+    if outage.as_ref().is_some_and(|o| o.marker != marker) {
+        *outage = None;
+    }
+    let outage = outage.get_or_insert_with(|| Outage {
+        backoff: Backoff::start(&state.retry),
+        marker,
+        futile_full_resyncs: 0,
+    });
+    let full = recovery == Recovery::FullResync;
+    if full {
+        outage.futile_full_resyncs += 1;
+        if outage.futile_full_resyncs > MAX_FUTILE_FULL_RESYNCS {
+            stats.set_state(ShardState::Failed);
+            let message = format!(
+                "{message} ({MAX_FUTILE_FULL_RESYNCS} full resyncs in a row failed the same way)"
+            );
+            fail(myself, state, message);
+            return;
+        }
+    }
+    match outage.backoff.next_delay(&state.retry) {
         Some(delay) => {
-            let full = recovery == Recovery::FullResync;
             tracing::warn!(
                 source = %stats.source,
                 error = %message,
@@ -340,7 +489,7 @@ fn source_failed(
             myself.send_after(delay, move || TaskMsg::Respawn { shard, full });
         }
         None => {
-            let secs = outage.elapsed().as_secs();
+            let secs = outage.backoff.elapsed().as_secs();
             stats.set_state(ShardState::Failed);
             let message = WorkerError::RetriesExhausted {
                 addr: stats.source.clone(),
@@ -361,6 +510,7 @@ fn check_drained(myself: &ActorRef<TaskMsg>, state: &mut TaskState) {
     }
     if state.sources.iter().all(Option::is_none) {
         state.router = None;
+        state.routing = None;
     }
     if state.writer_refs.iter().all(Option::is_none) {
         finish(myself, state, Outcome::Drained);
@@ -385,6 +535,7 @@ fn finish(myself: &ActorRef<TaskMsg>, state: &mut TaskState, outcome: Outcome) {
         writer.stop(None);
     }
     state.router = None;
+    state.routing = None;
     write_checkpoints(state);
     if !matches!(outcome, Outcome::Failed(_)) {
         state.status.set_stopped();
@@ -398,7 +549,9 @@ fn write_checkpoints(state: &TaskState) {
         return;
     };
     for stats in &state.shards {
-        let ckpt = Checkpoint::of(stats, &state.target_addrs);
+        let Some(ckpt) = Checkpoint::of(stats, &state.target_addrs) else {
+            continue;
+        };
         if let Err(e) = store.save(&ckpt) {
             tracing::error!(error = %e, "checkpoint not written");
         }

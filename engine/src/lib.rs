@@ -15,15 +15,20 @@
 //! - [`command`]: the one command table: key positions (Redis 7 key specs),
 //!   write flag, role in a replication stream, idempotency, cross-slot split.
 //! - [`slot`]: cluster hash slots (CRC16 XMODEM, hash tags).
+//! - [`cluster`]: `CLUSTER NODES` and MOVED/ASK replies.
+//! - [`split`]: how a command lands on a cluster target (whole, split per
+//!   slot, or rewritten when its keys span slots).
 //! - [`filter`]: which databases are synchronized and where they land.
 //!
 //! Data flows through these in this order: bytes from a source become RDB
 //! items or commands; items become RESTOREs; commands are classified by the
 //! command table and routed by slot; the results are RESP bytes for a target.
 
+pub mod cluster;
 pub mod command;
 pub mod filter;
 pub mod rdb;
 pub mod resp;
 pub mod restore;
 pub mod slot;
+pub mod split;

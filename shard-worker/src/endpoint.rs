@@ -68,13 +68,19 @@ impl Endpoint {
     }
 }
 
+/// `host:port`, with IPv6 hosts in brackets: how every address is shown
+/// and compared.
+pub fn addr_of(host: &str, port: u16) -> String {
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
 impl fmt::Display for Endpoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.host.contains(':') {
-            write!(f, "[{}]:{}", self.host, self.port)
-        } else {
-            write!(f, "{}:{}", self.host, self.port)
-        }
+        f.write_str(&addr_of(&self.host, self.port))
     }
 }
 

@@ -76,6 +76,14 @@ pub enum WorkerError {
     TargetOom { addr: String, message: String },
     #[error("{addr}: target refused a write, will retry: {message}")]
     TargetBusy { addr: String, message: String },
+    #[error("{addr}: the target refused {what}: {message}")]
+    TargetRefused {
+        addr: String,
+        what: &'static str,
+        message: String,
+    },
+    #[error("spill directory {dir}: {message}")]
+    Spill { dir: String, message: String },
     #[error("{addr}: gave up after retrying for {secs} s; last error: {last}")]
     RetriesExhausted {
         addr: String,
@@ -94,12 +102,16 @@ impl WorkerError {
             | WorkerError::Loading { .. }
             | WorkerError::TargetBusy { .. } => Recovery::Reconnect,
             WorkerError::ReplicationRefused { recovery, .. } => *recovery,
-            WorkerError::Protocol { .. }
-            | WorkerError::Unexpected { .. }
-            | WorkerError::Rdb { .. } => Recovery::FullResync,
+            WorkerError::Protocol { .. } | WorkerError::Unexpected { .. } => Recovery::FullResync,
+            // The same RDB would fail the same way (a value too large, a
+            // format we cannot read): retrying means another fork on the
+            // source for nothing.
+            WorkerError::Rdb { .. } => Recovery::Fatal,
             WorkerError::Auth { .. }
             | WorkerError::NoPerm { .. }
             | WorkerError::TargetOom { .. }
+            | WorkerError::Spill { .. }
+            | WorkerError::TargetRefused { .. }
             | WorkerError::RetriesExhausted { .. } => Recovery::Fatal,
         }
     }

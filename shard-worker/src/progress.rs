@@ -26,6 +26,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
+use tokio::sync::Notify;
+
 /// The lifecycle of a shard, as `/status` names it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
@@ -72,6 +74,10 @@ impl ShardState {
 struct Link {
     dispatched_seq: AtomicU64,
     confirmed_seq: AtomicU64,
+    /// Batches dispatched before the current stream began: until they are
+    /// all confirmed, nothing of the stream is resumable (they may be a full
+    /// sync's RESTOREs, or the tail of an older sync).
+    fence: AtomicU64,
     /// End position (offset, source db) of the last confirmed batch; `None`
     /// for a full-sync batch. Batches of one link confirm in order, so a
     /// plain store is right (and a full-sync batch correctly resets what an
@@ -94,16 +100,20 @@ pub struct ShardStats {
     pub source: String,
     state: AtomicU8,
     links: Box<[Link]>,
-    /// One more than the offset up to which commands were handed to writers;
-    /// 0 while a full sync is being loaded (nothing is resumable yet).
-    /// Offsets themselves start at 0 on a fresh master.
-    processed_plus1: AtomicU64,
+    /// Where everything read was handed to writers: (offset, source db),
+    /// published together; `None` while a full sync is being loaded.
+    /// Offsets start at 0 on a fresh master, so 0 is a real position.
+    processed: Mutex<Option<(u64, u32)>>,
     /// Offset of the stream read so far (status shows it).
     pub source_offset: AtomicU64,
     /// Replication id of the current sync, and the database selected at
     /// `processed` (together: the resume point).
     replid: Mutex<String>,
-    db_at_processed: AtomicU64,
+    /// The targets already hold this shard's data (a checkpoint of an
+    /// earlier run): a full sync must replace what it finds.
+    pub ours: AtomicBool,
+    /// Full syncs whose RDB was read to the end.
+    pub full_syncs_loaded: AtomicU64,
     pub full_sync_keys: AtomicU64,
     pub full_sync_bytes: AtomicU64,
     /// Size of the RDB transfer when the source announced it (disk-based
@@ -114,9 +124,26 @@ pub struct ShardStats {
     pub commands_received: AtomicU64,
     pub commands_filtered: AtomicU64,
     pub commands_unsupported: AtomicU64,
+    /// Multi-key commands split into per-slot parts (cluster targets).
+    pub commands_split: AtomicU64,
+    /// Commands rewritten into a slot-respecting equivalent.
+    pub commands_rewritten: AtomicU64,
+    /// Transactions that could not stay whole (keys in several slots).
+    pub transactions_split: AtomicU64,
+    /// Waits for every dispatched batch to be confirmed (slot map changes,
+    /// rewrites).
+    pub barriers: AtomicU64,
     pub source_reconnects: AtomicU64,
+    /// Stream bytes read from the source and not yet parsed, in memory.
+    pub buffered_bytes: AtomicU64,
+    /// Stream bytes waiting in spill files.
+    pub spill_bytes: AtomicU64,
+    /// Stream bytes ever written to spill files.
+    pub spilled_bytes_total: AtomicU64,
     /// (offset, when it was read), to measure how long unapplied data waits.
     samples: Mutex<VecDeque<(u64, Instant)>>,
+    /// Woken whenever a batch of this shard is confirmed.
+    confirmed: Notify,
 }
 
 /// At most this many lag samples are kept; beyond it the newest is replaced,
@@ -129,10 +156,11 @@ impl ShardStats {
             source: source.into(),
             state: AtomicU8::new(ShardState::Prechecking as u8),
             links: (0..n_writers).map(|_| Link::default()).collect(),
-            processed_plus1: AtomicU64::new(0),
+            processed: Mutex::new(None),
             source_offset: AtomicU64::new(0),
             replid: Mutex::new(String::new()),
-            db_at_processed: AtomicU64::new(0),
+            ours: AtomicBool::new(false),
+            full_syncs_loaded: AtomicU64::new(0),
             full_sync_keys: AtomicU64::new(0),
             full_sync_bytes: AtomicU64::new(0),
             full_sync_total_bytes: AtomicU64::new(0),
@@ -141,8 +169,16 @@ impl ShardStats {
             commands_received: AtomicU64::new(0),
             commands_filtered: AtomicU64::new(0),
             commands_unsupported: AtomicU64::new(0),
+            commands_split: AtomicU64::new(0),
+            commands_rewritten: AtomicU64::new(0),
+            transactions_split: AtomicU64::new(0),
+            barriers: AtomicU64::new(0),
             source_reconnects: AtomicU64::new(0),
+            buffered_bytes: AtomicU64::new(0),
+            spill_bytes: AtomicU64::new(0),
+            spilled_bytes_total: AtomicU64::new(0),
             samples: Mutex::new(VecDeque::new()),
+            confirmed: Notify::new(),
         }
     }
 
@@ -157,7 +193,7 @@ impl ShardStats {
     /// A full sync begins: nothing is resumable until it is loaded.
     pub fn begin_full_sync(&self, replid: &str, offset: u64, total_bytes: u64) {
         *self.replid.lock().expect("replid lock") = replid.to_string();
-        self.processed_plus1.store(0, Ordering::SeqCst);
+        *self.processed.lock().expect("processed lock") = None;
         self.source_offset.store(offset, Ordering::Release);
         self.full_sync_keys.store(0, Ordering::Relaxed);
         self.full_sync_bytes.store(0, Ordering::Relaxed);
@@ -169,13 +205,25 @@ impl ShardStats {
     }
 
     /// The stream continues from `offset` (after a full sync's RDB, or a
-    /// partial resync).
+    /// partial resync). Everything dispatched before is fenced off: the
+    /// stream is resumable only once all of it is confirmed.
     pub fn begin_incremental(&self, replid: &str, offset: u64, db: u32) {
+        for link in self.links.iter() {
+            link.fence
+                .store(link.dispatched_seq.load(Ordering::SeqCst), Ordering::SeqCst);
+        }
         *self.replid.lock().expect("replid lock") = replid.to_string();
         self.source_offset.store(offset, Ordering::Release);
-        self.db_at_processed.store(db as u64, Ordering::Release);
-        self.processed_plus1.store(offset + 1, Ordering::SeqCst);
+        *self.processed.lock().expect("processed lock") = Some((offset, db));
         self.set_state(ShardState::Incremental);
+    }
+
+    /// Starts from a checkpoint: until a connection says otherwise, this is
+    /// where the shard resumes (a failed first attempt retries from it).
+    pub fn seed(&self, point: &ResumePoint) {
+        *self.replid.lock().expect("replid lock") = point.replid.clone();
+        *self.processed.lock().expect("processed lock") = Some((point.offset, point.db));
+        self.source_offset.store(point.offset, Ordering::Release);
     }
 
     /// Records that a batch was handed to writer `w`.
@@ -190,13 +238,33 @@ impl ShardStats {
         let link = &self.links[w];
         *link.confirmed.lock().expect("link lock") = end;
         link.confirmed_seq.fetch_add(1, Ordering::SeqCst);
+        self.confirmed.notify_waiters();
+    }
+
+    /// Waits until every batch dispatched so far is confirmed.
+    pub async fn wait_drained(&self) {
+        loop {
+            let notified = self.confirmed.notified();
+            tokio::pin!(notified);
+            // Registered before the check, so a confirmation in between is
+            // not missed.
+            notified.as_mut().enable();
+            if self.drained() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// How many writers this shard can feed (links are allocated up front).
+    pub fn max_writers(&self) -> usize {
+        self.links.len()
     }
 
     /// Publishes that everything up to `offset` has been dispatched, with
     /// `db` selected at that point.
     pub fn publish_processed(&self, offset: u64, db: u32) {
-        self.db_at_processed.store(db as u64, Ordering::SeqCst);
-        self.processed_plus1.store(offset + 1, Ordering::SeqCst);
+        *self.processed.lock().expect("processed lock") = Some((offset, db));
         let mut samples = self.samples.lock().expect("samples lock");
         if samples.back().is_none_or(|&(o, _)| o < offset) {
             if samples.len() >= MAX_SAMPLES {
@@ -209,14 +277,13 @@ impl ShardStats {
     /// The offset up to which everything read is confirmed by the targets,
     /// with the source db selected at that offset.
     fn applied_point(&self) -> Option<(u64, u32)> {
-        let processed = self.processed()?;
-        let mut point = (
-            processed,
-            self.db_at_processed.load(Ordering::SeqCst) as u32,
-        );
+        let mut point = (*self.processed.lock().expect("processed lock"))?;
         for link in self.links.iter() {
             let dispatched = link.dispatched_seq.load(Ordering::SeqCst);
             let confirmed = link.confirmed_seq.load(Ordering::SeqCst);
+            if confirmed < link.fence.load(Ordering::SeqCst) {
+                return None;
+            }
             if confirmed < dispatched {
                 let held = (*link.confirmed.lock().expect("link lock"))?;
                 if held.0 < point.0 {
@@ -243,7 +310,7 @@ impl ShardStats {
     /// The offset we have read and handed over (what the first ACK after a
     /// full sync reports); `None` during a full sync.
     pub fn processed(&self) -> Option<u64> {
-        self.processed_plus1.load(Ordering::SeqCst).checked_sub(1)
+        self.processed.lock().expect("processed lock").map(|p| p.0)
     }
 
     /// Where a restart could continue, if anything is resumable.
@@ -263,8 +330,7 @@ impl ShardStats {
         if self.state() == ShardState::FullSync {
             return None;
         }
-        let db = self.db_at_processed.load(Ordering::SeqCst) as u32;
-        let offset = self.processed()?;
+        let (offset, db) = (*self.processed.lock().expect("processed lock"))?;
         let replid = self.replid.lock().expect("replid lock").clone();
         Some(ResumePoint { replid, offset, db })
     }
@@ -428,6 +494,37 @@ mod tests {
         // The batch up to 30 (db 5) is still outstanding: resume at 20, db 3.
         let p = s.resume_point().unwrap();
         assert_eq!((p.offset, p.db), (20, 3));
+    }
+
+    #[test]
+    fn restores_outstanding_after_a_second_full_sync_hold_everything_back() {
+        // The review's scenario: old history at 900, a new sync at 50 whose
+        // RESTOREs are still queued when the stream begins.
+        let s = ShardStats::new("src:1", 1);
+        s.begin_incremental("old", 10, 0);
+        s.note_dispatched(0);
+        s.publish_processed(900, 0);
+        s.note_confirmed(0, Some((900, 0)));
+        s.begin_full_sync("new", 50, 0);
+        s.note_dispatched(0);
+        s.begin_incremental("new", 50, 0);
+        assert_eq!(s.applied(), None);
+        assert_eq!(s.resume_point(), None);
+        s.note_confirmed(0, None);
+        assert_eq!(s.applied(), Some(50));
+    }
+
+    #[test]
+    fn a_seeded_resume_point_survives_until_a_connection() {
+        let s = ShardStats::new("src:1", 1);
+        let p = ResumePoint {
+            replid: "r".into(),
+            offset: 77,
+            db: 4,
+        };
+        s.seed(&p);
+        assert_eq!(s.handover_point(), Some(p.clone()));
+        assert_eq!(s.resume_point(), Some(p));
     }
 
     #[test]

@@ -3,26 +3,43 @@
 //! A shard's intake holds a [`Dispatcher`]: it appends each command to the
 //! batch being built for the writer that owns the command's key, and hands
 //! batches over through the writers' bounded queues. A full queue makes the
-//! hand-over wait, which is the backpressure that bounds memory.
+//! hand-over wait, which is the backpressure that bounds memory (the intake's
+//! socket reader keeps reading meanwhile, spilling to disk).
 
 pub mod batch;
+pub mod cluster;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::BytesMut;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 pub use batch::{Batch, BatchBuilder, Expect, ExpectKind};
+pub use cluster::{ClusterRouting, NodeRequest};
 
 use crate::progress::{ShardStats, WriterStats};
 
-/// The sending side of one writer's queue.
+/// Commands another writer could not apply (MOVED/ASK), handed to the
+/// writer of the node that serves them. `done` fires once they are
+/// confirmed.
+pub struct Redirected {
+    pub batch: Batch,
+    pub done: oneshot::Sender<()>,
+}
+
+/// The sending side of one writer's queues.
 #[derive(Clone)]
 pub struct WriterHandle {
     pub index: usize,
+    /// `host:port` of the target node.
     pub target: String,
+    /// Its address and credentials (for rewrites' own connections).
+    pub endpoint: crate::Endpoint,
     pub tx: mpsc::Sender<Batch>,
+    /// Redirected commands jump the queue: they are older than anything
+    /// queued for their slot.
+    pub redirect: mpsc::UnboundedSender<Redirected>,
     pub stats: Arc<WriterStats>,
 }
 
@@ -31,6 +48,8 @@ pub struct WriterHandle {
 pub enum Topology {
     /// One standalone target: every command goes to writer 0.
     Single,
+    /// A cluster target: by slot.
+    Cluster(Arc<ClusterRouting>),
 }
 
 /// Where commands go: the writers and the topology that chooses among them.
@@ -38,13 +57,43 @@ pub enum Topology {
 pub struct Router {
     pub topology: Topology,
     pub writers: Vec<WriterHandle>,
+    /// The cluster map generation `writers` was taken at.
+    seen_generation: u64,
 }
 
 impl Router {
+    pub fn single(writer: WriterHandle) -> Router {
+        Router {
+            topology: Topology::Single,
+            writers: vec![writer],
+            seen_generation: 0,
+        }
+    }
+
+    pub fn cluster(routing: Arc<ClusterRouting>) -> Router {
+        Router {
+            writers: routing.writers(),
+            seen_generation: routing.generation(),
+            topology: Topology::Cluster(routing),
+        }
+    }
+
+    pub fn is_cluster(&self) -> bool {
+        matches!(self.topology, Topology::Cluster(_))
+    }
+
     /// The writer for a command on `key`.
-    pub fn writer_for_key(&self, _key: &[u8]) -> usize {
-        match self.topology {
+    pub fn writer_for_key(&self, key: &[u8]) -> usize {
+        match &self.topology {
             Topology::Single => 0,
+            Topology::Cluster(r) => r.writer_for_slot(engine::slot::slot(key)),
+        }
+    }
+
+    pub fn writer_for_slot(&self, slot: u16) -> usize {
+        match &self.topology {
+            Topology::Single => 0,
+            Topology::Cluster(r) => r.writer_for_slot(slot),
         }
     }
 
@@ -55,6 +104,22 @@ impl Router {
 
     pub fn n_writers(&self) -> usize {
         self.writers.len()
+    }
+
+    /// Whether the cluster map changed since this router last looked.
+    pub fn stale(&self) -> bool {
+        match &self.topology {
+            Topology::Single => false,
+            Topology::Cluster(r) => r.generation() != self.seen_generation,
+        }
+    }
+
+    /// Takes the current map (writers added since included).
+    pub fn refresh(&mut self) {
+        if let Topology::Cluster(r) = &self.topology {
+            self.seen_generation = r.generation();
+            self.writers = r.writers();
+        }
     }
 }
 
@@ -94,6 +159,16 @@ impl Dispatcher {
 
     pub fn router(&self) -> &Router {
         &self.router
+    }
+
+    /// Takes the current cluster map. Everything built so far must have
+    /// been handed over (the caller flushes and waits first).
+    pub fn refresh(&mut self) {
+        debug_assert!(self.is_empty());
+        self.router.refresh();
+        while self.builders.len() < self.router.n_writers() {
+            self.builders.push(BatchBuilder::default());
+        }
     }
 
     /// Appends a command for writer `w`, to run in target database `db`.

@@ -1,39 +1,47 @@
 //! The intake: everything read from a source master goes through here.
 //!
-//! After a `+FULLRESYNC` it reads the RDB transfer (`$<len>` or diskless
-//! `$EOF:<mark>`), turning each entry into a RESTORE for the writer that
-//! owns the key; then, and directly after a `+CONTINUE`, it reads the
-//! command stream, keeping the replication offset byte-exact, tracking
-//! SELECT, holding transactions until their EXEC, and handing commands to
-//! writers. Replication chatter (PING, REPLCONF) counts in the offset but is
-//! never replayed.
+//! Its input is the shard's [`Spill`]: a reader task empties the socket into
+//! it whatever the targets do. After a `+FULLRESYNC` the intake reads the RDB
+//! transfer (`$<len>` or diskless `$EOF:<mark>`), turning each entry into a
+//! RESTORE for the writer that owns the key; then, and directly after a
+//! `+CONTINUE`, it reads the command stream, keeping the replication offset
+//! byte-exact, tracking SELECT, holding transactions until their EXEC, and
+//! handing commands to writers. Replication chatter (PING, REPLCONF) counts
+//! in the offset but is never replayed.
+//!
+//! On a cluster target every command is planned by `engine::split`: sent
+//! whole to its slot's owner, split per slot, or rewritten (after a
+//! barrier: every earlier command confirmed). A change of the target's slot
+//! map is followed the same way: barrier, then route by the new map.
 //!
 //! The offset published as *processed* only moves at points outside a
 //! transaction, after the batches holding everything before it were handed
 //! over; a resumed stream therefore never starts inside a transaction.
 
+use std::io;
+use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use engine::command::{self, CommandSpec, Role};
 use engine::filter::DbFilter;
-use engine::rdb::{RdbItem, RdbReader};
+use engine::rdb::{RdbError, RdbItem, RdbReader};
 use engine::resp::{encode, parse_command, Command};
 use engine::restore::{encode_restore, Existing};
+use engine::split::{self, Plan};
 use ractor::ActorRef;
-use tokio::io::AsyncReadExt;
-use tokio::net::tcp::OwnedReadHalf;
 use tokio::sync::watch;
+use tokio_util::io::StreamReader;
 
-use super::handshake::KEEPALIVE_TIMEOUT;
-use super::idle::IdleTimeout;
+use super::rewrite::{self, TargetControl};
+use super::spill::Spill;
 use super::SourceMsg;
 use crate::error::WorkerError;
 use crate::events::{self, LogLimiter};
 use crate::progress::ShardStats;
-use crate::route::{Dispatcher, ExpectKind, WriterGone};
+use crate::route::{Dispatcher, ExpectKind, Topology, WriterGone};
 
 /// How the intake treats what it reads.
 #[derive(Clone, Debug)]
@@ -45,12 +53,16 @@ pub struct IntakeOptions {
     /// a FLUSHALL into per-database flushes when databases are filtered.
     pub source_databases: u32,
     /// Replay PUBLISH on the target (off by default: subscribers of the
-    /// target would see every message twice in a migration).
+    /// target would see messages the source's clients published).
     pub replay_publish: bool,
     /// Longest silence on the replication link before it is considered dead.
     pub read_timeout: Duration,
     /// Largest value (DUMP payload) accepted in one RESTORE.
     pub max_value_len: usize,
+    /// Where stream bytes the targets cannot take yet are spilled.
+    pub spill_dir: PathBuf,
+    /// Stream bytes held in memory per shard before spilling to disk.
+    pub spill_memory: usize,
 }
 
 impl Default for IntakeOptions {
@@ -62,6 +74,8 @@ impl Default for IntakeOptions {
             replay_publish: false,
             read_timeout: Duration::from_secs(60),
             max_value_len: engine::rdb::DEFAULT_MAX_VALUE_LEN,
+            spill_dir: std::env::temp_dir().join("shardsync-spill"),
+            spill_memory: 32 * 1024 * 1024,
         }
     }
 }
@@ -80,31 +94,42 @@ struct OpenTx {
     commands: Vec<(Command, Option<&'static CommandSpec>)>,
 }
 
+/// A stream position: replication offset and the source db selected there.
+type At = Option<(u64, u32)>;
+
 pub(crate) struct Intake {
     pub addr: String,
-    /// The socket's read half; lent to the RDB reader during a full sync.
-    reader: Option<OwnedReadHalf>,
-    pub buf: BytesMut,
-    pub dispatcher: Dispatcher,
-    pub stats: Arc<ShardStats>,
-    pub actor: ActorRef<SourceMsg>,
-    pub stop: watch::Receiver<bool>,
-    pub options: IntakeOptions,
+    input: Arc<Spill>,
+    buf: BytesMut,
+    dispatcher: Dispatcher,
+    stats: Arc<ShardStats>,
+    actor: ActorRef<SourceMsg>,
+    stop: watch::Receiver<bool>,
+    options: IntakeOptions,
     /// Replication id of this sync.
-    pub replid: String,
+    replid: String,
     /// Offset of the next byte of the stream.
-    pub offset: u64,
+    offset: u64,
     /// Source db selected at `offset`.
-    pub db: u32,
+    db: u32,
     tx: Option<OpenTx>,
+    control: Option<TargetControl>,
     log: LogLimiter,
+}
+
+/// The intake cannot go on once a writer's queue is closed.
+fn writer_gone(e: WriterGone) -> WorkerError {
+    WorkerError::Closed {
+        addr: e.target,
+        context: "handing commands to its writer (the writer stopped)",
+    }
 }
 
 impl Intake {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         addr: String,
-        reader: OwnedReadHalf,
+        input: Arc<Spill>,
         buf: BytesMut,
         dispatcher: Dispatcher,
         stats: Arc<ShardStats>,
@@ -117,7 +142,7 @@ impl Intake {
     ) -> Intake {
         Intake {
             addr,
-            reader: Some(reader),
+            input,
             buf,
             dispatcher,
             stats,
@@ -128,12 +153,27 @@ impl Intake {
             offset,
             db,
             tx: None,
+            control: None,
             log: LogLimiter::new(),
         }
     }
 
     fn stop_requested(&self) -> bool {
         *self.stop.borrow()
+    }
+
+    /// Target database for source database `db`: `Some(db')` on a
+    /// standalone target, `None` (no SELECT) on a cluster, which has only
+    /// db 0; the outer `None` when `db` is not copied.
+    fn target_db(&self, db: u32) -> Option<Option<u32>> {
+        let tdb = self.options.db_filter.target_db(db)?;
+        Some((!self.dispatcher.router().is_cluster()).then_some(tdb))
+    }
+
+    async fn read_more(&mut self) -> Result<(), WorkerError> {
+        let chunk = self.input.next().await?;
+        self.buf.extend_from_slice(&chunk);
+        Ok(())
     }
 
     // ---------------------------------------------------------------- RDB
@@ -156,17 +196,31 @@ impl Intake {
         .emit();
         let started = Instant::now();
 
-        let reader = self
-            .reader
-            .take()
-            .expect("the read half is here between phases");
+        let input = self.input.clone();
+        let chunks = futures::stream::unfold(Some(input), |input| async move {
+            let input = input?;
+            match input.next().await {
+                Ok(chunk) => Some((Ok::<Bytes, io::Error>(chunk), Some(input))),
+                Err(e) => Some((Err(io::Error::other(e)), None)),
+            }
+        });
+        let reader = StreamReader::new(Box::pin(chunks));
         let initial = std::mem::take(&mut self.buf);
-        let timed = IdleTimeout::new(reader, self.options.read_timeout);
-        let mut rdb = RdbReader::open(timed, initial)
+        let mut rdb = RdbReader::open(reader, initial)
             .await
-            .map_err(|source| self.rdb_error(source))?;
+            .map_err(|e| self.rdb_error(e))?;
         rdb.set_max_value_len(self.options.max_value_len);
 
+        // A second full sync in this task, or one over data an earlier run
+        // wrote: what the target holds is ours, and must be replaced even
+        // under --on-conflict skip, or it would stay stale.
+        let resync_existing = if self.stats.full_syncs.load(Ordering::Relaxed) > 1
+            || self.stats.ours.load(Ordering::Relaxed)
+        {
+            Existing::Replace
+        } else {
+            self.options.existing
+        };
         let mut stop = self.stop.clone();
         let mut keys = 0u64;
         loop {
@@ -176,7 +230,7 @@ impl Intake {
                     self.dispatcher.flush_all(None).await.map_err(writer_gone)?;
                     return Ok(false);
                 }
-                item = rdb.next() => item.map_err(|source| self.rdb_error(source))?,
+                item = rdb.next() => item.map_err(|e| self.rdb_error(e))?,
             };
             let Some(item) = item else { break };
             match item {
@@ -186,17 +240,18 @@ impl Intake {
                     self.stats
                         .full_sync_bytes
                         .store(rdb.offset(), Ordering::Relaxed);
-                    let Some(tdb) = self.options.db_filter.target_db(entry.db) else {
+                    let Some(tdb) = self.target_db(entry.db) else {
                         continue;
                     };
+                    self.follow_map(None).await?;
                     let w = self.dispatcher.router().writer_for_key(&entry.key);
-                    let existing = self.options.existing;
+                    let existing = resync_existing;
                     let kind = match existing {
                         Existing::Replace => ExpectKind::Ok,
                         Existing::Keep => ExpectKind::KeepExisting,
                     };
                     self.dispatcher
-                        .push(w, Some(tdb), kind, None, |buf| {
+                        .push(w, tdb, kind, None, |buf| {
                             encode_restore(buf, &entry.key, &entry, existing)
                         })
                         .await
@@ -207,7 +262,7 @@ impl Intake {
                         .map_err(writer_gone)?;
                 }
                 RdbItem::Function { code } => {
-                    let (args, kind): (&[&[u8]], _) = match self.options.existing {
+                    let (args, kind): (&[&[u8]], _) = match resync_existing {
                         Existing::Replace => (&[b"FUNCTION", b"LOAD", b"REPLACE"], ExpectKind::Ok),
                         Existing::Keep => {
                             (&[b"FUNCTION", b"LOAD"], ExpectKind::KeepExistingFunction)
@@ -237,9 +292,12 @@ impl Intake {
         }
         let rdb_len = rdb.offset();
         self.stats.full_sync_bytes.store(rdb_len, Ordering::Relaxed);
-        let (timed, rest) = rdb.into_parts();
-        self.reader = Some(timed.into_inner());
+        let (reader, rest) = rdb.into_parts();
+        let (_, unread) = reader.into_inner_with_chunk();
         self.buf = rest;
+        if let Some(unread) = unread {
+            self.buf.extend_from_slice(&unread);
+        }
         match header {
             Transfer::Sized(len) if len != rdb_len => {
                 return Err(WorkerError::Unexpected {
@@ -252,6 +310,7 @@ impl Intake {
             _ => {}
         }
         self.dispatcher.flush_all(None).await.map_err(writer_gone)?;
+        self.stats.full_syncs_loaded.fetch_add(1, Ordering::Relaxed);
         // After a full sync the master selects a db before any command; 0
         // stands until then.
         self.db = 0;
@@ -269,16 +328,20 @@ impl Intake {
         Ok(true)
     }
 
-    fn rdb_error(&self, source: engine::rdb::RdbError) -> WorkerError {
+    fn rdb_error(&self, source: RdbError) -> WorkerError {
         match source {
-            engine::rdb::RdbError::Io(e) if e.kind() == std::io::ErrorKind::TimedOut => {
-                WorkerError::Timeout {
-                    addr: self.addr.clone(),
-                    context: "receiving the RDB",
-                    secs: self.options.read_timeout.as_secs(),
+            // The input's own failure (the link, the spill), carried through
+            // the RDB reader.
+            RdbError::Io(e) if e.get_ref().is_some_and(|inner| inner.is::<WorkerError>()) => {
+                match e.into_inner().map(|inner| inner.downcast::<WorkerError>()) {
+                    Some(Ok(worker)) => *worker,
+                    _ => WorkerError::Closed {
+                        addr: self.addr.clone(),
+                        context: "receiving the RDB",
+                    },
                 }
             }
-            engine::rdb::RdbError::Io(e) => WorkerError::Io {
+            RdbError::Io(e) => WorkerError::Io {
                 addr: self.addr.clone(),
                 context: "receiving the RDB",
                 source: e,
@@ -310,18 +373,13 @@ impl Intake {
                     reply: "a header line longer than 1 KiB".into(),
                 });
             }
-            self.read_more("waiting for the RDB transfer", KEEPALIVE_TIMEOUT)
-                .await?;
+            self.read_more().await?;
         }
     }
 
     async fn expect_eof_mark(&mut self, mark: &[u8]) -> Result<(), WorkerError> {
         while self.buf.len() < mark.len() {
-            self.read_more(
-                "reading the end of the RDB transfer",
-                self.options.read_timeout,
-            )
-            .await?;
+            self.read_more().await?;
         }
         if &self.buf[..mark.len()] != mark {
             return Err(WorkerError::Unexpected {
@@ -332,37 +390,6 @@ impl Intake {
         }
         self.buf.advance(mark.len());
         Ok(())
-    }
-
-    async fn read_more(
-        &mut self,
-        context: &'static str,
-        timeout: Duration,
-    ) -> Result<(), WorkerError> {
-        if self.buf.capacity() - self.buf.len() < 32 * 1024 {
-            self.buf.reserve(256 * 1024);
-        }
-        let reader = self
-            .reader
-            .as_mut()
-            .expect("the read half is here between phases");
-        match tokio::time::timeout(timeout, reader.read_buf(&mut self.buf)).await {
-            Ok(Ok(0)) => Err(WorkerError::Closed {
-                addr: self.addr.clone(),
-                context,
-            }),
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(source)) => Err(WorkerError::Io {
-                addr: self.addr.clone(),
-                context,
-                source,
-            }),
-            Err(_) => Err(WorkerError::Timeout {
-                addr: self.addr.clone(),
-                context,
-                secs: timeout.as_secs(),
-            }),
-        }
     }
 
     // ------------------------------------------------------------- stream
@@ -403,14 +430,15 @@ impl Intake {
             tokio::select! {
                 biased;
                 _ = stop.changed() => return Ok(IntakeEnd::Stopped),
-                read = self.read_more("reading the replication stream", self.options.read_timeout) => read?,
+                read = self.read_more() => read?,
             }
         }
     }
 
-    async fn handle(&mut self, cmd: Command, safe: Option<(u64, u32)>) -> Result<(), WorkerError> {
+    async fn handle(&mut self, cmd: Command, safe: At) -> Result<(), WorkerError> {
         let spec = command::lookup(&cmd);
         let role = spec.map_or(Role::Data, |s| s.role);
+        let cluster = self.dispatcher.router().is_cluster();
         match role {
             Role::Ping => Ok(()),
             Role::Replconf => {
@@ -446,6 +474,7 @@ impl Intake {
                 Ok(())
             }
             Role::Exec => match self.tx.take() {
+                Some(tx) if cluster => self.dispatch_tx_cluster(tx, safe).await,
                 Some(tx) => self.dispatch_tx(tx, safe).await,
                 None => Ok(()),
             },
@@ -463,50 +492,40 @@ impl Intake {
                 self.stats.commands_filtered.fetch_add(1, Ordering::Relaxed);
                 Ok(())
             }
-            Role::FlushAll => self.flush_all_dbs(&cmd, safe).await,
+            Role::FlushAll if !cluster => self.flush_all_dbs(&cmd, safe).await,
+            Role::FlushAll => {
+                events::SourceFlushed {
+                    source: &self.addr,
+                    command: "FLUSHALL",
+                    target_dbs: "all",
+                }
+                .emit();
+                self.route(&cmd, spec, safe).await
+            }
             Role::FlushDb => {
-                let Some(tdb) = self.options.db_filter.target_db(self.db) else {
+                let Some(tdb) = self.target_db(self.db) else {
                     self.stats.commands_filtered.fetch_add(1, Ordering::Relaxed);
                     return Ok(());
                 };
                 events::SourceFlushed {
                     source: &self.addr,
                     command: "FLUSHDB",
-                    target_dbs: &tdb.to_string(),
+                    target_dbs: &tdb.map_or("0".into(), |d| d.to_string()),
                 }
                 .emit();
-                self.forward(&cmd, spec, Some(tdb), safe).await
+                self.route(&cmd, spec, safe).await
             }
-            Role::SwapDb | Role::Move if !self.identity_dbs() => {
+            Role::SwapDb | Role::Move if !cluster && !self.identity_dbs() => {
                 self.not_replayed(&cmd, "databases are filtered or renamed (--db / --db-map), so moving data between them cannot be mirrored");
                 Ok(())
             }
-            Role::Function | Role::Publish => {
-                for w in 0..self.dispatcher.router().n_writers() {
-                    self.dispatcher
-                        .push(w, None, ExpectKind::Ok, safe, |buf| {
-                            buf.extend_from_slice(cmd.wire())
-                        })
-                        .await
-                        .map_err(writer_gone)?;
-                }
-                Ok(())
-            }
-            Role::SwapDb => {
-                let w = self.dispatcher.router().default_writer();
-                self.dispatcher
-                    .push(w, None, ExpectKind::Ok, safe, |buf| {
-                        buf.extend_from_slice(cmd.wire())
-                    })
-                    .await
-                    .map_err(writer_gone)
-            }
+            Role::Function | Role::Publish | Role::SwapDb => self.route(&cmd, spec, safe).await,
             Role::Move | Role::Script | Role::Data => {
-                let Some(tdb) = self.options.db_filter.target_db(self.db) else {
+                if self.target_db(self.db).is_none() {
                     self.stats.commands_filtered.fetch_add(1, Ordering::Relaxed);
                     return Ok(());
-                };
-                self.forward(&cmd, spec, Some(tdb), safe).await
+                }
+                self.route(&cmd, spec, safe).await
             }
         }
     }
@@ -519,44 +538,117 @@ impl Intake {
 
     fn not_replayed(&mut self, cmd: &Command, reason: &str) {
         let name = String::from_utf8_lossy(cmd.name()).to_uppercase();
+        let key = cmd
+            .get(1)
+            .map(|k| String::from_utf8_lossy(&k[..k.len().min(80)]).into_owned())
+            .unwrap_or_default();
         events::CommandNotReplayed {
             source: &self.addr,
-            command: &name,
+            command: &format!("{name} {key}"),
             reason,
         }
         .emit(&self.stats, &mut self.log);
     }
 
-    /// Hands one command, unchanged, to the writer of its first key.
-    async fn forward(
+    /// Hands one command to the writer(s) that must apply it.
+    async fn route(
         &mut self,
         cmd: &Command,
         spec: Option<&'static CommandSpec>,
-        tdb: Option<u32>,
-        safe: Option<(u64, u32)>,
+        safe: At,
     ) -> Result<(), WorkerError> {
-        let w = self.writer_for(cmd, spec);
+        if !self.dispatcher.router().is_cluster() {
+            let tdb = self.target_db(self.db).flatten();
+            // Keyless commands (FLUSHALL, FUNCTION ...) do not depend on
+            // the selected database.
+            let db = match spec.map(|s| s.role) {
+                Some(Role::FlushAll | Role::Function | Role::Publish | Role::SwapDb) => None,
+                _ => tdb,
+            };
+            return self.push_wire(0, db, cmd, safe).await;
+        }
+        self.follow_map(safe).await?;
+        match split::plan(spec, cmd) {
+            Plan::Slot(slot) => {
+                let w = self.dispatcher.router().writer_for_slot(slot);
+                self.push_wire(w, None, cmd, safe).await
+            }
+            Plan::AnyNode => self.push_wire(0, None, cmd, safe).await,
+            Plan::Everywhere => {
+                for w in 0..self.dispatcher.router().n_writers() {
+                    self.push_wire(w, None, cmd, safe).await?;
+                }
+                Ok(())
+            }
+            Plan::Parts(parts) => {
+                self.stats.commands_split.fetch_add(1, Ordering::Relaxed);
+                for (slot, part) in parts {
+                    let w = self.dispatcher.router().writer_for_slot(slot);
+                    self.push_wire(w, None, &part, safe).await?;
+                }
+                Ok(())
+            }
+            plan @ (Plan::Rename { .. }
+            | Plan::Copy { .. }
+            | Plan::ListMove { .. }
+            | Plan::Colocate { .. }) => {
+                self.stats
+                    .commands_rewritten
+                    .fetch_add(1, Ordering::Relaxed);
+                self.barrier(safe).await?;
+                let Topology::Cluster(routing) = &self.dispatcher.router().topology else {
+                    unreachable!("cluster checked above")
+                };
+                let control = self
+                    .control
+                    .get_or_insert_with(|| TargetControl::new(routing.clone()));
+                if let rewrite::Outcome::Diverged(why) = control.run(&plan, cmd).await? {
+                    self.not_replayed(cmd, &why);
+                }
+                Ok(())
+            }
+            Plan::Unsupported(reason) => {
+                self.not_replayed(cmd, reason);
+                Ok(())
+            }
+        }
+    }
+
+    async fn push_wire(
+        &mut self,
+        w: usize,
+        db: Option<u32>,
+        cmd: &Command,
+        safe: At,
+    ) -> Result<(), WorkerError> {
         self.dispatcher
-            .push(w, tdb, ExpectKind::Ok, safe, |buf| {
+            .push(w, db, ExpectKind::Ok, safe, |buf| {
                 buf.extend_from_slice(cmd.wire())
             })
             .await
             .map_err(writer_gone)
     }
 
-    fn writer_for(&self, cmd: &Command, spec: Option<&'static CommandSpec>) -> usize {
-        let router = self.dispatcher.router();
-        match spec.and_then(|s| command::key_positions(s, cmd).first().copied()) {
-            Some(pos) => router.writer_for_key(cmd.arg(pos)),
-            None => router.default_writer(),
-        }
+    /// Waits until everything handed over so far is confirmed.
+    async fn barrier(&mut self, safe: At) -> Result<(), WorkerError> {
+        self.dispatcher.flush_all(safe).await.map_err(writer_gone)?;
+        self.stats.barriers.fetch_add(1, Ordering::Relaxed);
+        self.stats.wait_drained().await;
+        Ok(())
     }
 
-    async fn flush_all_dbs(
-        &mut self,
-        cmd: &Command,
-        safe: Option<(u64, u32)>,
-    ) -> Result<(), WorkerError> {
+    /// Follows a change of the target's slot map: what was routed by the
+    /// old map is confirmed first (its writers redirect it), then the new
+    /// map is used.
+    async fn follow_map(&mut self, safe: At) -> Result<(), WorkerError> {
+        if self.dispatcher.router().stale() {
+            self.barrier(safe).await?;
+            self.dispatcher.refresh();
+        }
+        Ok(())
+    }
+
+    async fn flush_all_dbs(&mut self, cmd: &Command, safe: At) -> Result<(), WorkerError> {
         if self.identity_dbs() {
             events::SourceFlushed {
                 source: &self.addr,
@@ -564,15 +656,7 @@ impl Intake {
                 target_dbs: "all",
             }
             .emit();
-            for w in 0..self.dispatcher.router().n_writers() {
-                self.dispatcher
-                    .push(w, None, ExpectKind::Ok, safe, |buf| {
-                        buf.extend_from_slice(cmd.wire())
-                    })
-                    .await
-                    .map_err(writer_gone)?;
-            }
-            return Ok(());
+            return self.push_wire(0, None, cmd, safe).await;
         }
         // Only the databases we copy are flushed on the target.
         let filter = self.options.db_filter.clone();
@@ -589,31 +673,25 @@ impl Intake {
         // Keep any ASYNC/SYNC modifier.
         let modifier = cmd.get(1).map(<[u8]>::to_vec);
         for tdb in targets {
-            for w in 0..self.dispatcher.router().n_writers() {
-                let modifier = modifier.clone();
-                self.dispatcher
-                    .push(w, Some(tdb), ExpectKind::Ok, safe, |buf| match &modifier {
-                        Some(m) => encode::command(buf, &[&b"FLUSHDB"[..], m]),
-                        None => encode::command(buf, &[b"FLUSHDB"]),
-                    })
-                    .await
-                    .map_err(writer_gone)?;
-            }
+            let modifier = modifier.clone();
+            self.dispatcher
+                .push(0, Some(tdb), ExpectKind::Ok, safe, |buf| match &modifier {
+                    Some(m) => encode::command(buf, &[&b"FLUSHDB"[..], m]),
+                    None => encode::command(buf, &[b"FLUSHDB"]),
+                })
+                .await
+                .map_err(writer_gone)?;
         }
         Ok(())
     }
 
-    /// Hands a whole transaction to one writer, as MULTI ... EXEC. Commands
-    /// in databases that are not copied are left out; SELECTs inside the
-    /// transaction are kept (renamed), and the connection is put back in
-    /// the transaction's first database after EXEC.
-    async fn dispatch_tx(
-        &mut self,
-        tx: OpenTx,
-        safe: Option<(u64, u32)>,
-    ) -> Result<(), WorkerError> {
+    /// Hands a whole transaction to the standalone target, as MULTI ...
+    /// EXEC. Commands in databases that are not copied are left out;
+    /// SELECTs inside the transaction are kept (renamed), and the connection
+    /// is put back in the transaction's first database after EXEC.
+    async fn dispatch_tx(&mut self, tx: OpenTx, safe: At) -> Result<(), WorkerError> {
         let mut db = tx.start_db;
-        let mut kept: Vec<(u32, &Command, Option<&'static CommandSpec>)> = Vec::new();
+        let mut kept: Vec<(u32, &Command)> = Vec::new();
         for (cmd, spec) in &tx.commands {
             if spec.is_some_and(|s| s.role == Role::Select) {
                 // `handle` validated it.
@@ -627,45 +705,44 @@ impl Intake {
                 continue;
             }
             match self.options.db_filter.target_db(db) {
-                Some(tdb) => kept.push((tdb, cmd, *spec)),
+                Some(tdb) => kept.push((tdb, cmd)),
                 None => {
                     self.stats.commands_filtered.fetch_add(1, Ordering::Relaxed);
                 }
             }
         }
-        let Some(&(first_db, first_cmd, first_spec)) = kept.first() else {
+        let Some(&(first_db, _)) = kept.first() else {
             return Ok(());
         };
-        let w = self.writer_for(first_cmd, first_spec);
         let d = &mut self.dispatcher;
-        d.push(w, Some(first_db), ExpectKind::TxBegin, safe, |buf| {
+        d.push(0, Some(first_db), ExpectKind::TxBegin, safe, |buf| {
             encode::command(buf, &[b"MULTI"])
         })
         .await
         .map_err(writer_gone)?;
         let mut current = first_db;
-        for (tdb, cmd, _) in &kept {
+        for (tdb, cmd) in &kept {
             if *tdb != current {
                 current = *tdb;
-                d.push(w, None, ExpectKind::TxQueued, safe, |buf| {
+                d.push(0, None, ExpectKind::TxQueued, safe, |buf| {
                     encode::command(buf, &[&b"SELECT"[..], tdb.to_string().as_bytes()])
                 })
                 .await
                 .map_err(writer_gone)?;
             }
-            d.push(w, None, ExpectKind::TxQueued, safe, |buf| {
+            d.push(0, None, ExpectKind::TxQueued, safe, |buf| {
                 buf.extend_from_slice(cmd.wire())
             })
             .await
             .map_err(writer_gone)?;
         }
-        d.push(w, None, ExpectKind::TxEnd, safe, |buf| {
+        d.push(0, None, ExpectKind::TxEnd, safe, |buf| {
             encode::command(buf, &[b"EXEC"])
         })
         .await
         .map_err(writer_gone)?;
         if current != first_db {
-            d.push(w, None, ExpectKind::Ok, safe, |buf| {
+            d.push(0, None, ExpectKind::Ok, safe, |buf| {
                 encode::command(buf, &[&b"SELECT"[..], first_db.to_string().as_bytes()])
             })
             .await
@@ -673,13 +750,86 @@ impl Intake {
         }
         Ok(())
     }
-}
 
-/// The intake cannot go on once a writer's queue is closed.
-fn writer_gone(e: WriterGone) -> WorkerError {
-    WorkerError::Closed {
-        addr: e.target,
-        context: "handing commands to its writer (the writer stopped)",
+    /// A transaction on a cluster target: atomic (MULTI/EXEC on the owner)
+    /// when all its keys share a slot; otherwise one MULTI/EXEC per slot,
+    /// or, when a command in it needs a rewrite, command by command.
+    async fn dispatch_tx_cluster(&mut self, tx: OpenTx, safe: At) -> Result<(), WorkerError> {
+        let mut db = tx.start_db;
+        let mut kept: Vec<(Command, Option<&'static CommandSpec>)> = Vec::new();
+        for (cmd, spec) in tx.commands {
+            match spec.map(|s| s.role) {
+                Some(Role::Select) => {
+                    db = std::str::from_utf8(cmd.arg(1))
+                        .ok()
+                        .and_then(|s| s.parse().ok())
+                        .unwrap_or(db);
+                }
+                Some(Role::Publish) if !self.options.replay_publish => {}
+                _ if self.options.db_filter.target_db(db).is_none() => {
+                    self.stats.commands_filtered.fetch_add(1, Ordering::Relaxed);
+                }
+                _ => kept.push((cmd, spec)),
+            }
+        }
+        if kept.is_empty() {
+            return Ok(());
+        }
+        self.follow_map(safe).await?;
+        let mut groups: Vec<(u16, Vec<Command>)> = Vec::new();
+        let mut whole = true;
+        for (cmd, spec) in &kept {
+            let parts = match split::plan(*spec, cmd) {
+                Plan::Slot(s) => vec![(s, cmd.clone())],
+                Plan::Parts(parts) => parts,
+                _ => {
+                    whole = false;
+                    break;
+                }
+            };
+            for (s, part) in parts {
+                match groups.iter_mut().find(|(gs, _)| *gs == s) {
+                    Some((_, cmds)) => cmds.push(part),
+                    None => groups.push((s, vec![part])),
+                }
+            }
+        }
+        if !whole {
+            self.stats
+                .transactions_split
+                .fetch_add(1, Ordering::Relaxed);
+            for (cmd, spec) in &kept {
+                self.route(cmd, *spec, safe).await?;
+            }
+            return Ok(());
+        }
+        if groups.len() > 1 {
+            self.stats
+                .transactions_split
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        for (slot, cmds) in groups {
+            let w = self.dispatcher.router().writer_for_slot(slot);
+            let d = &mut self.dispatcher;
+            d.push(w, None, ExpectKind::TxBegin, safe, |buf| {
+                encode::command(buf, &[b"MULTI"])
+            })
+            .await
+            .map_err(writer_gone)?;
+            for cmd in &cmds {
+                d.push(w, None, ExpectKind::TxQueued, safe, |buf| {
+                    buf.extend_from_slice(cmd.wire())
+                })
+                .await
+                .map_err(writer_gone)?;
+            }
+            d.push(w, None, ExpectKind::TxEnd, safe, |buf| {
+                encode::command(buf, &[b"EXEC"])
+            })
+            .await
+            .map_err(writer_gone)?;
+        }
+        Ok(())
     }
 }
 

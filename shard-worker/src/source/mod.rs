@@ -1,15 +1,17 @@
 //! The source worker actor: one per source master.
 //!
 //! It connects in `post_start` (so a failure reaches the supervisor), does
-//! the replica handshake, and hands the socket's read half to an intake
-//! task that reads the RDB and the stream. The actor keeps the write half
-//! and sends `REPLCONF ACK <applied offset>` every second and whenever the
-//! master asks (GETACK). It never blocks on the socket: the intake reports
-//! back by message.
+//! the replica handshake, and hands the socket's read half to a reader task
+//! that empties it into the shard's [`spill::Spill`] as fast as the master
+//! writes; an intake task consumes the spill (RDB, then stream). The actor
+//! keeps the write half and sends `REPLCONF ACK <applied offset>` every
+//! second and whenever the master asks (GETACK). It never blocks on the
+//! socket: the tasks report back by message.
 
 mod handshake;
-mod idle;
 mod intake;
+mod rewrite;
+pub mod spill;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -69,6 +71,7 @@ pub struct SourceState {
     writer: Option<OwnedWriteHalf>,
     stop: watch::Sender<bool>,
     intake: Option<JoinHandle<()>>,
+    socket_reader: Option<JoinHandle<()>>,
     ticker: Option<JoinHandle<()>>,
     /// Acknowledging starts once the RDB (if any) is read.
     acking: bool,
@@ -94,6 +97,7 @@ impl Actor for SourceWorker {
             writer: None,
             stop,
             intake: None,
+            socket_reader: None,
             ticker: None,
             acking: false,
         })
@@ -126,9 +130,21 @@ impl Actor for SourceWorker {
                 (replid.clone(), *offset, db, false)
             }
         };
+        let spill = spill::Spill::new(
+            &args.options.spill_dir,
+            &state.addr,
+            args.options.spill_memory,
+            args.stats.clone(),
+        );
+        state.socket_reader = Some(tokio::spawn(spill::read_socket(
+            reader,
+            spill.clone(),
+            state.addr.clone(),
+            args.options.read_timeout,
+        )));
         let mut intake = Intake::new(
             state.addr.clone(),
-            reader,
+            spill,
             conn.buf,
             dispatcher,
             args.stats.clone(),
@@ -165,6 +181,9 @@ impl Actor for SourceWorker {
         if let Some(t) = state.intake.take() {
             t.abort();
         }
+        if let Some(t) = state.socket_reader.take() {
+            t.abort();
+        }
         Ok(())
     }
 
@@ -177,12 +196,12 @@ impl Actor for SourceWorker {
         match message {
             SourceMsg::AckTick | SourceMsg::GetAck => {
                 if state.acking {
-                    send_ack(state).await;
+                    send_ack(state, false).await;
                 }
             }
             SourceMsg::RdbLoaded => {
                 state.acking = true;
-                send_ack(state).await;
+                send_ack(state, true).await;
             }
             SourceMsg::IntakeExited(Ok(IntakeEnd::Stopped)) => {
                 state.intake = None;
@@ -203,12 +222,19 @@ impl Actor for SourceWorker {
     }
 }
 
-/// Sends `REPLCONF ACK <offset>`: the applied offset, or before anything is
-/// applied, the offset of what was read and handed over. Failures are left
-/// to the intake, which sees the same broken connection.
-async fn send_ack(state: &mut SourceState) {
-    let Some(offset) = state.stats.applied().or(state.stats.processed()) else {
-        return;
+/// Sends `REPLCONF ACK <applied offset>`. Right after an RDB (`first`),
+/// before anything of it is applied, the RDB's own offset is acknowledged
+/// instead: a master that sent it diskless streams nothing until it gets an
+/// ACK. Failures are left to the intake, which sees the same broken
+/// connection.
+async fn send_ack(state: &mut SourceState, first: bool) {
+    let offset = match state.stats.applied() {
+        Some(applied) => applied,
+        None if first => match state.stats.processed() {
+            Some(p) => p,
+            None => return,
+        },
+        None => return,
     };
     let Some(writer) = state.writer.as_mut() else {
         return;

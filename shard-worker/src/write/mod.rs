@@ -1,13 +1,14 @@
 //! The writer actor: one per target node.
 //!
-//! It owns the receiving end of its bounded queue. Connecting happens in
-//! messages to itself (never blocking the mailbox), and the socket belongs
-//! to a pipeline task that reports back when it ends. On a lost connection
-//! the writer reconnects with backoff and resends what was not confirmed;
-//! it fails (and so reaches its supervisor) only on a fatal error or when
-//! the outage outlasts the retry policy. It stops by itself once every
-//! producer has dropped its queue handle and everything is confirmed: that
-//! is how a task drains.
+//! It owns the receiving ends of its bounded queue and of its redirect lane.
+//! Connecting happens in messages to itself (never blocking the mailbox),
+//! and the socket belongs to a pipeline task that reports back when it ends.
+//! On a lost connection the writer reconnects with backoff and resends what
+//! was not confirmed; it fails (and so reaches its supervisor) only on a
+//! fatal error or when an outage outlasts the retry policy (an outage ends
+//! only once a connection confirmed something). It stops by itself once
+//! every producer has dropped its queue handle and everything is confirmed:
+//! that is how a task drains.
 
 mod pipeline;
 
@@ -19,15 +20,15 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-pub use pipeline::{Backoff, RetryPolicy};
+pub use pipeline::{Backoff, PipelineExit, RetryPolicy, REPLY_TIMEOUT};
 
 use crate::conn::Conn;
 use crate::endpoint::Endpoint;
 use crate::error::{Recovery, WorkerError};
 use crate::events::{self, describe_command};
 use crate::progress::{ShardStats, WriterStats};
-use crate::route::Batch;
-use pipeline::{PipelineCtx, PipelineExit};
+use crate::route::{Batch, ClusterRouting, Redirected};
+use pipeline::{Awaiting, PipelineCtx, PipelineStart, Work};
 
 /// Default number of batches written but not yet confirmed.
 pub const DEFAULT_WINDOW: usize = 8;
@@ -39,6 +40,10 @@ pub struct WriterArgs {
     pub index: usize,
     pub endpoint: Endpoint,
     pub rx: mpsc::Receiver<Batch>,
+    /// Commands other writers redirect here (MOVED/ASK).
+    pub redirects: mpsc::UnboundedReceiver<Redirected>,
+    /// The cluster slot map (cluster targets only).
+    pub routing: Option<Arc<ClusterRouting>>,
     /// Every shard's stats, indexed by shard, to confirm batches into.
     pub shards: Arc<[Arc<ShardStats>]>,
     pub stats: Arc<WriterStats>,
@@ -54,14 +59,16 @@ pub enum WriterMsg {
 }
 
 pub struct WriterState {
-    args_endpoint: Endpoint,
+    endpoint: Endpoint,
     ctx: Arc<PipelineCtx>,
     rx: Option<mpsc::Receiver<Batch>>,
-    /// Batches to resend first on the next connection.
-    unconfirmed: VecDeque<Batch>,
+    redirects: Option<mpsc::UnboundedReceiver<Redirected>>,
+    /// Work to resend first on the next connection.
+    unconfirmed: VecDeque<Work>,
+    /// Batches whose replies are in, waiting on redirects, in order.
+    awaiting: VecDeque<Awaiting>,
     retry: RetryPolicy,
     outage: Option<Backoff>,
-    last_error: Option<String>,
     pipeline: Option<JoinHandle<()>>,
 }
 
@@ -79,18 +86,20 @@ impl Actor for Writer {
     ) -> Result<WriterState, ActorProcessingErr> {
         myself.send_message(WriterMsg::Connect)?;
         Ok(WriterState {
-            args_endpoint: args.endpoint,
+            endpoint: args.endpoint,
             ctx: Arc::new(PipelineCtx {
                 writer: args.index,
                 shards: args.shards,
                 stats: args.stats,
+                routing: args.routing,
                 window: args.window,
             }),
             rx: Some(args.rx),
+            redirects: Some(args.redirects),
             unconfirmed: VecDeque::new(),
+            awaiting: VecDeque::new(),
             retry: args.retry,
             outage: None,
-            last_error: None,
             pipeline: None,
         })
     }
@@ -124,8 +133,7 @@ async fn connect(
     myself: &ActorRef<WriterMsg>,
     state: &mut WriterState,
 ) -> Result<(), ActorProcessingErr> {
-    let endpoint = &state.args_endpoint;
-    let conn = match Conn::open_authenticated(endpoint).await {
+    let conn = match Conn::open_authenticated(&state.endpoint).await {
         Ok(mut conn) => {
             // Lets operators see in CLIENT LIST which connections are ours;
             // failure (a very old server) does not matter.
@@ -136,22 +144,30 @@ async fn connect(
         }
         Err(err) => return retry_later(myself, state, err),
     };
-    if state.outage.take().is_some() {
-        tracing::info!(target_node = %endpoint, "reconnected to the target");
+    if state.outage.is_some() {
+        tracing::info!(target_node = %state.endpoint, "reconnected to the target");
     }
-    state.last_error = None;
     let stats = &state.ctx.stats;
     stats.connected.store(true, Ordering::Relaxed);
     let resend = std::mem::take(&mut state.unconfirmed);
-    report_resend(&resend, stats, &endpoint.addr());
-    let rx = state
-        .rx
-        .take()
-        .expect("the queue is here between pipelines");
+    report_resend(&resend, stats, &state.endpoint.addr());
+    let start = PipelineStart {
+        conn,
+        rx: state
+            .rx
+            .take()
+            .expect("the queue is here between pipelines"),
+        redirects: state
+            .redirects
+            .take()
+            .expect("the redirect lane is here between pipelines"),
+        resend,
+        awaiting: std::mem::take(&mut state.awaiting),
+    };
     let ctx = state.ctx.clone();
     let me = myself.clone();
     state.pipeline = Some(tokio::spawn(async move {
-        let exit = pipeline::run(conn, rx, resend, &ctx).await;
+        let exit = pipeline::run(start, &ctx).await;
         // If the actor is gone there is nobody left to tell.
         let _ = me.send_message(WriterMsg::PipelineExited(Box::new(exit)));
     }));
@@ -165,7 +181,13 @@ fn pipeline_exited(
 ) -> Result<(), ActorProcessingErr> {
     state.pipeline = None;
     state.rx = Some(exit.rx);
+    state.redirects = Some(exit.redirects);
     state.unconfirmed = exit.unconfirmed;
+    state.awaiting = exit.awaiting;
+    if exit.confirmed > 0 {
+        // This connection made progress: whatever comes next is a new outage.
+        state.outage = None;
+    }
     let stats = &state.ctx.stats;
     stats.inflight_commands.store(0, Ordering::Relaxed);
     stats.connected.store(false, Ordering::Relaxed);
@@ -196,27 +218,26 @@ fn retry_later(
         .get_or_insert_with(|| Backoff::start(&state.retry));
     let Some(delay) = outage.next_delay(&state.retry) else {
         return Err(Box::new(WorkerError::RetriesExhausted {
-            addr: state.args_endpoint.addr(),
+            addr: state.endpoint.addr(),
             secs: outage.elapsed().as_secs(),
             last: err.to_string(),
         }));
     };
     tracing::warn!(
-        target_node = %state.args_endpoint,
+        target_node = %state.endpoint,
         error = %err,
         retry_in_ms = delay.as_millis() as u64,
         "target connection failed; retrying"
     );
-    state.last_error = Some(err.to_string());
     myself.send_after(delay, || WriterMsg::Connect);
     Ok(())
 }
 
 /// Counts what is about to be sent a second time.
-fn report_resend(resend: &VecDeque<Batch>, stats: &WriterStats, target: &str) {
+fn report_resend(resend: &VecDeque<Work>, stats: &WriterStats, target: &str) {
     let mut commands = 0;
     let mut non_idempotent = 0;
-    for batch in resend {
+    for (batch, _) in resend {
         for i in 0..batch.len() {
             commands += 1;
             let (name, _) = describe_command(batch.command_bytes(i));

@@ -1,12 +1,27 @@
 //! One connection's worth of pipelined writing.
 //!
-//! Two loops share the connection: the sender takes batches from the queue
-//! and writes them; the receiver reads replies in order, checks every one,
-//! and confirms batches back to their shards. Between them, a bounded queue
-//! of batches in flight caps how much is unconfirmed at once.
+//! Two loops share the connection: the sender takes work (batches to
+//! resend, batches redirected here by other writers, then the queue) and
+//! writes it; the receiver reads replies in order, checks every one, and
+//! confirms batches back to their shards, in order. Between them, a bounded
+//! queue of batches in flight caps how much is unconfirmed at once.
 //!
-//! When the connection fails, every batch without a full set of replies is
-//! handed back (the receiver's current one cut at its first unconfirmed
+//! Replies that are not plain successes:
+//!
+//! - `MOVED` / `ASK` (cluster targets): the command did not run here. It is
+//!   handed to the writer of the node that serves its slot (through that
+//!   writer's redirect lane, ahead of its queue), the slot map is corrected
+//!   on MOVED, and this batch is confirmed only once the redirected commands
+//!   are.
+//! - LOADING, BUSY, READONLY, TRYAGAIN, ... : the command did not run, and
+//!   the connection cannot go on. The receiver stops the sender, reads every
+//!   reply still in flight, and hands back exactly the commands that did not
+//!   run, to be sent on the next connection (nothing runs twice).
+//! - an error that concerns one command (WRONGTYPE, ...): counted and logged.
+//! - an error waiting cannot fix (NOAUTH, NOPERM, OOM): the task fails.
+//!
+//! When the connection itself fails, every batch without a full set of
+//! replies is handed back (the current one cut at its first unconfirmed
 //! command), to be resent on the next connection.
 
 use std::collections::VecDeque;
@@ -15,29 +30,56 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
+use engine::cluster::{parse_redirect, Redirect};
 use engine::resp::{encode, scan_reply};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::conn::Conn;
-use crate::error::WorkerError;
+use crate::error::{Recovery, WorkerError};
 use crate::events;
 use crate::progress::{ShardStats, WriterStats};
-use crate::route::{Batch, ExpectKind};
+use crate::route::{Batch, BatchBuilder, ClusterRouting, ExpectKind, Redirected};
+
+/// How long replies may keep us waiting before the target is considered
+/// gone (a paused or sleeping target answers well within this).
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// A batch to write, and who to tell when it is confirmed (a redirected
+/// batch tells the writer that redirected it; a batch from the queue tells
+/// its shard's progress counters).
+pub(crate) type Work = (Batch, Option<oneshot::Sender<()>>);
 
 /// A batch written to the socket, waiting for its replies.
 struct InFlight {
     batch: Batch,
+    done: Option<oneshot::Sender<()>>,
     /// A `SELECT` was written before the batch (one more reply to read).
     select: bool,
+}
+
+/// A batch whose replies are all in, waiting for commands it redirected to
+/// other writers to be confirmed there.
+pub(crate) struct Awaiting {
+    shard: usize,
+    end: Option<(u64, u32)>,
+    commands: u64,
+    done: Option<oneshot::Sender<()>>,
+    waits: Vec<oneshot::Receiver<()>>,
 }
 
 /// What the pipeline gives back when it ends.
 pub struct PipelineExit {
     pub(crate) rx: mpsc::Receiver<Batch>,
-    /// Batches (or tails of batches) not confirmed, in order.
-    pub(crate) unconfirmed: VecDeque<Batch>,
+    pub(crate) redirects: mpsc::UnboundedReceiver<Redirected>,
+    /// Work not confirmed, in order, to send first on the next connection.
+    pub(crate) unconfirmed: VecDeque<Work>,
+    /// Batches waiting on redirects, to keep confirming in order.
+    pub(crate) awaiting: VecDeque<Awaiting>,
+    /// Batches confirmed during this connection (an outage ends only once
+    /// a connection made progress).
+    pub(crate) confirmed: u64,
     /// `Ok` when the queue closed and everything was confirmed.
     pub(crate) result: Result<(), WorkerError>,
 }
@@ -46,16 +88,28 @@ pub(crate) struct PipelineCtx {
     pub writer: usize,
     pub shards: Arc<[Arc<ShardStats>]>,
     pub stats: Arc<WriterStats>,
+    /// The cluster slot map, for MOVED/ASK; `None` on a standalone target.
+    pub routing: Option<Arc<ClusterRouting>>,
     /// Most batches written but not yet confirmed.
     pub window: usize,
 }
 
-pub(crate) async fn run(
-    conn: Conn,
-    rx: mpsc::Receiver<Batch>,
-    resend: VecDeque<Batch>,
-    ctx: &PipelineCtx,
-) -> PipelineExit {
+pub(crate) struct PipelineStart {
+    pub conn: Conn,
+    pub rx: mpsc::Receiver<Batch>,
+    pub redirects: mpsc::UnboundedReceiver<Redirected>,
+    pub resend: VecDeque<Work>,
+    pub awaiting: VecDeque<Awaiting>,
+}
+
+pub(crate) async fn run(start: PipelineStart, ctx: &PipelineCtx) -> PipelineExit {
+    let PipelineStart {
+        conn,
+        rx,
+        redirects,
+        resend,
+        awaiting,
+    } = start;
     let addr = conn.addr.clone();
     let (rd, wr) = conn.stream.into_split();
     let (inflight_tx, mut inflight_rx) = mpsc::channel::<InFlight>(ctx.window.max(1));
@@ -64,6 +118,7 @@ pub(crate) async fn run(
         addr: addr.clone(),
         wr,
         rx,
+        redirects,
         resend,
         current_db: Some(0),
         held: None,
@@ -75,40 +130,43 @@ pub(crate) async fn run(
         buf: conn.buf,
         ctx,
         log: events::LogLimiter::new(),
+        awaiting,
+        confirmed: 0,
+        retry: Vec::new(),
+        retry_error: None,
     };
 
     let (send_result, recv_result) =
         tokio::join!(sender.run(inflight_tx), receiver.run(&mut inflight_rx));
 
     // Collect, in order, everything that was not confirmed.
-    let mut unconfirmed = VecDeque::new();
-    let partial = recv_result
-        .as_ref()
-        .err()
-        .and_then(|(_, partial)| partial.clone());
-    if let Some((batch, confirmed)) = partial {
-        let tail = batch.tail_from(confirmed);
-        if !tail.is_empty() {
-            unconfirmed.push_back(tail);
+    let mut unconfirmed: VecDeque<Work> = receiver.retry.drain(..).collect();
+    let mut result = send_result;
+    if let Err((err, partial)) = recv_result {
+        if let Some((item, from)) = partial {
+            let tail = item.batch.tail_from(from);
+            if !tail.is_empty() {
+                unconfirmed.push_back((tail, item.done));
+            }
         }
+        result = Err(err);
+    } else if let Some(err) = receiver.retry_error.take() {
+        result = Err(err);
     }
     inflight_rx.close();
     while let Ok(item) = inflight_rx.try_recv() {
-        unconfirmed.push_back(item.batch);
+        unconfirmed.push_back((item.batch, item.done));
     }
-    if let Some(batch) = sender.held.take() {
-        unconfirmed.push_back(batch);
+    if let Some(work) = sender.held.take() {
+        unconfirmed.push_back(work);
     }
     unconfirmed.extend(sender.resend.drain(..));
-
-    let result = match (send_result, recv_result) {
-        (_, Err((err, _))) => Err(err),
-        (Err(err), Ok(())) => Err(err),
-        (Ok(()), Ok(())) => Ok(()),
-    };
     PipelineExit {
         rx: sender.rx,
+        redirects: sender.redirects,
         unconfirmed,
+        awaiting: std::mem::take(&mut receiver.awaiting),
+        confirmed: receiver.confirmed,
         result,
     }
 }
@@ -117,46 +175,48 @@ struct Sender<'a> {
     addr: String,
     wr: OwnedWriteHalf,
     rx: mpsc::Receiver<Batch>,
-    resend: VecDeque<Batch>,
+    redirects: mpsc::UnboundedReceiver<Redirected>,
+    resend: VecDeque<Work>,
     /// Database the connection is in, as far as what we wrote goes.
     current_db: Option<u32>,
-    /// A batch taken from the queue but not yet handed to the receiver.
-    held: Option<Batch>,
+    /// Work taken but not yet handed to the receiver.
+    held: Option<Work>,
     ctx: &'a PipelineCtx,
 }
 
 impl Sender<'_> {
+    /// The next work: resends, then redirected batches, then the queue.
+    /// `None` when the queue is closed and drained, or the receiver stopped.
+    async fn next(&mut self, inflight: &mpsc::Sender<InFlight>) -> Option<Work> {
+        if let Some(work) = self.resend.pop_front() {
+            return Some(work);
+        }
+        tokio::select! {
+            biased;
+            _ = inflight.closed() => None,
+            Some(r) = self.redirects.recv() => Some((r.batch, Some(r.done))),
+            next = self.rx.recv() => {
+                let batch = next?;
+                self.ctx.stats.queued_batches.fetch_sub(1, Ordering::Relaxed);
+                Some((batch, None))
+            }
+        }
+    }
+
     async fn run(&mut self, inflight: mpsc::Sender<InFlight>) -> Result<(), WorkerError> {
         let mut select_buf = BytesMut::new();
         loop {
-            let from_resend = !self.resend.is_empty();
-            let batch = match self.resend.pop_front() {
-                Some(b) => b,
-                None => tokio::select! {
-                    biased;
-                    // The receiver failed: stop, whatever the queue holds.
-                    _ = inflight.closed() => return Ok(()),
-                    next = self.rx.recv() => match next {
-                        Some(b) => b,
-                        // Every producer is gone: what we have is all there is.
-                        None => return Ok(()),
-                    },
-                },
+            let Some(work) = self.next(&inflight).await else {
+                return Ok(());
             };
-            if !from_resend {
-                self.ctx
-                    .stats
-                    .queued_batches
-                    .fetch_sub(1, Ordering::Relaxed);
-            }
-            self.held = Some(batch);
+            self.held = Some(work);
             // Wait for room in the window before writing, so at most
             // `window` batches are ever unconfirmed.
             let Ok(permit) = inflight.reserve().await else {
-                // The receiver stopped (connection failed): keep `held`.
+                // The receiver stopped: keep `held` for the next connection.
                 return Ok(());
             };
-            let batch = self.held.take().expect("held batch");
+            let (batch, done) = self.held.take().expect("held work");
             let select = match batch.db {
                 Some(db) if self.current_db != Some(db) => {
                     select_buf.clear();
@@ -172,7 +232,11 @@ impl Sender<'_> {
             let n_commands = batch.len() as u64;
             let n_bytes = batch.payload.len() + if select { select_buf.len() } else { 0 };
             let payload = batch.payload.clone();
-            permit.send(InFlight { batch, select });
+            permit.send(InFlight {
+                batch,
+                done,
+                select,
+            });
             self.ctx
                 .stats
                 .inflight_commands
@@ -205,95 +269,320 @@ struct Receiver<'a> {
     buf: BytesMut,
     ctx: &'a PipelineCtx,
     log: events::LogLimiter,
+    awaiting: VecDeque<Awaiting>,
+    confirmed: u64,
+    /// Commands that did not run because of a retryable error, to resend.
+    retry: Vec<Work>,
+    retry_error: Option<WorkerError>,
 }
 
 /// A receiver failure, with the batch it was reading and how many of its
-/// replies were confirmed.
-type RecvFailure = (WorkerError, Option<(Batch, usize)>);
+/// commands are known to have run.
+type RecvFailure = (WorkerError, Option<(InFlight, usize)>);
+
+/// What the replies of one batch said.
+#[derive(Default)]
+struct Verdict {
+    /// Commands (index ranges) to send to another node instead.
+    redirects: Vec<(std::ops::Range<usize>, Redirect)>,
+    /// Commands that did not run (retryable error), as index ranges.
+    not_run: Vec<std::ops::Range<usize>>,
+}
 
 impl Receiver<'_> {
     async fn run(&mut self, inflight: &mut mpsc::Receiver<InFlight>) -> Result<(), RecvFailure> {
-        while let Some(item) = inflight.recv().await {
-            if let Err(failure) = self.confirm(item).await {
-                // Tells the sender to stop; what is queued stays readable.
-                inflight.close();
-                return Err(failure);
+        loop {
+            self.confirm_ready();
+            let waiting_redirect = self.awaiting.front().is_some_and(|a| !a.waits.is_empty());
+            tokio::select! {
+                biased;
+                ok = wait_front(&mut self.awaiting), if waiting_redirect => {
+                    if !ok {
+                        return Err((WorkerError::Closed {
+                            addr: self.addr.clone(),
+                            context: "waiting for redirected commands (their writer stopped)",
+                        }, None));
+                    }
+                }
+                item = inflight.recv() => match item {
+                    Some(item) => {
+                        if let Err(failure) = self.receive(item).await {
+                            // Tells the sender to stop; what is queued stays readable.
+                            inflight.close();
+                            return Err(failure);
+                        }
+                        if self.retry_error.is_some() {
+                            // Drain: stop sending, read what is in flight.
+                            inflight.close();
+                        }
+                    }
+                    None if self.awaiting.iter().all(|a| a.waits.is_empty()) => {
+                        self.confirm_ready();
+                        return Ok(());
+                    }
+                    None => {}
+                },
             }
         }
-        Ok(())
     }
 
-    /// Reads and checks every reply of one in-flight batch.
-    async fn confirm(&mut self, item: InFlight) -> Result<(), RecvFailure> {
-        let InFlight { batch, select } = item;
-        if select {
-            let scan = match self.next_reply().await {
-                Ok(s) => s,
-                Err(e) => return Err((e, Some((batch, 0)))),
+    /// Confirms, in order, the batches at the front that wait for nothing.
+    fn confirm_ready(&mut self) {
+        while self.awaiting.front().is_some_and(|a| a.waits.is_empty()) {
+            let a = self.awaiting.pop_front().expect("front");
+            self.confirm(a.shard, a.end, a.commands, a.done);
+        }
+    }
+
+    fn confirm(
+        &mut self,
+        shard: usize,
+        end: Option<(u64, u32)>,
+        commands: u64,
+        done: Option<oneshot::Sender<()>>,
+    ) {
+        let stats = &self.ctx.stats;
+        stats
+            .commands_applied
+            .fetch_add(commands, Ordering::Relaxed);
+        stats.batches_applied.fetch_add(1, Ordering::Relaxed);
+        self.confirmed += 1;
+        match done {
+            // A redirected batch: the writer that sent it here confirms.
+            Some(done) => {
+                let _ = done.send(());
+            }
+            None => self.ctx.shards[shard].note_confirmed(self.ctx.writer, end),
+        }
+    }
+
+    /// Reads and checks every reply of one in-flight batch, then confirms
+    /// it, hands its redirects over, or keeps what did not run.
+    async fn receive(&mut self, item: InFlight) -> Result<(), RecvFailure> {
+        if item.select {
+            match self.next_reply().await {
+                Ok(None) => {}
+                Ok(Some(err)) => {
+                    return Err((
+                        WorkerError::TargetRefused {
+                            addr: self.addr.clone(),
+                            what: "SELECT",
+                            message: err,
+                        },
+                        Some((item, 0)),
+                    ))
+                }
+                Err(e) => return Err((e, Some((item, 0)))),
+            }
+        }
+        let mut verdict = Verdict::default();
+        // Commands known to have run: up to the first one that did not, and
+        // a transaction only once its EXEC reply is in.
+        let mut ran = 0;
+        let mut stuck = false;
+        let mut tx_open: Option<usize> = None;
+        let mut tx_redirect: Option<Redirect> = None;
+        let mut tx_not_run = false;
+        for i in 0..item.batch.replies.len() {
+            let error = match self.next_reply().await {
+                Ok(e) => e,
+                Err(e) => return Err((e, Some((item, ran)))),
             };
-            if let Some(err) = scan {
-                // A target without this database is a setup error.
+            let kind = item.batch.replies[i].kind;
+            if kind == ExpectKind::TxBegin {
+                tx_open = Some(i);
+                tx_redirect = None;
+                tx_not_run = false;
+            }
+            let mut did_not_run = false;
+            if let Some(text) = error {
+                match self.classify(&item.batch, i, kind, &text) {
+                    Reply::Ran => {}
+                    Reply::Redirect(r) if tx_open.is_some() => {
+                        tx_redirect = Some(r);
+                        did_not_run = true;
+                    }
+                    Reply::Redirect(r) => {
+                        verdict.redirects.push((i..i + 1, r));
+                        did_not_run = true;
+                    }
+                    Reply::ExecAbort if tx_redirect.is_some() || tx_not_run => did_not_run = true,
+                    Reply::ExecAbort => {}
+                    Reply::NotRun(err) => {
+                        if tx_open.is_some() {
+                            tx_not_run = true;
+                        } else {
+                            verdict.not_run.push(i..i + 1);
+                        }
+                        did_not_run = true;
+                        self.retry_error.get_or_insert(err);
+                    }
+                    Reply::Fatal(err) => return Err((err, Some((item, ran)))),
+                }
+            }
+            if kind == ExpectKind::TxEnd {
+                if let Some(begin) = tx_open.take() {
+                    if let Some(r) = tx_redirect.take() {
+                        verdict.redirects.push((begin..i + 1, r));
+                    } else if tx_not_run {
+                        verdict.not_run.push(begin..i + 1);
+                    }
+                    tx_not_run = false;
+                }
+            }
+            stuck |= did_not_run || tx_redirect.is_some() || tx_not_run;
+            if !stuck && tx_open.is_none() {
+                ran = i + 1;
+            }
+        }
+        self.settle(item, verdict).await
+    }
+
+    /// Decides what to do with a batch whose replies are all in.
+    async fn settle(&mut self, item: InFlight, mut verdict: Verdict) -> Result<(), RecvFailure> {
+        let InFlight { batch, done, .. } = item;
+        // Its replies are in: no longer in flight on this connection.
+        self.ctx
+            .stats
+            .inflight_commands
+            .fetch_sub(batch.len() as u64, Ordering::Relaxed);
+        if !verdict.not_run.is_empty() {
+            // This connection ends: resend what did not run (redirected
+            // commands included: they will be redirected from there). The
+            // batch is confirmed once that remainder is, and batches after
+            // it wait their turn behind it.
+            let mut ranges: Vec<std::ops::Range<usize>> = verdict.not_run;
+            ranges.extend(verdict.redirects.drain(..).map(|(r, _)| r));
+            ranges.sort_by_key(|r| r.start);
+            let rest = sub_batch(&batch, &ranges, None);
+            let (tx, rx) = oneshot::channel();
+            self.retry.push((rest, Some(tx)));
+            self.settle_after(batch.shard, batch.end, 0, done, vec![rx]);
+            return Ok(());
+        }
+        let mut waits = Vec::new();
+        // Counted as applied by the writer that applies them.
+        let redirected: u64 = verdict.redirects.iter().map(|(r, _)| r.len() as u64).sum();
+        for (range, redirect) in verdict.redirects {
+            let (host, port) = redirect.addr();
+            let Some(routing) = &self.ctx.routing else {
                 return Err((
                     WorkerError::Unexpected {
                         addr: self.addr.clone(),
-                        context: "selecting a database",
-                        reply: err,
+                        context: "writing to a standalone target",
+                        reply: "a cluster redirection".into(),
                     },
-                    Some((batch, 0)),
+                    None,
+                ));
+            };
+            let Some(w) = routing.writer_for_node(host, port).await else {
+                return Err((
+                    WorkerError::Closed {
+                        addr: crate::endpoint::addr_of(host, port),
+                        context: "redirecting commands (no writer for the node)",
+                    },
+                    None,
+                ));
+            };
+            let ask = matches!(redirect, Redirect::Ask { .. });
+            if !ask {
+                routing.move_slot(redirect.slot(), w);
+            }
+            let Some(handle) = routing.handle(w) else {
+                continue;
+            };
+            let redirected = sub_batch(&batch, &[range], ask.then_some(b"ASKING"));
+            let (tx, rx) = oneshot::channel();
+            if handle
+                .redirect
+                .send(Redirected {
+                    batch: redirected,
+                    done: tx,
+                })
+                .is_err()
+            {
+                return Err((
+                    WorkerError::Closed {
+                        addr: handle.target.clone(),
+                        context: "redirecting commands (the writer stopped)",
+                    },
+                    None,
                 ));
             }
+            waits.push(rx);
         }
-        // Commands confirmed so far: everything before the last reply read,
-        // except that a transaction counts only once its EXEC reply is in.
-        let mut confirmed = 0;
-        for i in 0..batch.replies.len() {
-            let error = match self.next_reply().await {
-                Ok(e) => e,
-                Err(e) => return Err((e, Some((batch, confirmed)))),
-            };
-            let kind = batch.replies[i].kind;
-            if let Some(text) = error {
-                if let Some(fatal_or_retry) = self.classify(&batch, i, kind, &text) {
-                    return Err((fatal_or_retry, Some((batch, confirmed))));
-                }
-            }
-            if kind != ExpectKind::TxBegin && kind != ExpectKind::TxQueued {
-                confirmed = i + 1;
-            }
-        }
-        let n = batch.len() as u64;
-        let stats = &self.ctx.stats;
-        stats.inflight_commands.fetch_sub(n, Ordering::Relaxed);
-        stats.commands_applied.fetch_add(n, Ordering::Relaxed);
-        stats.batches_applied.fetch_add(1, Ordering::Relaxed);
-        self.ctx.shards[batch.shard].note_confirmed(self.ctx.writer, batch.end);
+        let commands = batch.len() as u64 - redirected;
+        self.settle_after(batch.shard, batch.end, commands, done, waits);
         Ok(())
     }
 
-    /// Handles an error reply to command `i`. Returns an error when the
-    /// connection should end (the command was not executed and must be
-    /// resent, or the task must fail); `None` when the error concerns this
-    /// command only (it is counted and logged).
-    fn classify(
+    /// Confirms a batch once `waits` complete. A shard's batches confirm in
+    /// order (the queue); a batch another writer handed us (`done`) has no
+    /// order to keep and is reported back on its own, so it can never wait
+    /// behind a batch that waits for it.
+    fn settle_after(
         &mut self,
-        batch: &Batch,
-        i: usize,
-        kind: ExpectKind,
-        text: &str,
-    ) -> Option<WorkerError> {
+        shard: usize,
+        end: Option<(u64, u32)>,
+        commands: u64,
+        done: Option<oneshot::Sender<()>>,
+        waits: Vec<oneshot::Receiver<()>>,
+    ) {
+        match done {
+            Some(done) => {
+                let stats = &self.ctx.stats;
+                stats
+                    .commands_applied
+                    .fetch_add(commands, Ordering::Relaxed);
+                stats.batches_applied.fetch_add(1, Ordering::Relaxed);
+                self.confirmed += 1;
+                if waits.is_empty() {
+                    let _ = done.send(());
+                } else {
+                    tokio::spawn(async move {
+                        for wait in waits {
+                            if wait.await.is_err() {
+                                // Dropping `done` tells the sender it failed.
+                                return;
+                            }
+                        }
+                        let _ = done.send(());
+                    });
+                }
+            }
+            None => self.awaiting.push_back(Awaiting {
+                shard,
+                end,
+                commands,
+                done: None,
+                waits,
+            }),
+        }
+    }
+
+    /// Handles an error reply to command `i`.
+    fn classify(&mut self, batch: &Batch, i: usize, kind: ExpectKind, text: &str) -> Reply {
         let code = text.split(' ').next().unwrap_or("ERR");
         match kind {
             ExpectKind::KeepExisting if code == "BUSYKEY" => {
                 self.ctx.stats.keys_skipped.fetch_add(1, Ordering::Relaxed);
-                return None;
+                return Reply::Ran;
             }
             ExpectKind::KeepExistingFunction if text.contains("already exists") => {
-                return None;
+                return Reply::Ran
             }
+            ExpectKind::TxEnd if code == "EXECABORT" => return Reply::ExecAbort,
             _ => {}
         }
+        if let Some(redirect) = parse_redirect(text) {
+            return Reply::Redirect(redirect);
+        }
         if let Some(err) = WorkerError::from_reply(&self.addr, text.as_bytes()) {
-            return Some(err);
+            return if err.recovery() == Recovery::Fatal {
+                Reply::Fatal(err)
+            } else {
+                Reply::NotRun(err)
+            };
         }
         events::TargetCommandFailed {
             target: &self.addr,
@@ -303,7 +592,7 @@ impl Receiver<'_> {
             reply: text,
         }
         .emit(&self.ctx.stats, &mut self.log);
-        None
+        Reply::Ran
     }
 
     /// Reads the next reply; `Some(text)` when it is (or holds) an error.
@@ -323,24 +612,90 @@ impl Receiver<'_> {
             if self.buf.capacity() - self.buf.len() < 16 * 1024 {
                 self.buf.reserve(64 * 1024);
             }
-            match self.rd.read_buf(&mut self.buf).await {
-                Ok(0) => {
+            match tokio::time::timeout(REPLY_TIMEOUT, self.rd.read_buf(&mut self.buf)).await {
+                Ok(Ok(0)) => {
                     return Err(WorkerError::Closed {
                         addr: self.addr.clone(),
                         context: "waiting for replies",
                     })
                 }
-                Ok(_) => {}
-                Err(source) => {
+                Ok(Ok(_)) => {}
+                Ok(Err(source)) => {
                     return Err(WorkerError::Io {
                         addr: self.addr.clone(),
                         context: "reading replies",
                         source,
                     })
                 }
+                Err(_) => {
+                    return Err(WorkerError::Timeout {
+                        addr: self.addr.clone(),
+                        context: "waiting for replies",
+                        secs: REPLY_TIMEOUT.as_secs(),
+                    })
+                }
             }
         }
     }
+}
+
+/// What one error reply means.
+enum Reply {
+    /// The command ran (or the error concerns it alone, counted and logged).
+    Ran,
+    Redirect(Redirect),
+    /// EXEC refused a transaction because a queued command was refused.
+    ExecAbort,
+    /// The command did not run; the connection must end (then resend it).
+    NotRun(WorkerError),
+    Fatal(WorkerError),
+}
+
+/// Waits for the front batch's redirects; `false` if one was lost.
+async fn wait_front(awaiting: &mut VecDeque<Awaiting>) -> bool {
+    let Some(front) = awaiting.front_mut() else {
+        return true;
+    };
+    while let Some(wait) = front.waits.last_mut() {
+        // Removed only once complete, so a cancelled wait can be resumed.
+        let ok = wait.await.is_ok();
+        front.waits.pop();
+        if !ok {
+            return false;
+        }
+    }
+    true
+}
+
+/// The commands of `batch` in `ranges` (in order), as a batch of their own,
+/// each preceded by `prefix` when given (ASKING). A transaction sent with a
+/// prefix loses its MULTI/EXEC: after ASKING each command runs alone.
+fn sub_batch(batch: &Batch, ranges: &[std::ops::Range<usize>], prefix: Option<&[u8]>) -> Batch {
+    let mut b = BatchBuilder::default();
+    for range in ranges {
+        for i in range.clone() {
+            let kind = batch.replies[i].kind;
+            if prefix.is_some() {
+                if matches!(kind, ExpectKind::TxBegin | ExpectKind::TxEnd) {
+                    continue;
+                }
+                b.push(None, ExpectKind::Ok, |buf| {
+                    encode::command(buf, &[prefix.unwrap_or_default()])
+                });
+            }
+            let kind = if prefix.is_some() && kind == ExpectKind::TxQueued {
+                ExpectKind::Ok
+            } else {
+                kind
+            };
+            b.push(None, kind, |buf| {
+                buf.extend_from_slice(batch.command_bytes(i))
+            });
+        }
+    }
+    let mut out = b.take(batch.shard, batch.end);
+    out.db = batch.db;
+    out
 }
 
 /// Backoff between reconnection attempts, and how long to keep trying.
@@ -362,7 +717,9 @@ impl Default for RetryPolicy {
     }
 }
 
-/// The state of one outage: when it began and the next delay.
+/// The state of one outage: when it began and the next delay. An outage
+/// ends only when a new connection made progress, so a failure that recurs
+/// right after each reconnection still runs into the policy's timeout.
 #[derive(Debug)]
 pub struct Backoff {
     started: Instant,
@@ -390,5 +747,41 @@ impl Backoff {
 
     pub fn elapsed(&self) -> Duration {
         self.started.elapsed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch(cmds: &[(&[&str], ExpectKind)]) -> Batch {
+        let mut b = BatchBuilder::default();
+        for (args, kind) in cmds {
+            b.push(None, *kind, |buf| encode::command(buf, args));
+        }
+        b.take(3, Some((10, 0)))
+    }
+
+    #[test]
+    fn sub_batches_keep_order_and_can_prefix_asking() {
+        let b = batch(&[
+            (&["SET", "a", "1"], ExpectKind::Ok),
+            (&["SET", "b", "2"], ExpectKind::Ok),
+            (&["MULTI"], ExpectKind::TxBegin),
+            (&["INCR", "c"], ExpectKind::TxQueued),
+            (&["EXEC"], ExpectKind::TxEnd),
+        ]);
+        let s = sub_batch(&b, &[0..1, 2..5], None);
+        assert_eq!(s.len(), 4);
+        assert_eq!(s.command_bytes(0), b.command_bytes(0));
+        assert_eq!(s.replies[1].kind, ExpectKind::TxBegin);
+        assert_eq!((s.shard, s.end), (3, Some((10, 0))));
+
+        let asked = sub_batch(&b, std::slice::from_ref(&(2..5)), Some(b"ASKING"));
+        // MULTI/EXEC dropped; ASKING before the one command.
+        assert_eq!(asked.len(), 2);
+        assert_eq!(asked.command_bytes(0), b"*1\r\n$6\r\nASKING\r\n");
+        assert_eq!(asked.command_bytes(1), b.command_bytes(3));
+        assert!(asked.replies.iter().all(|e| e.kind == ExpectKind::Ok));
     }
 }

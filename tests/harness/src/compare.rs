@@ -197,24 +197,44 @@ fn functions(con: &mut redis::Connection) -> String {
 
 /// Differences between database `sdb` of `src` and `tdb` of `dst`.
 pub fn diff_db(src: &RedisServer, sdb: u32, dst: &RedisServer, tdb: u32) -> Vec<String> {
-    let mut s = src.client_db(sdb);
-    let mut d = dst.client_db(tdb);
-    let s_keys = keys(&mut s);
-    let d_keys = keys(&mut d);
+    diff_nodes(&[src], sdb, &[dst], tdb)
+}
+
+/// Differences between the union of `src` nodes' database `sdb` and the
+/// union of `dst` nodes' database `tdb` (a cluster's masters, or one
+/// server). Each key is read on the node that holds it.
+pub fn diff_nodes(src: &[&RedisServer], sdb: u32, dst: &[&RedisServer], tdb: u32) -> Vec<String> {
+    let mut s_cons: Vec<redis::Connection> = src.iter().map(|n| n.client_db(sdb)).collect();
+    let mut d_cons: Vec<redis::Connection> = dst.iter().map(|n| n.client_db(tdb)).collect();
+    let locate = |cons: &mut Vec<redis::Connection>| {
+        let mut at = BTreeMap::new();
+        for (i, con) in cons.iter_mut().enumerate() {
+            for k in keys(con) {
+                at.insert(k, i);
+            }
+        }
+        at
+    };
+    let s_keys = locate(&mut s_cons);
+    let d_keys = locate(&mut d_cons);
     let mut out = Vec::new();
-    for k in d_keys.difference(&s_keys) {
+    for k in d_keys.keys().filter(|k| !s_keys.contains_key(*k)) {
         out.push(format!(
             "db{tdb} {:?}: only on the target",
             String::from_utf8_lossy(k)
         ));
     }
-    for k in &s_keys {
-        let (s_kind, s_fp, s_exp) = fingerprint(&mut s, k);
-        let (d_kind, d_fp, d_exp) = fingerprint(&mut d, k);
+    for (k, &si) in &s_keys {
+        let (s_kind, s_fp, s_exp) = fingerprint(&mut s_cons[si], k);
         let name = String::from_utf8_lossy(k);
         if s_kind == "none" {
             continue; // expired while comparing
         }
+        let Some(&di) = d_keys.get(k) else {
+            out.push(format!("db{sdb} {name:?}: missing on the target"));
+            continue;
+        };
+        let (d_kind, d_fp, d_exp) = fingerprint(&mut d_cons[di], k);
         if s_kind != d_kind {
             out.push(format!(
                 "db{sdb} {name:?}: type {s_kind} on the source, {d_kind} on the target"
@@ -230,6 +250,25 @@ pub fn diff_db(src: &RedisServer, sdb: u32, dst: &RedisServer, tdb: u32) -> Vec<
         }
     }
     out
+}
+
+/// Panics with every difference between database 0 of two node sets
+/// (clusters), function libraries included (every target master must
+/// have the source's).
+pub fn assert_same_nodes(src: &[&RedisServer], dst: &[&RedisServer]) {
+    let mut diffs = diff_nodes(src, 0, dst, 0);
+    let want = functions(&mut src[0].client());
+    for d in dst {
+        if functions(&mut d.client()) != want {
+            diffs.push(format!("function libraries differ on {}", d.addr()));
+        }
+    }
+    assert!(
+        diffs.is_empty(),
+        "{} differences:\n{}",
+        diffs.len(),
+        diffs.join("\n")
+    );
 }
 
 /// Differences over every database (same numbers on both sides), plus the

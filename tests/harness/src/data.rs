@@ -1,9 +1,64 @@
 //! Datasets written into a source server with ordinary commands.
 
+use crate::cluster::ClusterClient;
 use crate::server::RedisServer;
 
 /// An absolute expiry far in the future (2100-01-01), in ms.
 pub const FAR_EXPIRY_MS: i64 = 4_102_444_800_000;
+
+/// Where a dataset is written: a standalone server (any database) or a
+/// cluster (database 0 only; commands routed by their key).
+pub trait Sink {
+    fn run(&mut self, db: u32, args: &[&[u8]]);
+}
+
+/// A standalone server, one connection per database.
+pub struct ServerSink<'a> {
+    server: &'a RedisServer,
+    conns: std::collections::HashMap<u32, redis::Connection>,
+}
+
+impl<'a> ServerSink<'a> {
+    pub fn new(server: &'a RedisServer) -> Self {
+        ServerSink {
+            server,
+            conns: Default::default(),
+        }
+    }
+}
+
+impl Sink for ServerSink<'_> {
+    fn run(&mut self, db: u32, args: &[&[u8]]) {
+        let server = self.server;
+        let con = self.conns.entry(db).or_insert_with(|| server.client_db(db));
+        run(con, args);
+    }
+}
+
+impl Sink for ClusterClient {
+    fn run(&mut self, db: u32, args: &[&[u8]]) {
+        if db != 0 {
+            return; // a cluster has only database 0
+        }
+        let name = String::from_utf8_lossy(args[0]).to_ascii_uppercase();
+        let key: &[u8] = match name.as_str() {
+            "FUNCTION" => {
+                self.run_everywhere(args);
+                return;
+            }
+            "XGROUP" => args[2],
+            "XREADGROUP" => {
+                let at = args
+                    .iter()
+                    .position(|a| a.eq_ignore_ascii_case(b"STREAMS"))
+                    .unwrap();
+                args[at + 1]
+            }
+            _ => args[1],
+        };
+        self.run_on(key, args);
+    }
+}
 
 fn run(con: &mut redis::Connection, args: &[&[u8]]) {
     let mut cmd = redis::cmd(std::str::from_utf8(args[0]).expect("command names are text"));
@@ -33,116 +88,96 @@ pub fn noise(len: usize, seed: u64) -> Vec<u8> {
 /// Writes every data type Redis 7.0 has, in every encoding it uses, with
 /// TTLs, binary keys and values, several databases and a function library.
 pub fn load_all_types(server: &RedisServer) {
-    let mut c = server.client();
-    let con = &mut c;
+    load_all_types_into(&mut ServerSink::new(server));
+}
+
+/// [`load_all_types`] into any sink (a cluster keeps database 0's part).
+pub fn load_all_types_into(sink: &mut dyn Sink) {
+    let con = &mut Db0(sink);
     // Strings: int, embstr, raw, binary, empty, LZF-compressible, random.
-    run(con, &[b"SET", b"str:short", b"hello"]);
-    run(con, &[b"SET", b"str:empty", b""]);
-    run(con, &[b"SET", b"str:int", b"12345"]);
-    run(con, &[b"SET", b"str:neg", b"-42"]);
-    run(con, &[b"SET", b"str:big-int", b"12345678901234"]);
-    run(con, &[b"SET", b"str:leading-zero", b"007"]);
-    run(con, &[b"SET", b"str:binary", b"\x00\xff\r\n\x01"]);
-    run(
-        con,
-        &[b"SET", b"str:lzf", "compressible ".repeat(8000).as_bytes()],
-    );
-    run(con, &[b"SET", b"str:random", &noise(20_000, 1)]);
-    run(con, &[b"SET", b"bin:\x00\xffkey", b"binary key"]);
-    run(con, &[b"SET", b"ttl:string", b"expires in 2100"]);
-    run(
-        con,
-        &[
-            b"PEXPIREAT",
-            b"ttl:string",
-            FAR_EXPIRY_MS.to_string().as_bytes(),
-        ],
-    );
-    run(
-        con,
-        &[
-            b"SET",
-            b"ttl:soon",
-            b"expires in an hour",
-            b"PX",
-            b"3600000",
-        ],
-    );
+    con.run(&[b"SET", b"str:short", b"hello"]);
+    con.run(&[b"SET", b"str:empty", b""]);
+    con.run(&[b"SET", b"str:int", b"12345"]);
+    con.run(&[b"SET", b"str:neg", b"-42"]);
+    con.run(&[b"SET", b"str:big-int", b"12345678901234"]);
+    con.run(&[b"SET", b"str:leading-zero", b"007"]);
+    con.run(&[b"SET", b"str:binary", b"\x00\xff\r\n\x01"]);
+    con.run(&[b"SET", b"str:lzf", "compressible ".repeat(8000).as_bytes()]);
+    con.run(&[b"SET", b"str:random", &noise(20_000, 1)]);
+    con.run(&[b"SET", b"bin:\x00\xffkey", b"binary key"]);
+    con.run(&[b"SET", b"ttl:string", b"expires in 2100"]);
+    con.run(&[
+        b"PEXPIREAT",
+        b"ttl:string",
+        FAR_EXPIRY_MS.to_string().as_bytes(),
+    ]);
+    con.run(&[
+        b"SET",
+        b"ttl:soon",
+        b"expires in an hour",
+        b"PX",
+        b"3600000",
+    ]);
 
     // Lists: a small listpack node and a multi-node quicklist.
-    run(
-        con,
-        &[
-            b"RPUSH",
-            b"list:small",
-            b"a",
-            b"",
-            b"1",
-            b"-1",
-            b"12345678901",
-            "ü".as_bytes(),
-        ],
-    );
+    con.run(&[
+        b"RPUSH",
+        b"list:small",
+        b"a",
+        b"",
+        b"1",
+        b"-1",
+        b"12345678901",
+        "ü".as_bytes(),
+    ]);
     let large: Vec<Vec<u8>> = (0..5000)
         .map(|i| format!("element-{i}").into_bytes())
         .collect();
     for chunk in large.chunks(500) {
         let mut args: Vec<&[u8]> = vec![b"RPUSH", b"list:large"];
         args.extend(chunk.iter().map(Vec::as_slice));
-        run(con, &args);
+        con.run(&args);
     }
-    run(
-        con,
-        &[b"RPUSH", b"list:bigelem", &noise(10_000, 2), b"tail"],
-    );
-    run(con, &[b"RPUSH", b"ttl:list", b"x", b"y"]);
-    run(
-        con,
-        &[
-            b"PEXPIREAT",
-            b"ttl:list",
-            (FAR_EXPIRY_MS + 86_400_000).to_string().as_bytes(),
-        ],
-    );
+    con.run(&[b"RPUSH", b"list:bigelem", &noise(10_000, 2), b"tail"]);
+    con.run(&[b"RPUSH", b"ttl:list", b"x", b"y"]);
+    con.run(&[
+        b"PEXPIREAT",
+        b"ttl:list",
+        (FAR_EXPIRY_MS + 86_400_000).to_string().as_bytes(),
+    ]);
 
     // Sets: intset, listpack-less 7.0 hashtable, large int set.
-    run(
-        con,
-        &[
-            b"SADD",
-            b"set:intset",
-            b"1",
-            b"2",
-            b"3",
-            b"-5",
-            b"70000",
-            b"4294967296",
-        ],
-    );
-    run(con, &[b"SADD", b"set:strings", b"a", b"b", b"c"]);
+    con.run(&[
+        b"SADD",
+        b"set:intset",
+        b"1",
+        b"2",
+        b"3",
+        b"-5",
+        b"70000",
+        b"4294967296",
+    ]);
+    con.run(&[b"SADD", b"set:strings", b"a", b"b", b"c"]);
     let members: Vec<Vec<u8>> = (0..1000).map(|i| format!("m{i}").into_bytes()).collect();
     let mut args: Vec<&[u8]> = vec![b"SADD", b"set:large"];
     args.extend(members.iter().map(Vec::as_slice));
-    run(con, &args);
+    con.run(&args);
     let ints: Vec<Vec<u8>> = (0..1000).map(|i| i.to_string().into_bytes()).collect();
     let mut args: Vec<&[u8]> = vec![b"SADD", b"set:ints:large"];
     args.extend(ints.iter().map(Vec::as_slice));
-    run(con, &args);
+    con.run(&args);
 
     // Hashes: listpack and hashtable.
-    run(
-        con,
-        &[
-            b"HSET",
-            b"hash:small",
-            b"f1",
-            b"v1",
-            b"f2",
-            b"2",
-            b"",
-            b"empty field",
-        ],
-    );
+    con.run(&[
+        b"HSET",
+        b"hash:small",
+        b"f1",
+        b"v1",
+        b"f2",
+        b"2",
+        b"",
+        b"empty field",
+    ]);
     let fields: Vec<Vec<u8>> = (0..1000)
         .flat_map(|i| {
             [
@@ -153,31 +188,28 @@ pub fn load_all_types(server: &RedisServer) {
         .collect();
     let mut args: Vec<&[u8]> = vec![b"HSET", b"hash:large"];
     args.extend(fields.iter().map(Vec::as_slice));
-    run(con, &args);
-    run(con, &[b"HSET", b"hash:bigvalue", b"f", &noise(1000, 3)]);
+    con.run(&args);
+    con.run(&[b"HSET", b"hash:bigvalue", b"f", &noise(1000, 3)]);
 
     // Sorted sets: listpack and skiplist, odd scores included.
-    run(
-        con,
-        &[
-            b"ZADD",
-            b"zset:small",
-            b"1",
-            b"a",
-            b"2.5",
-            b"b",
-            b"-3.25",
-            b"c",
-            b"0.1",
-            b"d",
-            b"inf",
-            b"e",
-            b"-inf",
-            b"f",
-            b"1e15",
-            b"g",
-        ],
-    );
+    con.run(&[
+        b"ZADD",
+        b"zset:small",
+        b"1",
+        b"a",
+        b"2.5",
+        b"b",
+        b"-3.25",
+        b"c",
+        b"0.1",
+        b"d",
+        b"inf",
+        b"e",
+        b"-inf",
+        b"f",
+        b"1e15",
+        b"g",
+    ]);
     let zmembers: Vec<Vec<u8>> = (0..1000)
         .flat_map(|i| {
             [
@@ -188,111 +220,86 @@ pub fn load_all_types(server: &RedisServer) {
         .collect();
     let mut args: Vec<&[u8]> = vec![b"ZADD", b"zset:large"];
     args.extend(zmembers.iter().map(Vec::as_slice));
-    run(con, &args);
+    con.run(&args);
 
     // Streams with consumer groups, pending entries and deletions.
     for i in 1..=300u32 {
         let id = format!("{}-{}", 1_700_000_000_000u64 + i as u64, i % 3);
         let field = format!("field{}", i % 4);
-        run(
-            con,
-            &[
-                b"XADD",
-                b"stream:events",
-                id.as_bytes(),
-                field.as_bytes(),
-                i.to_string().as_bytes(),
-                b"common",
-                b"x",
-            ],
-        );
+        con.run(&[
+            b"XADD",
+            b"stream:events",
+            id.as_bytes(),
+            field.as_bytes(),
+            i.to_string().as_bytes(),
+            b"common",
+            b"x",
+        ]);
     }
     for i in (10..=250u64).step_by(10) {
         let id = format!("{}-{}", 1_700_000_000_000u64 + i, i % 3);
-        run(con, &[b"XDEL", b"stream:events", id.as_bytes()]);
+        con.run(&[b"XDEL", b"stream:events", id.as_bytes()]);
     }
-    run(
-        con,
-        &[b"XGROUP", b"CREATE", b"stream:events", b"grp-a", b"0"],
-    );
-    run(
-        con,
-        &[
-            b"XREADGROUP",
-            b"GROUP",
-            b"grp-a",
-            b"alice",
-            b"COUNT",
-            b"5",
-            b"STREAMS",
-            b"stream:events",
-            b">",
-        ],
-    );
-    run(
-        con,
-        &[
-            b"XREADGROUP",
-            b"GROUP",
-            b"grp-a",
-            b"bob",
-            b"COUNT",
-            b"3",
-            b"STREAMS",
-            b"stream:events",
-            b">",
-        ],
-    );
-    run(
-        con,
-        &[b"XACK", b"stream:events", b"grp-a", b"1700000000001-1"],
-    );
-    run(
-        con,
-        &[b"XGROUP", b"CREATE", b"stream:events", b"grp-b", b"$"],
-    );
-    run(
-        con,
-        &[
-            b"XGROUP",
-            b"CREATECONSUMER",
-            b"stream:events",
-            b"grp-b",
-            b"carol",
-        ],
-    );
-    run(con, &[b"XADD", b"stream:empty", b"1-1", b"a", b"b"]);
-    run(con, &[b"XDEL", b"stream:empty", b"1-1"]);
+    con.run(&[b"XGROUP", b"CREATE", b"stream:events", b"grp-a", b"0"]);
+    con.run(&[
+        b"XREADGROUP",
+        b"GROUP",
+        b"grp-a",
+        b"alice",
+        b"COUNT",
+        b"5",
+        b"STREAMS",
+        b"stream:events",
+        b">",
+    ]);
+    con.run(&[
+        b"XREADGROUP",
+        b"GROUP",
+        b"grp-a",
+        b"bob",
+        b"COUNT",
+        b"3",
+        b"STREAMS",
+        b"stream:events",
+        b">",
+    ]);
+    con.run(&[b"XACK", b"stream:events", b"grp-a", b"1700000000001-1"]);
+    con.run(&[b"XGROUP", b"CREATE", b"stream:events", b"grp-b", b"$"]);
+    con.run(&[
+        b"XGROUP",
+        b"CREATECONSUMER",
+        b"stream:events",
+        b"grp-b",
+        b"carol",
+    ]);
+    con.run(&[b"XADD", b"stream:empty", b"1-1", b"a", b"b"]);
+    con.run(&[b"XDEL", b"stream:empty", b"1-1"]);
 
     // HyperLogLog (sparse and dense), bitmap, geo.
-    run(con, &[b"PFADD", b"hll:sparse", b"a", b"b", b"c"]);
+    con.run(&[b"PFADD", b"hll:sparse", b"a", b"b", b"c"]);
     let items: Vec<Vec<u8>> = (0..5000).map(|i| format!("item{i}").into_bytes()).collect();
     let mut args: Vec<&[u8]> = vec![b"PFADD", b"hll:dense"];
     args.extend(items.iter().map(Vec::as_slice));
-    run(con, &args);
-    run(con, &[b"SETBIT", b"bitmap:sparse", b"100000", b"1"]);
-    run(
-        con,
-        &[
-            b"GEOADD",
-            b"geo:places",
-            b"13.361389",
-            b"38.115556",
-            b"Palermo",
-            b"15.087269",
-            b"37.502669",
-            b"Catania",
-        ],
-    );
+    con.run(&args);
+    con.run(&[b"SETBIT", b"bitmap:sparse", b"100000", b"1"]);
+    con.run(&[
+        b"GEOADD",
+        b"geo:places",
+        b"13.361389",
+        b"38.115556",
+        b"Palermo",
+        b"15.087269",
+        b"37.502669",
+        b"Catania",
+    ]);
 
     // Hash-tagged keys.
     for k in ["{user1}:a", "{user1}:b", "{user1}:c"] {
-        run(con, &[b"SET", k.as_bytes(), b"tagged"]);
+        con.run(&[b"SET", k.as_bytes(), b"tagged"]);
     }
 
     // Functions.
-    run(
-        con,
+    con.run(
         &[
             b"FUNCTION",
             b"LOAD",
@@ -301,13 +308,21 @@ pub fn load_all_types(server: &RedisServer) {
     );
 
     // Other databases (db 2 stays empty).
-    let mut db1 = server.client_db(1);
-    run(&mut db1, &[b"SET", b"str:short", b"in db1"]);
-    run(&mut db1, &[b"RPUSH", b"db1:list", b"1", b"2", b"3"]);
-    run(&mut db1, &[b"SET", b"db1:ttl", b"v", b"PX", b"10000000"]);
-    let mut db3 = server.client_db(3);
-    run(&mut db3, &[b"SET", b"str:short", b"in db3"]);
-    run(&mut db3, &[b"HSET", b"db3:hash", b"a", b"1"]);
+    let sink = &mut *con.0;
+    sink.run(1, &[b"SET", b"str:short", b"in db1"]);
+    sink.run(1, &[b"RPUSH", b"db1:list", b"1", b"2", b"3"]);
+    sink.run(1, &[b"SET", b"db1:ttl", b"v", b"PX", b"10000000"]);
+    sink.run(3, &[b"SET", b"str:short", b"in db3"]);
+    sink.run(3, &[b"HSET", b"db3:hash", b"a", b"1"]);
+}
+
+/// Database 0 of a sink, so the dataset reads as plain `run(con, args)`.
+struct Db0<'a>(&'a mut dyn Sink);
+
+impl Db0<'_> {
+    fn run(&mut self, args: &[&[u8]]) {
+        self.0.run(0, args);
+    }
 }
 
 /// `n` small string keys (`key:<i>` = 100 bytes), pipelined.
@@ -323,5 +338,15 @@ pub fn load_strings(server: &RedisServer, n: usize, prefix: &str) {
                 .ignore();
         }
         pipe.query::<()>(&mut con).expect("load strings");
+    }
+}
+
+/// `n` string keys (`<prefix><i>` = 100 bytes) into any sink, one command
+/// at a time (use [`load_strings`] for speed on a standalone server).
+pub fn load_strings_into(sink: &mut dyn Sink, n: usize, prefix: &str) {
+    let value = vec![b'v'; 100];
+    for i in 0..n {
+        let key = format!("{prefix}{i}");
+        sink.run(0, &[b"SET", key.as_bytes(), &value]);
     }
 }

@@ -6,11 +6,15 @@
 //!   killed on drop (`REDIS_SERVER` picks another binary, e.g. 6.2).
 //! - [`shardsync`]: the binary under test as a child process: status and
 //!   metrics over HTTP, signals, logs, a Prometheus text checker.
-//! - [`data`]: datasets (every type and encoding, bulk strings).
+//! - [`cluster`]: real Redis Clusters (`redis-cli --cluster create`),
+//!   resharding, and a client that routes by slot.
+//! - [`data`]: datasets (every type and encoding, bulk strings), written
+//!   into a server or a cluster.
 //! - [`compare`]: a key-by-key comparator independent of `shardsync verify`.
 //! - [`wait`]: polling helpers (tests never sleep a fixed time to "let
 //!   things settle").
 
+pub mod cluster;
 pub mod compare;
 pub mod data;
 pub mod server;

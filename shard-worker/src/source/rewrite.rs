@@ -1,0 +1,244 @@
+//! Slot-respecting equivalents of commands whose keys span slots on a
+//! cluster target, run by the intake itself once everything before them is
+//! confirmed (a barrier), so they see the target exactly as the source was
+//! when the command ran:
+//!
+//! - RENAME/RENAMENX across slots: DUMP the source key, RESTORE it (with its
+//!   TTL) under the new name, DEL the old one; COPY the same without the DEL;
+//! - LMOVE/RPOPLPUSH across slots: pop from one list, push the element onto
+//!   the other;
+//! - a command that writes one slot and reads others (SUNIONSTORE, BITOP,
+//!   PFMERGE, COPY, SORT ... STORE, ...): copy the keys it reads next to the
+//!   key it writes, under temporary names (with a short TTL, in case we die
+//!   half-way), run it there with those names, delete the copies.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use engine::cluster::{parse_redirect, Redirect};
+use engine::resp::{Command, Frame};
+use engine::slot::slot;
+use engine::split::{colocated_name, with_args_replaced, Plan};
+
+use crate::conn::Conn;
+use crate::error::WorkerError;
+use crate::route::ClusterRouting;
+
+/// How long temporary copies live if nobody deletes them.
+const TEMP_TTL_MS: &str = "60000";
+/// Redirections followed for one request before giving up.
+const MAX_REDIRECTS: usize = 5;
+
+/// Request/response connections to target nodes, opened on first use.
+pub(crate) struct TargetControl {
+    routing: Arc<ClusterRouting>,
+    conns: HashMap<String, Conn>,
+}
+
+/// What a rewrite did.
+pub(crate) enum Outcome {
+    Done,
+    /// The target did not hold what the source had (it diverged); nothing
+    /// was changed. The reason is logged by the caller.
+    Diverged(String),
+}
+
+impl TargetControl {
+    pub fn new(routing: Arc<ClusterRouting>) -> TargetControl {
+        TargetControl {
+            routing,
+            conns: HashMap::new(),
+        }
+    }
+
+    /// Runs one command on the master serving `slot`, following MOVED (and
+    /// correcting the shared map) and ASK.
+    async fn call(&mut self, slot: u16, args: &[&[u8]]) -> Result<Frame, WorkerError> {
+        let mut w = self.routing.writer_for_slot(slot);
+        let mut asking = false;
+        for _ in 0..MAX_REDIRECTS {
+            let handle = self
+                .routing
+                .handle(w)
+                .ok_or_else(|| WorkerError::Unexpected {
+                    addr: format!("slot {slot}"),
+                    context: "routing a rewritten command",
+                    reply: "no writer serves this slot".into(),
+                })?;
+            if !self.conns.contains_key(&handle.target) {
+                let conn = Conn::open_authenticated(&handle.endpoint).await?;
+                self.conns.insert(handle.target.clone(), conn);
+            }
+            let conn = self.conns.get_mut(&handle.target).expect("just inserted");
+            if asking {
+                conn.request(&["ASKING"]).await?;
+            }
+            let reply = conn.request(args).await?;
+            let Frame::Error(e) = &reply else {
+                return Ok(reply);
+            };
+            match parse_redirect(&String::from_utf8_lossy(e)) {
+                Some(Redirect::Moved { slot, host, port }) => {
+                    let Some(next) = self.routing.writer_for_node(&host, port).await else {
+                        return Ok(reply);
+                    };
+                    self.routing.move_slot(slot, next);
+                    w = next;
+                    asking = false;
+                }
+                Some(Redirect::Ask { host, port, .. }) => {
+                    let Some(next) = self.routing.writer_for_node(&host, port).await else {
+                        return Ok(reply);
+                    };
+                    w = next;
+                    asking = true;
+                }
+                None => {
+                    if let Some(err) = WorkerError::from_reply(&conn.addr, e) {
+                        return Err(err);
+                    }
+                    return Ok(reply);
+                }
+            }
+        }
+        Err(WorkerError::Unexpected {
+            addr: format!("slot {slot}"),
+            context: "running a rewritten command",
+            reply: format!("redirected more than {MAX_REDIRECTS} times"),
+        })
+    }
+
+    /// Runs the equivalent of `cmd` described by `plan`.
+    pub async fn run(&mut self, plan: &Plan, cmd: &Command) -> Result<Outcome, WorkerError> {
+        match plan {
+            Plan::Rename { src, dst } => self.rename(src, dst, true).await,
+            Plan::Copy { src, dst } => self.rename(src, dst, false).await,
+            Plan::ListMove {
+                src,
+                dst,
+                pop_left,
+                push_left,
+            } => {
+                let pop: &[u8] = if *pop_left { b"LPOP" } else { b"RPOP" };
+                let push: &[u8] = if *push_left { b"LPUSH" } else { b"RPUSH" };
+                match self.call(slot(src), &[pop, src]).await? {
+                    Frame::Bulk(element) => {
+                        Ok(self.must(slot(dst), &[push, dst, &element]).await?)
+                    }
+                    other => Ok(Outcome::Diverged(format!(
+                        "the list to pop from was empty on the target ({})",
+                        other.to_text()
+                    ))),
+                }
+            }
+            Plan::Colocate { anchor, copy } => self.colocate(*anchor, copy, cmd).await,
+            _ => Ok(Outcome::Diverged("not a rewrite".into())),
+        }
+    }
+
+    /// Moves (`remove_src`) or copies the value and TTL of `src` to `dst`.
+    async fn rename(
+        &mut self,
+        src: &[u8],
+        dst: &[u8],
+        remove_src: bool,
+    ) -> Result<Outcome, WorkerError> {
+        let payload = match self.call(slot(src), &[b"DUMP", src]).await? {
+            Frame::Bulk(p) => p,
+            _ if !remove_src => {
+                return Ok(Outcome::Diverged(
+                    "the key to copy does not exist on the target".into(),
+                ))
+            }
+            _ => {
+                // Already renamed (a replay after a reconnection) or diverged.
+                let exists = self.call(slot(dst), &[b"EXISTS", dst]).await?;
+                return Ok(if exists == Frame::Integer(1) {
+                    Outcome::Done
+                } else {
+                    Outcome::Diverged("the key to rename does not exist on the target".into())
+                });
+            }
+        };
+        let ttl = match self.call(slot(src), &[b"PTTL", src]).await? {
+            Frame::Integer(ms) if ms > 0 => ms.to_string(),
+            _ => "0".to_string(),
+        };
+        if let Outcome::Diverged(why) = self
+            .must(
+                slot(dst),
+                &[b"RESTORE", dst, ttl.as_bytes(), &payload, b"REPLACE"],
+            )
+            .await?
+        {
+            return Ok(Outcome::Diverged(why));
+        }
+        if remove_src {
+            self.call(slot(src), &[b"DEL", src]).await?;
+        }
+        Ok(Outcome::Done)
+    }
+
+    async fn colocate(
+        &mut self,
+        anchor: u16,
+        copy: &[usize],
+        cmd: &Command,
+    ) -> Result<Outcome, WorkerError> {
+        let mut names = Vec::with_capacity(copy.len());
+        for (n, &pos) in copy.iter().enumerate() {
+            let name = colocated_name(anchor, n);
+            let key = cmd.arg(pos);
+            match self.call(slot(key), &[b"DUMP", key]).await? {
+                Frame::Bulk(payload) => {
+                    let restored = self
+                        .must(
+                            anchor,
+                            &[
+                                b"RESTORE",
+                                &name,
+                                TEMP_TTL_MS.as_bytes(),
+                                &payload,
+                                b"REPLACE",
+                            ],
+                        )
+                        .await?;
+                    if let Outcome::Diverged(why) = restored {
+                        return Ok(Outcome::Diverged(why));
+                    }
+                }
+                // A key that does not exist reads as empty: so does a
+                // temporary name that does not exist.
+                _ => {
+                    self.call(anchor, &[b"DEL", &name]).await?;
+                }
+            }
+            names.push(name);
+        }
+        let rewritten = with_args_replaced(cmd, copy, &names);
+        let args: Vec<&[u8]> = rewritten.args().collect();
+        let reply = self.call(anchor, &args).await?;
+        let mut del: Vec<&[u8]> = vec![b"DEL"];
+        del.extend(names.iter().map(Vec::as_slice));
+        self.call(anchor, &del).await?;
+        match reply {
+            Frame::Error(e) => Ok(Outcome::Diverged(format!(
+                "the target refused the rewritten command: {}",
+                String::from_utf8_lossy(&e)
+            ))),
+            _ => Ok(Outcome::Done),
+        }
+    }
+
+    /// Runs a step that must succeed; an error reply means the target
+    /// diverged from the source for this key.
+    async fn must(&mut self, slot: u16, args: &[&[u8]]) -> Result<Outcome, WorkerError> {
+        match self.call(slot, args).await? {
+            Frame::Error(e) => Ok(Outcome::Diverged(format!(
+                "the target refused a step: {}",
+                String::from_utf8_lossy(&e)
+            ))),
+            _ => Ok(Outcome::Done),
+        }
+    }
+}
