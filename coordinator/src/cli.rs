@@ -63,6 +63,10 @@ pub struct SyncArgs {
     /// Replay PUBLISH on the target (off by default).
     #[arg(long)]
     pub replay_publish: bool,
+    /// Memory per shard (unparsed stream) and per target node (batches
+    /// waiting for it) before spilling to disk, e.g. 32MB [default: 32MB].
+    #[arg(long, value_name = "SIZE")]
+    pub spill_memory: Option<String>,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -68,6 +68,9 @@ pub struct FileConfig {
     pub log_format: Option<LogFormat>,
     /// Replay PUBLISH on the target.
     pub replay_publish: Option<bool>,
+    /// Memory per shard and per target node before spilling to disk
+    /// (`"32MB"`).
+    pub spill_memory: Option<String>,
 }
 
 /// Why a configuration was refused.
@@ -92,6 +95,8 @@ pub enum ConfigError {
     Duration(String),
     #[error("--db-map {0}: expected SRC:DST, two database numbers")]
     DbMap(String),
+    #[error("--spill-memory {0}: expected a size like 64MB, 512KB or 1GB")]
+    Size(String),
     #[error("--db-map maps source databases {0} and {1} onto the same target database {2}")]
     DbMapCollision(u32, u32, u32),
 }
@@ -108,8 +113,10 @@ pub struct TaskConfig {
     pub retry_timeout: Duration,
     pub log_format: LogFormat,
     pub replay_publish: bool,
+    pub spill_memory: usize,
 }
 
+pub const DEFAULT_SPILL_MEMORY: &str = "32MB";
 pub const DEFAULT_HTTP: &str = "127.0.0.1:9750";
 pub const DEFAULT_RETRY_TIMEOUT: &str = "720m";
 
@@ -189,8 +196,31 @@ impl TaskConfig {
             retry_timeout,
             log_format: args.log_format.or(file.log_format).unwrap_or_default(),
             replay_publish: args.replay_publish || file.replay_publish.unwrap_or(false),
+            spill_memory: {
+                let text = args
+                    .spill_memory
+                    .clone()
+                    .or(file.spill_memory)
+                    .unwrap_or_else(|| DEFAULT_SPILL_MEMORY.to_string());
+                parse_size(&text).ok_or(ConfigError::Size(text))?
+            },
         })
     }
+}
+
+/// `64MB`, `512KB`, `1GB`, `4096` (bytes; powers of 1024).
+pub fn parse_size(text: &str) -> Option<usize> {
+    let t = text.trim().to_ascii_uppercase();
+    let (digits, unit) = t.split_at(t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len()));
+    let n: usize = digits.parse().ok()?;
+    let mult = match unit.trim() {
+        "" | "B" => 1,
+        "K" | "KB" => 1 << 10,
+        "M" | "MB" => 1 << 20,
+        "G" | "GB" => 1 << 30,
+        _ => return None,
+    };
+    n.checked_mul(mult)
 }
 
 /// Builds the database filter from `--db` and `--db-map`.
@@ -235,6 +265,15 @@ mod tests {
     fn file_config_refuses_unknown_fields() {
         let err = toml::from_str::<FileConfig>("source = 'redis://h:1'\ntargte = 'x'").unwrap_err();
         assert!(err.to_string().contains("targte"), "{err}");
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("32MB"), Some(32 << 20));
+        assert_eq!(parse_size("512kb"), Some(512 << 10));
+        assert_eq!(parse_size("4096"), Some(4096));
+        assert_eq!(parse_size("1 GB"), Some(1 << 30));
+        assert_eq!(parse_size("lots"), None);
     }
 
     #[test]

@@ -173,6 +173,7 @@ async fn sync(args: SyncArgs) -> u8 {
         source_databases: plan.source_databases,
         replay_publish: cfg.replay_publish,
         spill_dir: spill_dir.clone(),
+        spill_memory: cfg.spill_memory,
         ..IntakeOptions::default()
     };
     let (done_tx, done_rx) = oneshot::channel();

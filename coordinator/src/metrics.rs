@@ -192,9 +192,9 @@ pub fn render(status: &TaskStatus) -> String {
             rewritten.sample(&l, s.commands_rewritten.load(Ordering::Relaxed) as f64);
             tx_split.sample(&l, s.transactions_split.load(Ordering::Relaxed) as f64);
             barriers.sample(&l, s.barriers.load(Ordering::Relaxed) as f64);
-            buffered.sample(&l, s.buffered_bytes.load(Ordering::Relaxed) as f64);
-            spill.sample(&l, s.spill_bytes.load(Ordering::Relaxed) as f64);
-            spilled.sample(&l, s.spilled_bytes_total.load(Ordering::Relaxed) as f64);
+            buffered.sample(&l, s.stream_spill.memory.load(Ordering::Relaxed) as f64);
+            spill.sample(&l, s.stream_spill.on_disk.load(Ordering::Relaxed) as f64);
+            spilled.sample(&l, s.stream_spill.total.load(Ordering::Relaxed) as f64);
         }
         families.extend([
             state,
@@ -269,6 +269,21 @@ pub fn render(status: &TaskStatus) -> String {
             "Resent commands that may have run twice.",
             COUNTER,
         );
+        let mut overflow = Family::new(
+            "target_overflow_batches",
+            "Batches waiting in the writer's overflow (its queue was full).",
+            GAUGE,
+        );
+        let mut overflow_disk = Family::new(
+            "target_overflow_disk_bytes",
+            "Overflow bytes in spill files.",
+            GAUGE,
+        );
+        let mut overflow_total = Family::new(
+            "target_overflow_spilled_bytes_total",
+            "Overflow bytes ever written to spill files.",
+            COUNTER,
+        );
         for w in &workers.writers() {
             let target = w.target.as_str();
             let l = [("target", target)];
@@ -277,6 +292,9 @@ pub fn render(status: &TaskStatus) -> String {
             wbytes.sample(&l, w.bytes_written.load(Ordering::Relaxed) as f64);
             inflight.sample(&l, w.inflight_commands.load(Ordering::Relaxed) as f64);
             queued.sample(&l, w.queued_batches.load(Ordering::Relaxed) as f64);
+            overflow.sample(&l, w.overflow_batches.load(Ordering::Relaxed) as f64);
+            overflow_disk.sample(&l, w.overflow.on_disk.load(Ordering::Relaxed) as f64);
+            overflow_total.sample(&l, w.overflow.total.load(Ordering::Relaxed) as f64);
             skipped.sample(&l, w.keys_skipped.load(Ordering::Relaxed) as f64);
             wreconnects.sample(&l, w.reconnects.load(Ordering::Relaxed) as f64);
             resent.sample(&l, w.resent_commands.load(Ordering::Relaxed) as f64);
@@ -296,6 +314,9 @@ pub fn render(status: &TaskStatus) -> String {
             wreconnects,
             resent,
             resent_ni,
+            overflow,
+            overflow_disk,
+            overflow_total,
         ]);
     }
 

@@ -28,7 +28,7 @@ use std::time::Duration;
 use engine::slot::SLOTS;
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
 use shard_worker::progress::{ResumePoint, ShardState, ShardStats, WriterStats};
-use shard_worker::route::{ClusterRouting, NodeRequest, Router, WriterHandle};
+use shard_worker::route::{ClusterRouting, NodeRequest, Overflow, Router, WriterHandle};
 use shard_worker::source::{IntakeOptions, SourceArgs, SourceMsg, SourceWorker};
 use shard_worker::write::{
     Backoff, RetryPolicy, Writer, WriterArgs, WriterMsg, DEFAULT_QUEUE, DEFAULT_WINDOW,
@@ -187,7 +187,7 @@ impl Actor for Task {
         let mut handles = Vec::new();
         let mut lanes = Vec::new();
         for (index, endpoint) in state.targets.clone().into_iter().enumerate() {
-            let (handle, rx, redirects) = writer_channels(index, endpoint);
+            let (handle, rx, redirects) = writer_channels(index, endpoint, &state.options);
             state.status.add_writer(handle.stats.clone());
             handles.push(handle);
             lanes.push((rx, redirects));
@@ -315,6 +315,7 @@ impl Actor for Task {
 fn writer_channels(
     index: usize,
     endpoint: Endpoint,
+    options: &IntakeOptions,
 ) -> (
     WriterHandle,
     mpsc::Receiver<shard_worker::route::Batch>,
@@ -322,13 +323,21 @@ fn writer_channels(
 ) {
     let (tx, rx) = mpsc::channel(DEFAULT_QUEUE);
     let (redirect, redirects) = mpsc::unbounded_channel();
+    let stats = Arc::new(WriterStats::new(endpoint.addr()));
+    let overflow = Arc::new(Overflow::new(
+        &options.spill_dir,
+        &endpoint.addr(),
+        options.spill_memory,
+        stats.clone(),
+    ));
     let handle = WriterHandle {
         index,
         target: endpoint.addr(),
-        stats: Arc::new(WriterStats::new(endpoint.addr())),
+        stats,
         endpoint,
         tx,
         redirect,
+        overflow,
     };
     (handle, rx, redirects)
 }
@@ -349,6 +358,7 @@ async fn spawn_writer(
             rx,
             redirects,
             routing: state.routing.clone(),
+            overflow: handle.overflow.clone(),
             shards: state.shards.clone().into(),
             stats: handle.stats.clone(),
             retry: state.retry.clone(),
@@ -390,7 +400,7 @@ async fn add_node(
     }
     tracing::info!(node = %addr, "a new target master appeared; starting a writer for it");
     let endpoint = state.targets[0].with_addr(request.host.clone(), request.port);
-    let (handle, rx, redirects) = writer_channels(index, endpoint);
+    let (handle, rx, redirects) = writer_channels(index, endpoint, &state.options);
     state.status.add_writer(handle.stats.clone());
     spawn_writer(myself, state, &handle, rx, redirects).await?;
     routing.add_writer(handle.clone());
@@ -452,6 +462,14 @@ fn source_failed(
         stats.set_state(ShardState::Failed);
         fail(myself, state, message);
         return;
+    }
+    if stats.state() == ShardState::FullSync {
+        tracing::warn!(
+            source = %stats.source,
+            "the link dropped during a full sync: if this repeats, the source's \
+             client-output-buffer-limit replica is too small for the writes it receives \
+             while it produces and sends an RDB (its log says 'overcoming of output buffer limits')"
+        );
     }
     stats.set_state(ShardState::Reconnecting);
     stats.source_reconnects.fetch_add(1, Ordering::Relaxed);

@@ -13,6 +13,9 @@
 //!   [`route::Batch`]es and hands them over through bounded queues.
 //! - [`write`]: the writer actor, one per target node: pipelined writes,
 //!   every reply checked, batches confirmed back into [`progress`].
+//! - [`spill`]: a memory-then-disk byte FIFO: a shard's unparsed stream
+//!   (the source is read at its own pace whatever the targets do) and each
+//!   writer's overflow of batches.
 //! - [`progress`]: per-shard and per-writer counters and the applied-offset
 //!   bookkeeping that ACKs, checkpoints and `/status` read.
 //! - [`events`]: telemetry events (one log line + one counter each).
@@ -29,6 +32,7 @@ pub mod events;
 pub mod progress;
 pub mod route;
 pub mod source;
+pub mod spill;
 pub mod write;
 
 pub use endpoint::{Endpoint, Secret};

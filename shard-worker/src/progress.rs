@@ -23,7 +23,7 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use tokio::sync::Notify;
@@ -67,6 +67,18 @@ impl ShardState {
             .copied()
             .unwrap_or(ShardState::Failed)
     }
+}
+
+/// Memory and disk held by one spill (a shard's unparsed stream, or a
+/// writer's overflow of batches).
+#[derive(Default, Debug)]
+pub struct SpillGauges {
+    /// Bytes waiting in memory.
+    pub memory: AtomicU64,
+    /// Bytes waiting in spill files.
+    pub on_disk: AtomicU64,
+    /// Bytes ever written to spill files.
+    pub total: AtomicU64,
 }
 
 /// The link between one shard and one writer.
@@ -134,12 +146,8 @@ pub struct ShardStats {
     /// rewrites).
     pub barriers: AtomicU64,
     pub source_reconnects: AtomicU64,
-    /// Stream bytes read from the source and not yet parsed, in memory.
-    pub buffered_bytes: AtomicU64,
-    /// Stream bytes waiting in spill files.
-    pub spill_bytes: AtomicU64,
-    /// Stream bytes ever written to spill files.
-    pub spilled_bytes_total: AtomicU64,
+    /// Stream bytes read from the source and not yet parsed.
+    pub stream_spill: Arc<SpillGauges>,
     /// (offset, when it was read), to measure how long unapplied data waits.
     samples: Mutex<VecDeque<(u64, Instant)>>,
     /// Woken whenever a batch of this shard is confirmed.
@@ -174,9 +182,7 @@ impl ShardStats {
             transactions_split: AtomicU64::new(0),
             barriers: AtomicU64::new(0),
             source_reconnects: AtomicU64::new(0),
-            buffered_bytes: AtomicU64::new(0),
-            spill_bytes: AtomicU64::new(0),
-            spilled_bytes_total: AtomicU64::new(0),
+            stream_spill: Arc::new(SpillGauges::default()),
             samples: Mutex::new(VecDeque::new()),
             confirmed: Notify::new(),
         }
@@ -366,6 +372,9 @@ pub struct WriterStats {
     pub inflight_commands: AtomicU64,
     /// Batches handed to the writer's queue and not yet taken from it.
     pub queued_batches: AtomicU64,
+    /// Batches that did not fit in the queue, waiting in the overflow.
+    pub overflow: Arc<SpillGauges>,
+    pub overflow_batches: AtomicU64,
     pub keys_skipped: AtomicU64,
     pub reconnects: AtomicU64,
     pub resent_commands: AtomicU64,
@@ -384,6 +393,8 @@ impl WriterStats {
             bytes_written: AtomicU64::new(0),
             inflight_commands: AtomicU64::new(0),
             queued_batches: AtomicU64::new(0),
+            overflow: Arc::new(SpillGauges::default()),
+            overflow_batches: AtomicU64::new(0),
             keys_skipped: AtomicU64::new(0),
             reconnects: AtomicU64::new(0),
             resent_commands: AtomicU64::new(0),

@@ -2,14 +2,15 @@
 //!
 //! A shard's intake holds a [`Dispatcher`]: it appends each command to the
 //! batch being built for the writer that owns the command's key, and hands
-//! batches over through the writers' bounded queues. A full queue makes the
-//! hand-over wait, which is the backpressure that bounds memory (the intake's
-//! socket reader keeps reading meanwhile, spilling to disk).
+//! batches over through the writers' bounded queues. A full queue never
+//! makes the intake wait: the batch goes to that writer's [`Overflow`]
+//! (memory, then disk), so one slow target node holds up only what is
+//! routed to it.
 
 pub mod batch;
 pub mod cluster;
+pub mod overflow;
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::BytesMut;
@@ -17,7 +18,9 @@ use tokio::sync::{mpsc, oneshot};
 
 pub use batch::{Batch, BatchBuilder, Expect, ExpectKind};
 pub use cluster::{ClusterRouting, NodeRequest};
+pub use overflow::Overflow;
 
+use crate::error::WorkerError;
 use crate::progress::{ShardStats, WriterStats};
 
 /// Commands another writer could not apply (MOVED/ASK), handed to the
@@ -40,6 +43,8 @@ pub struct WriterHandle {
     /// Redirected commands jump the queue: they are older than anything
     /// queued for their slot.
     pub redirect: mpsc::UnboundedSender<Redirected>,
+    /// Where batches go when the queue is full.
+    pub overflow: Arc<Overflow>,
     pub stats: Arc<WriterStats>,
 }
 
@@ -128,14 +133,6 @@ pub const FLUSH_BYTES: usize = 256 * 1024;
 /// Command count at which a batch is handed over.
 pub const FLUSH_COMMANDS: usize = 4096;
 
-/// The queue to a writer is gone: the writer stopped (the task is ending or
-/// failed). The intake stops too.
-#[derive(Debug, thiserror::Error)]
-#[error("the writer for {target} has stopped")]
-pub struct WriterGone {
-    pub target: String,
-}
-
 /// Builds and hands over batches for one shard.
 pub struct Dispatcher {
     shard: usize,
@@ -182,7 +179,7 @@ impl Dispatcher {
         kind: ExpectKind,
         at: Option<(u64, u32)>,
         encode: impl FnOnce(&mut BytesMut),
-    ) -> Result<(), WriterGone> {
+    ) -> Result<(), WorkerError> {
         if !self.builders[w].accepts_db(db) {
             self.flush_one(w, at).await?;
         }
@@ -191,7 +188,7 @@ impl Dispatcher {
     }
 
     /// Hands over every batch that reached its size.
-    pub async fn flush_full(&mut self, at: Option<(u64, u32)>) -> Result<(), WriterGone> {
+    pub async fn flush_full(&mut self, at: Option<(u64, u32)>) -> Result<(), WorkerError> {
         for w in 0..self.builders.len() {
             let b = &self.builders[w];
             if b.bytes() >= FLUSH_BYTES || b.commands() >= FLUSH_COMMANDS {
@@ -202,7 +199,7 @@ impl Dispatcher {
     }
 
     /// Hands over every non-empty batch, marking them as ending at `at`.
-    pub async fn flush_all(&mut self, at: Option<(u64, u32)>) -> Result<(), WriterGone> {
+    pub async fn flush_all(&mut self, at: Option<(u64, u32)>) -> Result<(), WorkerError> {
         for w in 0..self.builders.len() {
             if !self.builders[w].is_empty() {
                 self.flush_one(w, at).await?;
@@ -211,19 +208,22 @@ impl Dispatcher {
         Ok(())
     }
 
-    async fn flush_one(&mut self, w: usize, at: Option<(u64, u32)>) -> Result<(), WriterGone> {
+    async fn flush_one(&mut self, w: usize, at: Option<(u64, u32)>) -> Result<(), WorkerError> {
         let batch = self.builders[w].take(self.shard, at);
-        // Counted before it is sent, so that `processed` can never move past
-        // a batch the progress table does not know about.
+        // Counted before it is handed over, so that `processed` can never
+        // move past a batch the progress table does not know about.
         self.stats.note_dispatched(w);
         let handle = &self.router.writers[w];
-        handle.stats.queued_batches.fetch_add(1, Ordering::Relaxed);
-        handle.tx.send(batch).await.map_err(|_| {
-            handle.stats.queued_batches.fetch_sub(1, Ordering::Relaxed);
-            WriterGone {
-                target: handle.target.clone(),
-            }
-        })
+        handle
+            .overflow
+            .send(&handle.tx, batch)
+            .map_err(|e| match e {
+                overflow::SendError::Closed => WorkerError::Closed {
+                    addr: handle.target.clone(),
+                    context: "handing commands to its writer (the writer stopped)",
+                },
+                overflow::SendError::Spill(e) => e,
+            })
     }
 
     /// Whether anything is waiting to be handed over.

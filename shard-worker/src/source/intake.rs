@@ -36,12 +36,12 @@ use tokio::sync::watch;
 use tokio_util::io::StreamReader;
 
 use super::rewrite::{self, TargetControl};
-use super::spill::Spill;
 use super::SourceMsg;
 use crate::error::WorkerError;
 use crate::events::{self, LogLimiter};
 use crate::progress::ShardStats;
-use crate::route::{Dispatcher, ExpectKind, Topology, WriterGone};
+use crate::route::{Dispatcher, ExpectKind, Topology};
+use crate::spill::Spill;
 
 /// How the intake treats what it reads.
 #[derive(Clone, Debug)]
@@ -115,14 +115,6 @@ pub(crate) struct Intake {
     tx: Option<OpenTx>,
     control: Option<TargetControl>,
     log: LogLimiter,
-}
-
-/// The intake cannot go on once a writer's queue is closed.
-fn writer_gone(e: WriterGone) -> WorkerError {
-    WorkerError::Closed {
-        addr: e.target,
-        context: "handing commands to its writer (the writer stopped)",
-    }
 }
 
 impl Intake {
@@ -227,7 +219,7 @@ impl Intake {
             let item = tokio::select! {
                 biased;
                 _ = stop.changed() => {
-                    self.dispatcher.flush_all(None).await.map_err(writer_gone)?;
+                    self.dispatcher.flush_all(None).await?;
                     return Ok(false);
                 }
                 item = rdb.next() => item.map_err(|e| self.rdb_error(e))?,
@@ -254,12 +246,8 @@ impl Intake {
                         .push(w, tdb, kind, None, |buf| {
                             encode_restore(buf, &entry.key, &entry, existing)
                         })
-                        .await
-                        .map_err(writer_gone)?;
-                    self.dispatcher
-                        .flush_full(None)
-                        .await
-                        .map_err(writer_gone)?;
+                        .await?;
+                    self.dispatcher.flush_full(None).await?;
                 }
                 RdbItem::Function { code } => {
                     let (args, kind): (&[&[u8]], _) = match resync_existing {
@@ -277,8 +265,7 @@ impl Intake {
                                 }
                                 encode::bulk(buf, &code);
                             })
-                            .await
-                            .map_err(writer_gone)?;
+                            .await?;
                     }
                 }
                 RdbItem::ModuleAux { module_id } => {
@@ -309,7 +296,7 @@ impl Intake {
             Transfer::Marked(mark) => self.expect_eof_mark(&mark).await?,
             _ => {}
         }
-        self.dispatcher.flush_all(None).await.map_err(writer_gone)?;
+        self.dispatcher.flush_all(None).await?;
         self.stats.full_syncs_loaded.fetch_add(1, Ordering::Relaxed);
         // After a full sync the master selects a db before any command; 0
         // stands until then.
@@ -410,12 +397,9 @@ impl Intake {
                 if self.tx.is_none() {
                     safe = Some((self.offset, self.db));
                 }
-                self.dispatcher
-                    .flush_full(safe)
-                    .await
-                    .map_err(writer_gone)?;
+                self.dispatcher.flush_full(safe).await?;
             }
-            self.dispatcher.flush_all(safe).await.map_err(writer_gone)?;
+            self.dispatcher.flush_all(safe).await?;
             if let Some((offset, db)) = safe {
                 self.stats.publish_processed(offset, db);
             }
@@ -626,12 +610,11 @@ impl Intake {
                 buf.extend_from_slice(cmd.wire())
             })
             .await
-            .map_err(writer_gone)
     }
 
     /// Waits until everything handed over so far is confirmed.
     async fn barrier(&mut self, safe: At) -> Result<(), WorkerError> {
-        self.dispatcher.flush_all(safe).await.map_err(writer_gone)?;
+        self.dispatcher.flush_all(safe).await?;
         self.stats.barriers.fetch_add(1, Ordering::Relaxed);
         self.stats.wait_drained().await;
         Ok(())
@@ -679,8 +662,7 @@ impl Intake {
                     Some(m) => encode::command(buf, &[&b"FLUSHDB"[..], m]),
                     None => encode::command(buf, &[b"FLUSHDB"]),
                 })
-                .await
-                .map_err(writer_gone)?;
+                .await?;
         }
         Ok(())
     }
@@ -718,8 +700,7 @@ impl Intake {
         d.push(0, Some(first_db), ExpectKind::TxBegin, safe, |buf| {
             encode::command(buf, &[b"MULTI"])
         })
-        .await
-        .map_err(writer_gone)?;
+        .await?;
         let mut current = first_db;
         for (tdb, cmd) in &kept {
             if *tdb != current {
@@ -727,26 +708,22 @@ impl Intake {
                 d.push(0, None, ExpectKind::TxQueued, safe, |buf| {
                     encode::command(buf, &[&b"SELECT"[..], tdb.to_string().as_bytes()])
                 })
-                .await
-                .map_err(writer_gone)?;
+                .await?;
             }
             d.push(0, None, ExpectKind::TxQueued, safe, |buf| {
                 buf.extend_from_slice(cmd.wire())
             })
-            .await
-            .map_err(writer_gone)?;
+            .await?;
         }
         d.push(0, None, ExpectKind::TxEnd, safe, |buf| {
             encode::command(buf, &[b"EXEC"])
         })
-        .await
-        .map_err(writer_gone)?;
+        .await?;
         if current != first_db {
             d.push(0, None, ExpectKind::Ok, safe, |buf| {
                 encode::command(buf, &[&b"SELECT"[..], first_db.to_string().as_bytes()])
             })
-            .await
-            .map_err(writer_gone)?;
+            .await?;
         }
         Ok(())
     }
@@ -814,20 +791,17 @@ impl Intake {
             d.push(w, None, ExpectKind::TxBegin, safe, |buf| {
                 encode::command(buf, &[b"MULTI"])
             })
-            .await
-            .map_err(writer_gone)?;
+            .await?;
             for cmd in &cmds {
                 d.push(w, None, ExpectKind::TxQueued, safe, |buf| {
                     buf.extend_from_slice(cmd.wire())
                 })
-                .await
-                .map_err(writer_gone)?;
+                .await?;
             }
             d.push(w, None, ExpectKind::TxEnd, safe, |buf| {
                 encode::command(buf, &[b"EXEC"])
             })
-            .await
-            .map_err(writer_gone)?;
+            .await?;
         }
         Ok(())
     }

@@ -2,7 +2,7 @@
 //!
 //! It connects in `post_start` (so a failure reaches the supervisor), does
 //! the replica handshake, and hands the socket's read half to a reader task
-//! that empties it into the shard's [`spill::Spill`] as fast as the master
+//! that empties it into the shard's [`Spill`] as fast as the master
 //! writes; an intake task consumes the spill (RDB, then stream). The actor
 //! keeps the write half and sends `REPLCONF ACK <applied offset>` every
 //! second and whenever the master asks (GETACK). It never blocks on the
@@ -11,14 +11,14 @@
 mod handshake;
 mod intake;
 mod rewrite;
-pub mod spill;
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::BytesMut;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
-use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::OwnedWriteHalf;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -31,7 +31,11 @@ use crate::error::WorkerError;
 use crate::events;
 use crate::progress::{ResumePoint, ShardStats};
 use crate::route::{Dispatcher, Router};
+use crate::spill::Spill;
 use intake::Intake;
+
+/// Bytes asked of the socket per read.
+const SOCKET_READ: usize = 256 * 1024;
 
 /// How often the applied offset is acknowledged to the master.
 const ACK_PERIOD: Duration = Duration::from_secs(1);
@@ -130,13 +134,13 @@ impl Actor for SourceWorker {
                 (replid.clone(), *offset, db, false)
             }
         };
-        let spill = spill::Spill::new(
+        let spill = Spill::new(
             &args.options.spill_dir,
             &state.addr,
             args.options.spill_memory,
-            args.stats.clone(),
+            args.stats.stream_spill.clone(),
         );
-        state.socket_reader = Some(tokio::spawn(spill::read_socket(
+        state.socket_reader = Some(tokio::spawn(read_socket(
             reader,
             spill.clone(),
             state.addr.clone(),
@@ -244,5 +248,43 @@ async fn send_ack(state: &mut SourceState, first: bool) {
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::debug!(source = %state.addr, error = %e, "ACK not sent"),
         Err(_) => tracing::debug!(source = %state.addr, "ACK not sent within 5 s"),
+    }
+}
+
+/// Reads the socket into `spill` until the connection ends, a read is idle
+/// longer than `timeout`, or the spill fails; records why in `spill`.
+async fn read_socket(
+    mut reader: OwnedReadHalf,
+    spill: Arc<Spill>,
+    addr: String,
+    timeout: Duration,
+) {
+    let mut buf = BytesMut::with_capacity(SOCKET_READ);
+    loop {
+        if buf.capacity() - buf.len() < SOCKET_READ / 4 {
+            buf.reserve(SOCKET_READ);
+        }
+        let reason = match tokio::time::timeout(timeout, reader.read_buf(&mut buf)).await {
+            Ok(Ok(0)) => WorkerError::Closed {
+                addr,
+                context: "reading the replication stream",
+            },
+            Ok(Ok(_)) => match spill.push(buf.split().freeze()) {
+                Ok(()) => continue,
+                Err(e) => e,
+            },
+            Ok(Err(source)) => WorkerError::Io {
+                addr,
+                context: "reading the replication stream",
+                source,
+            },
+            Err(_) => WorkerError::Timeout {
+                addr,
+                context: "reading the replication stream",
+                secs: timeout.as_secs(),
+            },
+        };
+        spill.finish(reason);
+        return;
     }
 }

@@ -27,7 +27,7 @@ use crate::endpoint::Endpoint;
 use crate::error::{Recovery, WorkerError};
 use crate::events::{self, describe_command};
 use crate::progress::{ShardStats, WriterStats};
-use crate::route::{Batch, ClusterRouting, Redirected};
+use crate::route::{Batch, ClusterRouting, Overflow, Redirected};
 use pipeline::{Awaiting, PipelineCtx, PipelineStart, Work};
 
 /// Default number of batches written but not yet confirmed.
@@ -44,6 +44,8 @@ pub struct WriterArgs {
     pub redirects: mpsc::UnboundedReceiver<Redirected>,
     /// The cluster slot map (cluster targets only).
     pub routing: Option<Arc<ClusterRouting>>,
+    /// Batches that did not fit in the queue (shared with producers).
+    pub overflow: Arc<Overflow>,
     /// Every shard's stats, indexed by shard, to confirm batches into.
     pub shards: Arc<[Arc<ShardStats>]>,
     pub stats: Arc<WriterStats>,
@@ -92,6 +94,7 @@ impl Actor for Writer {
                 shards: args.shards,
                 stats: args.stats,
                 routing: args.routing,
+                overflow: args.overflow,
                 window: args.window,
             }),
             rx: Some(args.rx),

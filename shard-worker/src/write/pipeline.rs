@@ -40,7 +40,7 @@ use crate::conn::Conn;
 use crate::error::{Recovery, WorkerError};
 use crate::events;
 use crate::progress::{ShardStats, WriterStats};
-use crate::route::{Batch, BatchBuilder, ClusterRouting, ExpectKind, Redirected};
+use crate::route::{Batch, BatchBuilder, ClusterRouting, ExpectKind, Overflow, Redirected};
 
 /// How long replies may keep us waiting before the target is considered
 /// gone (a paused or sleeping target answers well within this).
@@ -90,6 +90,8 @@ pub(crate) struct PipelineCtx {
     pub stats: Arc<WriterStats>,
     /// The cluster slot map, for MOVED/ASK; `None` on a standalone target.
     pub routing: Option<Arc<ClusterRouting>>,
+    /// Batches that did not fit in the queue.
+    pub overflow: Arc<Overflow>,
     /// Most batches written but not yet confirmed.
     pub window: usize,
 }
@@ -118,6 +120,7 @@ pub(crate) async fn run(start: PipelineStart, ctx: &PipelineCtx) -> PipelineExit
         addr: addr.clone(),
         wr,
         rx,
+        overflow: ctx.overflow.clone(),
         redirects,
         resend,
         current_db: Some(0),
@@ -175,6 +178,7 @@ struct Sender<'a> {
     addr: String,
     wr: OwnedWriteHalf,
     rx: mpsc::Receiver<Batch>,
+    overflow: Arc<Overflow>,
     redirects: mpsc::UnboundedReceiver<Redirected>,
     resend: VecDeque<Work>,
     /// Database the connection is in, as far as what we wrote goes.
@@ -185,20 +189,50 @@ struct Sender<'a> {
 }
 
 impl Sender<'_> {
-    /// The next work: resends, then redirected batches, then the queue.
-    /// `None` when the queue is closed and drained, or the receiver stopped.
-    async fn next(&mut self, inflight: &mpsc::Sender<InFlight>) -> Option<Work> {
+    /// The next work: resends, then redirected batches, then the queue,
+    /// then the overflow (younger than anything in the queue). `None` when
+    /// the queue is closed and both are drained, or the receiver stopped.
+    async fn next(
+        &mut self,
+        inflight: &mpsc::Sender<InFlight>,
+    ) -> Result<Option<Work>, WorkerError> {
         if let Some(work) = self.resend.pop_front() {
-            return Some(work);
+            return Ok(Some(work));
         }
-        tokio::select! {
-            biased;
-            _ = inflight.closed() => None,
-            Some(r) = self.redirects.recv() => Some((r.batch, Some(r.done))),
-            next = self.rx.recv() => {
-                let batch = next?;
-                self.ctx.stats.queued_batches.fetch_sub(1, Ordering::Relaxed);
-                Some((batch, None))
+        let overflow = self.overflow.clone();
+        loop {
+            if let Ok(r) = self.redirects.try_recv() {
+                return Ok(Some((r.batch, Some(r.done))));
+            }
+            match self.rx.try_recv() {
+                Ok(batch) => {
+                    self.ctx
+                        .stats
+                        .queued_batches
+                        .fetch_sub(1, Ordering::Relaxed);
+                    return Ok(Some((batch, None)));
+                }
+                Err(mpsc::error::TryRecvError::Empty) => {}
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    // Every producer is gone: what remains is all there is.
+                    return Ok(overflow.try_pop()?.map(|b| (b, None)));
+                }
+            }
+            if let Some(batch) = overflow.try_pop()? {
+                return Ok(Some((batch, None)));
+            }
+            tokio::select! {
+                biased;
+                // The receiver failed: stop, whatever the queue holds.
+                _ = inflight.closed() => return Ok(None),
+                Some(r) = self.redirects.recv() => return Ok(Some((r.batch, Some(r.done)))),
+                next = self.rx.recv() => {
+                    if let Some(batch) = next {
+                        self.ctx.stats.queued_batches.fetch_sub(1, Ordering::Relaxed);
+                        return Ok(Some((batch, None)));
+                    }
+                }
+                _ = overflow.readable() => {}
             }
         }
     }
@@ -206,7 +240,7 @@ impl Sender<'_> {
     async fn run(&mut self, inflight: mpsc::Sender<InFlight>) -> Result<(), WorkerError> {
         let mut select_buf = BytesMut::new();
         loop {
-            let Some(work) = self.next(&inflight).await else {
+            let Some(work) = self.next(&inflight).await? else {
                 return Ok(());
             };
             self.held = Some(work);

@@ -43,60 +43,101 @@ fn keys(con: &mut redis::Connection) -> BTreeSet<Vec<u8>> {
     }
 }
 
-fn fingerprint(con: &mut redis::Connection, key: &[u8]) -> (String, Option<Fingerprint>, i64) {
-    let kind: String = redis::cmd("TYPE").arg(key).query(con).expect("TYPE");
-    let expire: i64 = redis::cmd("PEXPIRETIME").arg(key).query(con).unwrap_or(-3);
-    let fp = match kind.as_str() {
-        "none" => None,
-        "string" => Some(Fingerprint::String(
-            redis::cmd("GET").arg(key).query(con).expect("GET"),
-        )),
-        "list" => Some(Fingerprint::List(
-            redis::cmd("LRANGE")
-                .arg(key)
-                .arg(0)
-                .arg(-1)
-                .query(con)
-                .expect("LRANGE"),
-        )),
-        "set" => Some(Fingerprint::Set(
-            redis::cmd("SMEMBERS")
-                .arg(key)
-                .query(con)
-                .expect("SMEMBERS"),
-        )),
-        "zset" => {
-            let flat: Vec<Vec<u8>> = redis::cmd("ZRANGE")
-                .arg(key)
-                .arg(0)
-                .arg(-1)
-                .arg("WITHSCORES")
-                .query(con)
-                .expect("ZRANGE");
-            Some(Fingerprint::ZSet(
-                flat.chunks(2)
-                    .map(|c| (c[0].clone(), normalize_score(&c[1])))
-                    .collect(),
-            ))
+/// Type, value and expiry of many keys, in two pipelined round trips.
+fn fingerprints(
+    con: &mut redis::Connection,
+    keys: &[&Vec<u8>],
+) -> Vec<(String, Option<Fingerprint>, i64)> {
+    let mut meta = redis::pipe();
+    for k in keys {
+        meta.cmd("TYPE").arg(k.as_slice());
+        meta.cmd("PEXPIRETIME").arg(k.as_slice());
+    }
+    let meta: Vec<Value> = meta.query(con).expect("TYPE/PEXPIRETIME");
+    let mut reads = redis::pipe();
+    let mut kinds = Vec::with_capacity(keys.len());
+    for (i, k) in keys.iter().enumerate() {
+        let kind: String = redis::from_redis_value(meta[2 * i].clone()).unwrap_or_default();
+        let k = k.as_slice();
+        match kind.as_str() {
+            "none" => {
+                reads.cmd("EXISTS").arg(k);
+            }
+            "string" => {
+                reads.cmd("GET").arg(k);
+            }
+            "list" => {
+                reads.cmd("LRANGE").arg(k).arg(0).arg(-1);
+            }
+            "set" => {
+                reads.cmd("SMEMBERS").arg(k);
+            }
+            "zset" => {
+                reads.cmd("ZRANGE").arg(k).arg(0).arg(-1).arg("WITHSCORES");
+            }
+            "hash" => {
+                reads.cmd("HGETALL").arg(k);
+            }
+            "stream" => {
+                reads.cmd("XINFO").arg("STREAM").arg(k).arg("FULL");
+            }
+            _ => {
+                reads.cmd("DUMP").arg(k);
+            }
         }
-        "hash" => Some(Fingerprint::Hash(
-            redis::cmd("HGETALL").arg(key).query(con).expect("HGETALL"),
-        )),
-        "stream" => {
-            let full: Value = redis::cmd("XINFO")
-                .arg("STREAM")
-                .arg(key)
-                .arg("FULL")
-                .query(con)
-                .expect("XINFO STREAM FULL");
-            Some(Fingerprint::Stream(canonical_stream(&full)))
+        kinds.push(kind);
+    }
+    let values: Vec<Value> = reads.query(con).expect("value reads");
+    kinds
+        .into_iter()
+        .zip(values)
+        .enumerate()
+        .map(|(i, (kind, v))| {
+            let expire: i64 = redis::from_redis_value(meta[2 * i + 1].clone()).unwrap_or(-3);
+            let fp = match kind.as_str() {
+                "none" => None,
+                "string" => Some(Fingerprint::String(redis::from_redis_value(v).unwrap())),
+                "list" => Some(Fingerprint::List(redis::from_redis_value(v).unwrap())),
+                "set" => Some(Fingerprint::Set(redis::from_redis_value(v).unwrap())),
+                "zset" => {
+                    let flat: Vec<Vec<u8>> = redis::from_redis_value(v).unwrap();
+                    Some(Fingerprint::ZSet(
+                        flat.chunks(2)
+                            .map(|c| (c[0].clone(), normalize_score(&c[1])))
+                            .collect(),
+                    ))
+                }
+                "hash" => Some(Fingerprint::Hash(redis::from_redis_value(v).unwrap())),
+                "stream" => Some(Fingerprint::Stream(canonical_stream(&v))),
+                other => Some(Fingerprint::Other(
+                    other.to_string(),
+                    redis::from_redis_value(v).unwrap(),
+                )),
+            };
+            (kind, fp, expire)
+        })
+        .collect()
+}
+
+/// Fingerprints of the keys located on each node (`at`: key -> node).
+fn fingerprints_at(
+    cons: &mut [redis::Connection],
+    at: &BTreeMap<Vec<u8>, usize>,
+) -> BTreeMap<Vec<u8>, (String, Option<Fingerprint>, i64)> {
+    let mut out = BTreeMap::new();
+    for (node, con) in cons.iter_mut().enumerate() {
+        let keys: Vec<&Vec<u8>> = at
+            .iter()
+            .filter(|(_, n)| **n == node)
+            .map(|(k, _)| k)
+            .collect();
+        for chunk in keys.chunks(500) {
+            for (k, fp) in chunk.iter().zip(fingerprints(con, chunk)) {
+                out.insert((*k).clone(), fp);
+            }
         }
-        other => {
-            let dump: Vec<u8> = redis::cmd("DUMP").arg(key).query(con).expect("DUMP");
-            Some(Fingerprint::Other(other.to_string(), dump))
-        }
-    };
-    (kind, fp, expire)
+    }
+    out
 }
 
 /// Scores compared as numbers (7.0 and 7.2 print some differently).
@@ -217,6 +258,8 @@ pub fn diff_nodes(src: &[&RedisServer], sdb: u32, dst: &[&RedisServer], tdb: u32
     };
     let s_keys = locate(&mut s_cons);
     let d_keys = locate(&mut d_cons);
+    let s_fps = fingerprints_at(&mut s_cons, &s_keys);
+    let d_fps = fingerprints_at(&mut d_cons, &d_keys);
     let mut out = Vec::new();
     for k in d_keys.keys().filter(|k| !s_keys.contains_key(*k)) {
         out.push(format!(
@@ -224,17 +267,15 @@ pub fn diff_nodes(src: &[&RedisServer], sdb: u32, dst: &[&RedisServer], tdb: u32
             String::from_utf8_lossy(k)
         ));
     }
-    for (k, &si) in &s_keys {
-        let (s_kind, s_fp, s_exp) = fingerprint(&mut s_cons[si], k);
+    for (k, (s_kind, s_fp, s_exp)) in &s_fps {
         let name = String::from_utf8_lossy(k);
         if s_kind == "none" {
             continue; // expired while comparing
         }
-        let Some(&di) = d_keys.get(k) else {
+        let Some((d_kind, d_fp, d_exp)) = d_fps.get(k) else {
             out.push(format!("db{sdb} {name:?}: missing on the target"));
             continue;
         };
-        let (d_kind, d_fp, d_exp) = fingerprint(&mut d_cons[di], k);
         if s_kind != d_kind {
             out.push(format!(
                 "db{sdb} {name:?}: type {s_kind} on the source, {d_kind} on the target"

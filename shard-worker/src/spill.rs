@@ -1,12 +1,11 @@
-//! The intake's input: bytes read from the source socket by a task that
-//! never waits for the targets, queued in memory up to a limit and in spill
-//! files beyond it, then consumed in order by the intake.
+//! A byte FIFO that keeps what does not fit in memory in spill files.
 //!
-//! A master drops a replica whose output buffer grows past
-//! `client-output-buffer-limit replica`, and then the replica must start a
-//! full sync again. Reading the socket at the speed the master writes,
-//! whatever the targets do, keeps that buffer empty; what the targets cannot
-//! take yet waits here instead, on local disk past `memory_limit`.
+//! Two places use it: a shard's intake, whose input is the source socket
+//! emptied by a task that never waits for the targets (a master drops a
+//! replica whose output buffer grows past `client-output-buffer-limit
+//! replica`, and that replica must then start a full sync again), and each
+//! writer's overflow, which takes batches when its queue is full so that a
+//! slow target node never holds up the others.
 //!
 //! Order: once anything is on disk, new bytes go to disk too, until the
 //! consumer has caught up, so memory chunks are always older than disk ones.
@@ -17,23 +16,18 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
-use tokio::io::AsyncReadExt;
-use tokio::net::tcp::OwnedReadHalf;
+use bytes::Bytes;
 use tokio::sync::Notify;
 
 use crate::error::WorkerError;
-use crate::progress::ShardStats;
+use crate::progress::SpillGauges;
 
 /// A spill file is closed and a new one begun past this size, so consumed
 /// data is given back to the disk in pieces.
 const SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
 /// Most bytes read from a spill file at once.
 const READ_BYTES: u64 = 256 * 1024;
-/// Bytes asked of the socket per read.
-const SOCKET_READ: usize = 256 * 1024;
 
 struct Segment {
     path: PathBuf,
@@ -58,14 +52,19 @@ pub struct Spill {
     memory_limit: usize,
     dir: PathBuf,
     prefix: String,
-    stats: Arc<ShardStats>,
+    gauges: Arc<SpillGauges>,
 }
 
 impl Spill {
-    /// `dir` holds the spill files, named after `shard` (stale ones from an
+    /// `dir` holds the spill files, named after `name` (stale ones from an
     /// earlier run are removed).
-    pub fn new(dir: &Path, shard: &str, memory_limit: usize, stats: Arc<ShardStats>) -> Arc<Spill> {
-        let prefix: String = shard
+    pub fn new(
+        dir: &Path,
+        name: &str,
+        memory_limit: usize,
+        gauges: Arc<SpillGauges>,
+    ) -> Arc<Spill> {
+        let prefix: String = name
             .chars()
             .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
             .collect();
@@ -81,7 +80,7 @@ impl Spill {
             memory_limit,
             dir: dir.to_path_buf(),
             prefix,
-            stats,
+            gauges,
         };
         spill.remove_stale_files();
         Arc::new(spill)
@@ -113,8 +112,8 @@ impl Spill {
         if state.segments.is_empty() && state.memory_bytes + len <= self.memory_limit {
             state.memory_bytes += len;
             state.memory.push_back(chunk);
-            self.stats
-                .buffered_bytes
+            self.gauges
+                .memory
                 .store(state.memory_bytes as u64, Ordering::Relaxed);
         } else {
             let need_new = state
@@ -148,12 +147,8 @@ impl Spill {
                 .and_then(|_| seg.file.write_all(&chunk))
                 .map_err(|e| self.disk_error("writing a spill file", e))?;
             seg.written += len as u64;
-            self.stats
-                .spill_bytes
-                .fetch_add(len as u64, Ordering::Relaxed);
-            self.stats
-                .spilled_bytes_total
-                .fetch_add(len as u64, Ordering::Relaxed);
+            self.gauges.on_disk.fetch_add(len as u64, Ordering::Relaxed);
+            self.gauges.total.fetch_add(len as u64, Ordering::Relaxed);
         }
         drop(state);
         self.readable.notify_one();
@@ -177,12 +172,25 @@ impl Spill {
         }
     }
 
-    fn try_next(&self) -> Result<Option<Bytes>, WorkerError> {
+    /// Waits until something was pushed (or the end recorded) since the
+    /// last time anyone waited.
+    pub async fn readable(&self) {
+        self.readable.notified().await;
+    }
+
+    /// Whether nothing is waiting (memory and disk empty).
+    pub fn is_empty(&self) -> bool {
+        let state = self.state.lock().expect("spill lock");
+        state.memory.is_empty() && state.segments.iter().all(|s| s.read >= s.written)
+    }
+
+    /// The next bytes if any are waiting.
+    pub fn try_next(&self) -> Result<Option<Bytes>, WorkerError> {
         let mut state = self.state.lock().expect("spill lock");
         if let Some(chunk) = state.memory.pop_front() {
             state.memory_bytes -= chunk.len();
-            self.stats
-                .buffered_bytes
+            self.gauges
+                .memory
                 .store(state.memory_bytes as u64, Ordering::Relaxed);
             return Ok(Some(chunk));
         }
@@ -195,9 +203,7 @@ impl Spill {
                     .and_then(|_| seg.file.read_exact(&mut buf))
                     .map_err(|e| self.disk_error("reading a spill file", e))?;
                 seg.read += n as u64;
-                self.stats
-                    .spill_bytes
-                    .fetch_sub(n as u64, Ordering::Relaxed);
+                self.gauges.on_disk.fetch_sub(n as u64, Ordering::Relaxed);
                 return Ok(Some(Bytes::from(buf)));
             }
             // Consumed. The producer writes only to the last segment; once
@@ -219,46 +225,8 @@ impl Drop for Spill {
                 let _ = std::fs::remove_file(&seg.path);
             }
         }
-        self.stats.spill_bytes.store(0, Ordering::Relaxed);
-        self.stats.buffered_bytes.store(0, Ordering::Relaxed);
-    }
-}
-
-/// Reads the socket into `spill` until the connection ends, a read is idle
-/// longer than `timeout`, or the spill fails; records why in `spill`.
-pub async fn read_socket(
-    mut reader: OwnedReadHalf,
-    spill: Arc<Spill>,
-    addr: String,
-    timeout: Duration,
-) {
-    let mut buf = BytesMut::with_capacity(SOCKET_READ);
-    loop {
-        if buf.capacity() - buf.len() < SOCKET_READ / 4 {
-            buf.reserve(SOCKET_READ);
-        }
-        let reason = match tokio::time::timeout(timeout, reader.read_buf(&mut buf)).await {
-            Ok(Ok(0)) => WorkerError::Closed {
-                addr,
-                context: "reading the replication stream",
-            },
-            Ok(Ok(_)) => match spill.push(buf.split().freeze()) {
-                Ok(()) => continue,
-                Err(e) => e,
-            },
-            Ok(Err(source)) => WorkerError::Io {
-                addr,
-                context: "reading the replication stream",
-                source,
-            },
-            Err(_) => WorkerError::Timeout {
-                addr,
-                context: "reading the replication stream",
-                secs: timeout.as_secs(),
-            },
-        };
-        spill.finish(reason);
-        return;
+        self.gauges.on_disk.store(0, Ordering::Relaxed);
+        self.gauges.memory.store(0, Ordering::Relaxed);
     }
 }
 
@@ -266,15 +234,15 @@ pub async fn read_socket(
 mod tests {
     use super::*;
 
-    fn spill(limit: usize) -> (Arc<Spill>, Arc<ShardStats>, PathBuf) {
+    fn spill(limit: usize) -> (Arc<Spill>, Arc<SpillGauges>, PathBuf) {
         let dir = std::env::temp_dir().join(format!(
             "shardsync-spill-test-{}-{limit}",
             std::process::id()
         ));
-        let stats = Arc::new(ShardStats::new("127.0.0.1:1", 1));
+        let gauges = Arc::new(SpillGauges::default());
         (
-            Spill::new(&dir, "127.0.0.1:1", limit, stats.clone()),
-            stats,
+            Spill::new(&dir, "127.0.0.1:1", limit, gauges.clone()),
+            gauges,
             dir,
         )
     }
@@ -294,7 +262,7 @@ mod tests {
                 expected.drain(..got.len());
             }
         }
-        assert!(stats.spilled_bytes_total.load(Ordering::Relaxed) > 0);
+        assert!(stats.total.load(Ordering::Relaxed) > 0);
         spill.finish(WorkerError::Closed {
             addr: "x".into(),
             context: "test",
@@ -308,7 +276,7 @@ mod tests {
             }
         }
         assert_eq!(rest, expected);
-        assert_eq!(stats.spill_bytes.load(Ordering::Relaxed), 0);
+        assert_eq!(stats.on_disk.load(Ordering::Relaxed), 0);
         let left: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
         assert!(left.is_empty(), "consumed spill files are removed");
         drop(spill);

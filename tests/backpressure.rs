@@ -1,0 +1,200 @@
+//! A slow or paused target must never cost the source link (the master drops
+//! a replica whose output buffer passes `client-output-buffer-limit
+//! replica`), must keep memory bounded (what waits goes to disk), and must
+//! hold up only what is routed to it.
+
+use std::time::{Duration, Instant};
+
+use harness::cluster::{key_slot, Cluster};
+use harness::compare::{assert_same, assert_same_nodes};
+use harness::shardsync::parse_prometheus;
+use harness::{wait_for, RedisServer, Shardsync, SHORT};
+
+const BIN: &str = env!("CARGO_BIN_EXE_shardsync");
+
+fn metric_sum(sync: &Shardsync, prefix: &str) -> f64 {
+    let text = sync.metrics().expect("metrics");
+    parse_prometheus(&text)
+        .unwrap()
+        .into_iter()
+        .filter(|(n, _)| n.starts_with(prefix))
+        .map(|(_, v)| v)
+        .sum()
+}
+
+fn peak_rss_mb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        })
+        .unwrap_or(0)
+        / 1024
+}
+
+/// `n` writes of `size` bytes, pipelined.
+fn write_burst(server: &RedisServer, prefix: &str, n: usize, size: usize) {
+    let mut con = server.client();
+    let value = vec![b'x'; size];
+    for chunk in (0..n).collect::<Vec<_>>().chunks(5000) {
+        let mut pipe = redis::pipe();
+        for i in chunk {
+            pipe.cmd("SET")
+                .arg(format!("{prefix}{i}"))
+                .arg(&value)
+                .ignore();
+            pipe.cmd("INCR").arg(format!("{prefix}counter")).ignore();
+        }
+        pipe.query::<()>(&mut con).unwrap();
+    }
+}
+
+fn stat(server: &RedisServer, field: &str) -> u64 {
+    server
+        .info_field(field)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_paused_target_neither_drops_the_source_link_nor_grows_memory() {
+    // A 1 MB hard limit: any replica that stops reading for a moment while
+    // 40 MB of writes arrive is disconnected by the master.
+    let source = RedisServer::config()
+        .arg("client-output-buffer-limit", &["replica 1048576 524288 5"])
+        .start();
+    let target = RedisServer::start();
+    let sync = Shardsync::sync(
+        BIN,
+        &[
+            "--source",
+            &source.url(),
+            "--target",
+            &target.url(),
+            "--spill-memory",
+            "1MB",
+        ],
+    );
+    sync.wait_caught_up(&source, SHORT);
+    // A master buffers writes for a replica until the full sync is wholly
+    // over on its side (the diskless fork has exited, the first ACK is in):
+    // only once a write has come through is the stream really flowing.
+    let _: () = redis::cmd("SET")
+        .arg("marker")
+        .arg(1)
+        .query(&mut source.client())
+        .unwrap();
+    sync.wait_caught_up(&source, SHORT);
+    let full_syncs_before = stat(&source, "sync_full");
+
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(6000)
+        .arg("WRITE")
+        .query(&mut target.client())
+        .unwrap();
+    let paused_at = Instant::now();
+    write_burst(&source, "burst:", 200_000, 200);
+    assert!(
+        paused_at.elapsed() < Duration::from_secs(6),
+        "the burst outlasted the pause"
+    );
+
+    sync.wait_caught_up(&source, Duration::from_secs(60));
+    assert_same(&source, &target);
+    let source_log = std::fs::read_to_string(source.dir().join("redis.log")).unwrap_or_default();
+    assert_eq!(
+        stat(&source, "sync_full"),
+        full_syncs_before,
+        "the source ran another full sync:\n{source_log}\n--- shardsync ---\n{}",
+        sync.log()
+    );
+    assert_eq!(
+        stat(&source, "sync_partial_ok"),
+        0,
+        "the link was dropped and resumed"
+    );
+    assert_eq!(
+        metric_sum(&sync, "shardsync_source_reconnects_total"),
+        0.0,
+        "{}",
+        sync.log()
+    );
+    let spilled = metric_sum(&sync, "shardsync_spilled_bytes_total")
+        + metric_sum(&sync, "shardsync_target_overflow_spilled_bytes_total");
+    assert!(spilled > 10e6, "what waited went to disk ({spilled} bytes)");
+    let rss = peak_rss_mb(sync.pid());
+    assert!(rss < 200, "peak RSS {rss} MB with 1 MB of spill memory");
+}
+
+#[test]
+fn a_paused_cluster_node_holds_up_only_its_own_slots() {
+    let source = RedisServer::start();
+    let target = Cluster::start(3);
+    let sync = Shardsync::sync(
+        BIN,
+        &["--source", &source.url(), "--target", &target.url(0)],
+    );
+    sync.wait_caught_up(&source, SHORT);
+
+    // Pause the master serving slot 0 for a while.
+    let ranges: Vec<Vec<(u16, u16)>> = target.nodes.iter().map(own_slots).collect();
+    let paused = ranges
+        .iter()
+        .position(|r| r.iter().any(|&(a, _)| a == 0))
+        .expect("a node serves slot 0");
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(8000)
+        .arg("WRITE")
+        .query(&mut target.nodes[paused].client())
+        .unwrap();
+    let paused_at = Instant::now();
+    write_burst(&source, "k:", 50_000, 100);
+
+    // Keys on the other nodes arrive while the paused one waits.
+    let others: Vec<&RedisServer> = target
+        .nodes
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != paused)
+        .map(|(_, n)| n)
+        .collect();
+    let expected_elsewhere = (0..50_000)
+        .filter(|i| {
+            let slot = key_slot(format!("k:{i}").as_bytes());
+            !ranges[paused].iter().any(|&(a, b)| a <= slot && slot <= b)
+        })
+        .count() as u64;
+    wait_for(
+        "the unpaused nodes to have their keys",
+        Duration::from_secs(5),
+        || others.iter().map(|n| n.dbsize(0)).sum::<u64>() >= expected_elsewhere,
+    );
+    assert!(
+        paused_at.elapsed() < Duration::from_secs(8),
+        "the other nodes waited for the paused one"
+    );
+
+    sync.wait_caught_up(&source, Duration::from_secs(60));
+    assert_same_nodes(&[&source], &target.masters());
+}
+
+/// The slot ranges a cluster node serves (its own CLUSTER NODES line).
+fn own_slots(node: &RedisServer) -> Vec<(u16, u16)> {
+    let nodes: String = node.cmd(&["CLUSTER", "NODES"]);
+    let line = nodes
+        .lines()
+        .find(|l| l.contains("myself"))
+        .expect("myself line");
+    line.split_whitespace()
+        .skip(8)
+        .filter(|r| !r.starts_with('['))
+        .map(|r| {
+            let (a, b) = r.split_once('-').unwrap_or((r, r));
+            (a.parse().unwrap(), b.parse().unwrap())
+        })
+        .collect()
+}
