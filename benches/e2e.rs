@@ -3,19 +3,23 @@
 //!
 //! ```text
 //! cargo bench -p coordinator --bench e2e -- [--keys N] [--runs R] [--value-size B]
+//!                                           [--topology standalone|cluster|both]
 //! ```
 //!
-//! For each run it starts fresh loopback servers, fills the source with
-//! `DEBUG POPULATE` (N keys of B bytes), then times
+//! For each run it starts fresh loopback servers, fills the source (N keys
+//! of B bytes), then times
 //!
-//! - a native replica: `REPLICAOF` until the link is up and DBSIZE = N;
-//! - shardsync: from process start until the target's DBSIZE = N, with the
-//!   process's peak RSS (VmHWM) read from /proc before it is stopped;
+//! - native replication: `REPLICAOF` until the link is up and DBSIZE = N
+//!   (for a 3-master cluster source, one replica per master, in parallel);
+//! - shardsync: from process start until the target's DBSIZE = N (a
+//!   3-master cluster target for a cluster source), with the process's
+//!   peak RSS (VmHWM) read from /proc before it is stopped;
 //!
-//! and prints medians and the ratio to the native replica.
+//! and prints medians and the ratio to native replication.
 
 use std::time::{Duration, Instant};
 
+use harness::cluster::{key_slot, Cluster};
 use harness::{wait_for, RedisServer, Shardsync};
 
 const BIN: &str = env!("CARGO_BIN_EXE_shardsync");
@@ -24,6 +28,7 @@ struct Options {
     keys: u64,
     runs: usize,
     value_size: usize,
+    topology: String,
 }
 
 fn options() -> Options {
@@ -31,6 +36,7 @@ fn options() -> Options {
         keys: 1_000_000,
         runs: 3,
         value_size: 100,
+        topology: "both".into(),
     };
     let args: Vec<String> = std::env::args().collect();
     let mut i = 1;
@@ -40,6 +46,7 @@ fn options() -> Options {
             "--keys" => o.keys = next.parse().expect("--keys N"),
             "--runs" => o.runs = next.parse().expect("--runs R"),
             "--value-size" => o.value_size = next.parse().expect("--value-size B"),
+            "--topology" => o.topology = next.clone(),
             // `cargo bench` passes --bench; anything else is ignored too.
             _ => {
                 i += 1;
@@ -106,15 +113,153 @@ fn shardsync(source: &RedisServer, keys: u64) -> (Duration, u64) {
     (elapsed, rss)
 }
 
+/// A 3-master cluster holding `keys` keys (`key:<i>`), written per node
+/// in pipelines.
+fn populated_cluster(o: &Options) -> Cluster {
+    let cluster = Cluster::start(3);
+    let owners: Vec<Vec<(u16, u16)>> = cluster.nodes.iter().map(own_slots).collect();
+    let value = vec![b'v'; o.value_size];
+    let mut pipes: Vec<redis::Pipeline> = (0..3).map(|_| redis::pipe()).collect();
+    let mut counts = [0usize; 3];
+    let mut cons: Vec<redis::Connection> = cluster.nodes.iter().map(|n| n.client()).collect();
+    for i in 0..o.keys {
+        let key = format!("key:{i}");
+        let slot = key_slot(key.as_bytes());
+        let n = owners
+            .iter()
+            .position(|r| r.iter().any(|&(a, b)| a <= slot && slot <= b))
+            .expect("every slot is served");
+        pipes[n].cmd("SET").arg(&key).arg(&value).ignore();
+        counts[n] += 1;
+        if counts[n] % 10_000 == 0 {
+            let pipe = std::mem::replace(&mut pipes[n], redis::pipe());
+            pipe.query::<()>(&mut cons[n]).expect("load");
+        }
+    }
+    for (n, pipe) in pipes.into_iter().enumerate() {
+        pipe.query::<()>(&mut cons[n]).expect("load");
+    }
+    assert_eq!(cluster.dbsize(), o.keys);
+    cluster
+}
+
+fn own_slots(node: &RedisServer) -> Vec<(u16, u16)> {
+    let nodes: String = node.cmd(&["CLUSTER", "NODES"]);
+    let line = nodes
+        .lines()
+        .find(|l| l.contains("myself"))
+        .expect("myself");
+    line.split_whitespace()
+        .skip(8)
+        .filter(|r| !r.starts_with('['))
+        .map(|r| {
+            let (a, b) = r.split_once('-').unwrap_or((r, r));
+            (a.parse().unwrap(), b.parse().unwrap())
+        })
+        .collect()
+}
+
+/// One native replica per master of `source`, started together.
+fn native_cluster_replicas(source: &Cluster, keys: u64) -> Duration {
+    let replicas: Vec<RedisServer> = source.nodes.iter().map(|_| RedisServer::start()).collect();
+    let start = Instant::now();
+    for (replica, master) in replicas.iter().zip(&source.nodes) {
+        let _: () = redis::cmd("REPLICAOF")
+            .arg("127.0.0.1")
+            .arg(master.port)
+            .query(&mut replica.client())
+            .unwrap();
+    }
+    wait_for("the native replicas", Duration::from_secs(600), || {
+        replicas
+            .iter()
+            .all(|r| r.info_field("master_link_status").as_deref() == Some("up"))
+            && replicas.iter().map(|r| r.dbsize(0)).sum::<u64>() == keys
+    });
+    start.elapsed()
+}
+
+fn shardsync_cluster(source: &Cluster, keys: u64) -> (Duration, u64) {
+    let target = Cluster::start(3);
+    let start = Instant::now();
+    let mut sync = Shardsync::sync(
+        BIN,
+        &["--source", &source.url(0), "--target", &target.url(0)],
+    );
+    wait_for(
+        "shardsync's cluster full sync",
+        Duration::from_secs(600),
+        || target.dbsize() == keys,
+    );
+    let elapsed = start.elapsed();
+    let rss = peak_rss_kb(sync.pid());
+    let done = sync.terminate(Duration::from_secs(60));
+    assert_eq!(done.code(), Some(0), "{}", done.log);
+    (elapsed, rss)
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[v.len() / 2]
 }
 
+struct Row {
+    name: String,
+    native: f64,
+    ours: f64,
+    rss_mb: f64,
+}
+
+fn measure(o: &Options, cluster: bool) -> Row {
+    let mut native = Vec::new();
+    let mut ours = Vec::new();
+    let mut rss = Vec::new();
+    for run in 0..o.runs {
+        let (n, (s, r)) = if cluster {
+            let source = populated_cluster(o);
+            (
+                native_cluster_replicas(&source, o.keys),
+                shardsync_cluster(&source, o.keys),
+            )
+        } else {
+            let source = populated_source(o);
+            (native_replica(&source, o.keys), shardsync(&source, o.keys))
+        };
+        println!(
+            "  {} run {}: native {:.2} s, shardsync {:.2} s, shardsync peak RSS {} MB",
+            if cluster {
+                "3 -> 3 cluster"
+            } else {
+                "standalone"
+            },
+            run + 1,
+            n.as_secs_f64(),
+            s.as_secs_f64(),
+            r / 1024
+        );
+        native.push(n.as_secs_f64());
+        ours.push(s.as_secs_f64());
+        rss.push(r as f64 / 1024.0);
+    }
+    Row {
+        name: if cluster {
+            format!(
+                "3-master cluster -> 3-master cluster full sync, {} keys",
+                o.keys
+            )
+        } else {
+            format!("standalone -> standalone full sync, {} keys", o.keys)
+        },
+        native: median(native),
+        ours: median(ours),
+        rss_mb: median(rss),
+    }
+}
+
 fn main() {
     let o = options();
     println!(
-        "standalone -> standalone full sync: {} keys of {} bytes, {} runs, loopback, redis-server {}",
+        "{} keys of {} bytes, {} runs, loopback, redis-server {}",
         o.keys,
         o.value_size,
         o.runs,
@@ -129,31 +274,24 @@ fn main() {
         .nth(2)
         .unwrap_or("?")
     );
-    let mut native = Vec::new();
-    let mut ours = Vec::new();
-    let mut rss = Vec::new();
-    for run in 0..o.runs {
-        let source = populated_source(&o);
-        let n = native_replica(&source, o.keys);
-        let (s, r) = shardsync(&source, o.keys);
-        println!(
-            "  run {}: native {:.2} s, shardsync {:.2} s, shardsync peak RSS {} MB",
-            run + 1,
-            n.as_secs_f64(),
-            s.as_secs_f64(),
-            r / 1024
-        );
-        native.push(n.as_secs_f64());
-        ours.push(s.as_secs_f64());
-        rss.push(r as f64 / 1024.0);
+    let mut rows = Vec::new();
+    if o.topology != "cluster" {
+        rows.push(measure(&o, false));
     }
-    let (n, s, r) = (median(native), median(ours), median(rss));
+    if o.topology != "standalone" {
+        rows.push(measure(&o, true));
+    }
     println!();
-    println!("| run | native replica | shardsync | ratio | shardsync peak RSS |");
+    println!("| run | native replication | shardsync | ratio | shardsync peak RSS |");
     println!("|---|---|---|---|---|");
-    println!(
-        "| standalone full sync, {} keys | {n:.2} s | {s:.2} s | {:.2}x | {r:.0} MB |",
-        o.keys,
-        s / n
-    );
+    for r in rows {
+        println!(
+            "| {} | {:.2} s | {:.2} s | {:.2}x | {:.0} MB |",
+            r.name,
+            r.native,
+            r.ours,
+            r.ours / r.native,
+            r.rss_mb
+        );
+    }
 }

@@ -126,6 +126,10 @@ fn a_paused_target_neither_drops_the_source_link_nor_grows_memory() {
         + metric_sum(&sync, "shardsync_target_overflow_spilled_bytes_total");
     assert!(spilled > 10e6, "what waited went to disk ({spilled} bytes)");
     let rss = peak_rss_mb(sync.pid());
+    eprintln!(
+        "paused target: {} MB spilled to disk, peak RSS {rss} MB",
+        spilled as u64 / 1_000_000
+    );
     assert!(rss < 200, "peak RSS {rss} MB with 1 MB of spill memory");
 }
 

@@ -346,3 +346,24 @@ fn the_harness_slot_function_agrees_with_the_server() {
         assert_eq!(key_slot(key.as_bytes()) as i64, slot, "{key}");
     }
 }
+
+#[test]
+fn sigterm_drains_a_cluster_task_and_exits_zero() {
+    // Writers hold the shared slot map; the map must not keep their queues
+    // open, or a drain never ends.
+    let source = Cluster::start(3);
+    harness::data::load_strings_into(&mut source.client(), 2000, "d:");
+    let target = Cluster::start(3);
+    let mut sync = Shardsync::sync(
+        BIN,
+        &["--source", &source.url(0), "--target", &target.url(0)],
+    );
+    wait_all_caught_up(&sync, &source.masters());
+    let done = sync.terminate(SHORT);
+    assert_eq!(done.code(), Some(0), "{}", done.log);
+    assert!(
+        done.log.contains("every command read was applied"),
+        "{}",
+        done.log
+    );
+}

@@ -204,7 +204,7 @@ impl Actor for Task {
             let (node_tx, mut node_rx) = mpsc::channel::<NodeRequest>(16);
             let routing = Arc::new(ClusterRouting::new(
                 |s| owner[s as usize],
-                handles.clone(),
+                &handles,
                 node_tx,
             ));
             let me = myself.clone();
@@ -389,7 +389,7 @@ async fn add_node(
     };
     let addr = shard_worker::endpoint::addr_of(&request.host, request.port);
     if let Some(w) = routing.find(&addr) {
-        let _ = request.reply.send(routing.handle(w));
+        let _ = request.reply.send(routing.writers().into_iter().nth(w));
         return Ok(());
     }
     let index = routing.next_index();
@@ -403,7 +403,7 @@ async fn add_node(
     let (handle, rx, redirects) = writer_channels(index, endpoint, &state.options);
     state.status.add_writer(handle.stats.clone());
     spawn_writer(myself, state, &handle, rx, redirects).await?;
-    routing.add_writer(handle.clone());
+    routing.add_writer(&handle);
     if let Some(router) = &mut state.router {
         router.refresh();
     }

@@ -2,10 +2,10 @@
 //!
 //! A shard's intake holds a [`Dispatcher`]: it appends each command to the
 //! batch being built for the writer that owns the command's key, and hands
-//! batches over through the writers' bounded queues. A full queue never
-//! makes the intake wait: the batch goes to that writer's [`Overflow`]
-//! (memory, then disk), so one slow target node holds up only what is
-//! routed to it.
+//! batches over through the writers' bounded queues. A full queue makes the
+//! intake wait briefly (backpressure); a queue that stays full sends the
+//! batch to that writer's [`Overflow`] (memory, then disk), so one stalled
+//! target node holds up only what is routed to it.
 
 pub mod batch;
 pub mod cluster;
@@ -217,6 +217,7 @@ impl Dispatcher {
         handle
             .overflow
             .send(&handle.tx, batch)
+            .await
             .map_err(|e| match e {
                 overflow::SendError::Closed => WorkerError::Closed {
                     addr: handle.target.clone(),

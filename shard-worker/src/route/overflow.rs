@@ -1,6 +1,12 @@
-//! A writer's overflow: where batches go when its queue is full, so that
-//! handing a batch to a slow (or paused, or reconnecting) target node never
-//! makes a shard wait, and the other nodes keep getting theirs.
+//! A writer's overflow: where batches go when its queue stays full, so that
+//! a stalled (paused, reconnecting) target node does not hold up a shard,
+//! and the other nodes keep getting theirs.
+//!
+//! A full queue first gets a short wait: a node that is merely slower than
+//! the source (the normal case during a full sync) takes a batch every few
+//! milliseconds, and plain backpressure is then both the fastest and the
+//! leanest way (the shard's stream spill keeps the source link safe). Only a
+//! writer whose queue stays full past [`STALL`] switches to its overflow.
 //!
 //! Batches are serialized into a [`Spill`] (memory, then disk). Order is
 //! kept per producer: once one batch overflowed, every later batch goes to
@@ -10,6 +16,7 @@
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio::sync::mpsc;
@@ -18,6 +25,10 @@ use super::batch::{Batch, Expect, ExpectKind};
 use crate::error::WorkerError;
 use crate::progress::WriterStats;
 use crate::spill::Spill;
+
+/// How long a full queue may keep a producer waiting before batches go to
+/// the overflow.
+pub const STALL: Duration = Duration::from_millis(50);
 
 pub struct Overflow {
     /// Whether batches currently go to the spill (guards the switch).
@@ -50,27 +61,43 @@ impl Overflow {
         }
     }
 
-    /// Hands `batch` over without waiting: to the queue when it has room
-    /// and nothing overflowed before, to the overflow otherwise.
-    pub fn send(&self, tx: &mpsc::Sender<Batch>, batch: Batch) -> Result<(), SendError> {
-        let mut active = self.active.lock().expect("overflow lock");
-        if !*active {
+    /// Hands `batch` over: to the queue when it has room (waiting up to
+    /// [`STALL`] for it) and nothing of this writer overflowed before, to the
+    /// overflow otherwise.
+    ///
+    /// Order holds per producer: a producer whose batch overflowed finds the
+    /// overflow active next time (or already drained, its batch included).
+    pub async fn send(&self, tx: &mpsc::Sender<Batch>, batch: Batch) -> Result<(), SendError> {
+        let active = *self.active.lock().expect("overflow lock");
+        let batch = if active {
+            batch
+        } else {
             match tx.try_send(batch) {
-                Ok(()) => {
-                    self.stats.queued_batches.fetch_add(1, Ordering::Relaxed);
-                    return Ok(());
-                }
+                Ok(()) => return self.queued(),
                 Err(mpsc::error::TrySendError::Closed(_)) => return Err(SendError::Closed),
                 Err(mpsc::error::TrySendError::Full(batch)) => {
-                    *active = true;
-                    return self.push(batch);
+                    match tokio::time::timeout(STALL, tx.reserve()).await {
+                        Ok(Ok(permit)) => {
+                            permit.send(batch);
+                            return self.queued();
+                        }
+                        Ok(Err(_)) => return Err(SendError::Closed),
+                        Err(_) => batch,
+                    }
                 }
             }
-        }
+        };
         if tx.is_closed() {
             return Err(SendError::Closed);
         }
+        let mut active = self.active.lock().expect("overflow lock");
+        *active = true;
         self.push(batch)
+    }
+
+    fn queued(&self) -> Result<(), SendError> {
+        self.stats.queued_batches.fetch_add(1, Ordering::Relaxed);
+        Ok(())
     }
 
     fn push(&self, batch: Batch) -> Result<(), SendError> {
@@ -240,8 +267,12 @@ mod tests {
             });
             b.take(0, Some((i, 0)))
         };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
         for i in 0..10 {
-            assert!(overflow.send(&tx, batch(i)).is_ok());
+            assert!(rt.block_on(overflow.send(&tx, batch(i))).is_ok());
         }
         // Two fit the queue, eight overflowed (some on disk: 64 bytes of memory).
         let mut got = Vec::new();
@@ -253,7 +284,7 @@ mod tests {
         }
         assert_eq!(got, (0..10).collect::<Vec<_>>());
         // Drained: the queue is used again.
-        assert!(overflow.send(&tx, batch(10)).is_ok());
+        assert!(rt.block_on(overflow.send(&tx, batch(10))).is_ok());
         assert_eq!(rx.try_recv().unwrap().end, Some((10, 0)));
         let _ = std::fs::remove_dir_all(dir);
     }

@@ -57,19 +57,20 @@ impl TargetControl {
         let mut w = self.routing.writer_for_slot(slot);
         let mut asking = false;
         for _ in 0..MAX_REDIRECTS {
-            let handle = self
+            let endpoint = self
                 .routing
-                .handle(w)
+                .endpoint(w)
                 .ok_or_else(|| WorkerError::Unexpected {
                     addr: format!("slot {slot}"),
                     context: "routing a rewritten command",
                     reply: "no writer serves this slot".into(),
                 })?;
-            if !self.conns.contains_key(&handle.target) {
-                let conn = Conn::open_authenticated(&handle.endpoint).await?;
-                self.conns.insert(handle.target.clone(), conn);
+            let target = endpoint.addr();
+            if !self.conns.contains_key(&target) {
+                let conn = Conn::open_authenticated(&endpoint).await?;
+                self.conns.insert(target.clone(), conn);
             }
-            let conn = self.conns.get_mut(&handle.target).expect("just inserted");
+            let conn = self.conns.get_mut(&target).expect("just inserted");
             if asking {
                 conn.request(&["ASKING"]).await?;
             }

@@ -522,13 +522,12 @@ impl Receiver<'_> {
             if !ask {
                 routing.move_slot(redirect.slot(), w);
             }
-            let Some(handle) = routing.handle(w) else {
+            let Some((target, lane)) = routing.redirect_lane(w) else {
                 continue;
             };
             let redirected = sub_batch(&batch, &[range], ask.then_some(b"ASKING"));
             let (tx, rx) = oneshot::channel();
-            if handle
-                .redirect
+            if lane
                 .send(Redirected {
                     batch: redirected,
                     done: tx,
@@ -537,7 +536,7 @@ impl Receiver<'_> {
             {
                 return Err((
                     WorkerError::Closed {
-                        addr: handle.target.clone(),
+                        addr: target,
                         context: "redirecting commands (the writer stopped)",
                     },
                     None,
