@@ -222,15 +222,30 @@ fn standalone_to_cluster_splits_and_rewrites_cross_slot_writes() {
     for i in 0..20 {
         cross_slot_round(&mut con, i);
     }
+    // Cross-slot writes keep coming during the full sync and after it.
+    let stop = Arc::new(AtomicBool::new(false));
+    let rounds = Arc::new(AtomicU64::new(20));
+    let load = {
+        let (stop, rounds, mut con) = (stop.clone(), rounds.clone(), source.client());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let i = rounds.fetch_add(1, Ordering::Relaxed);
+                cross_slot_round(&mut con, i);
+            }
+        })
+    };
     let target = Cluster::start(3);
     let sync = Shardsync::sync(
         BIN,
         &["--source", &source.url(), "--target", &target.url(0)],
     );
-    sync.wait_caught_up(&source, LONG);
-    for i in 20..60 {
-        cross_slot_round(&mut con, i);
-    }
+    sync.wait_state("incremental", LONG);
+    let before = rounds.load(Ordering::Relaxed);
+    wait_for("cross-slot rounds during incremental", SHORT, || {
+        rounds.load(Ordering::Relaxed) > before + 30
+    });
+    stop.store(true, Ordering::Relaxed);
+    load.join().unwrap();
     sync.wait_caught_up(&source, LONG);
     assert_same_nodes(&[&source], &target.masters());
     assert_no_target_errors(&sync, &["CROSSSLOT"]);

@@ -284,6 +284,11 @@ pub fn render(status: &TaskStatus) -> String {
             "Overflow bytes ever written to spill files.",
             COUNTER,
         );
+        let mut redirects = Family::new(
+            "target_redirects_total",
+            "Commands a target node redirected (MOVED or ASK), by kind.",
+            COUNTER,
+        );
         for w in &workers.writers() {
             let target = w.target.as_str();
             let l = [("target", target)];
@@ -293,6 +298,14 @@ pub fn render(status: &TaskStatus) -> String {
             inflight.sample(&l, w.inflight_commands.load(Ordering::Relaxed) as f64);
             queued.sample(&l, w.queued_batches.load(Ordering::Relaxed) as f64);
             overflow.sample(&l, w.overflow_batches.load(Ordering::Relaxed) as f64);
+            redirects.sample(
+                &[("target", target), ("kind", "moved")],
+                w.moved.load(Ordering::Relaxed) as f64,
+            );
+            redirects.sample(
+                &[("target", target), ("kind", "ask")],
+                w.asked.load(Ordering::Relaxed) as f64,
+            );
             overflow_disk.sample(&l, w.overflow.on_disk.load(Ordering::Relaxed) as f64);
             overflow_total.sample(&l, w.overflow.total.load(Ordering::Relaxed) as f64);
             skipped.sample(&l, w.keys_skipped.load(Ordering::Relaxed) as f64);
@@ -317,6 +330,7 @@ pub fn render(status: &TaskStatus) -> String {
             overflow,
             overflow_disk,
             overflow_total,
+            redirects,
         ]);
     }
 

@@ -376,6 +376,10 @@ pub struct WriterStats {
     pub overflow: Arc<SpillGauges>,
     pub overflow_batches: AtomicU64,
     pub keys_skipped: AtomicU64,
+    /// Commands the node said live elsewhere (MOVED) or elsewhere for now
+    /// (ASK), handed to the right writer.
+    pub moved: AtomicU64,
+    pub asked: AtomicU64,
     pub reconnects: AtomicU64,
     pub resent_commands: AtomicU64,
     pub resent_non_idempotent: AtomicU64,
@@ -396,6 +400,8 @@ impl WriterStats {
             overflow: Arc::new(SpillGauges::default()),
             overflow_batches: AtomicU64::new(0),
             keys_skipped: AtomicU64::new(0),
+            moved: AtomicU64::new(0),
+            asked: AtomicU64::new(0),
             reconnects: AtomicU64::new(0),
             resent_commands: AtomicU64::new(0),
             resent_non_idempotent: AtomicU64::new(0),

@@ -519,6 +519,12 @@ impl Receiver<'_> {
                 ));
             };
             let ask = matches!(redirect, Redirect::Ask { .. });
+            let counter = if ask {
+                &self.ctx.stats.asked
+            } else {
+                &self.ctx.stats.moved
+            };
+            counter.fetch_add(range.len() as u64, Ordering::Relaxed);
             if !ask {
                 routing.move_slot(redirect.slot(), w);
             }
