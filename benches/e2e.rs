@@ -73,7 +73,7 @@ fn populated_source(o: &Options) -> RedisServer {
     source
 }
 
-fn native_replica(source: &RedisServer, keys: u64) -> Duration {
+fn native_replica(source: &RedisServer, keys: u64) -> (Duration, u64) {
     let replica = RedisServer::start();
     let start = Instant::now();
     let _: () = redis::cmd("REPLICAOF")
@@ -85,7 +85,7 @@ fn native_replica(source: &RedisServer, keys: u64) -> Duration {
         replica.info_field("master_link_status").as_deref() == Some("up")
             && replica.dbsize(0) == keys
     });
-    start.elapsed()
+    (start.elapsed(), peak_rss_kb(replica.pid()))
 }
 
 fn peak_rss_kb(pid: u32) -> u64 {
@@ -160,7 +160,7 @@ fn own_slots(node: &RedisServer) -> Vec<(u16, u16)> {
 }
 
 /// One native replica per master of `source`, started together.
-fn native_cluster_replicas(source: &Cluster, keys: u64) -> Duration {
+fn native_cluster_replicas(source: &Cluster, keys: u64) -> (Duration, u64) {
     let replicas: Vec<RedisServer> = source.nodes.iter().map(|_| RedisServer::start()).collect();
     let start = Instant::now();
     for (replica, master) in replicas.iter().zip(&source.nodes) {
@@ -176,7 +176,8 @@ fn native_cluster_replicas(source: &Cluster, keys: u64) -> Duration {
             .all(|r| r.info_field("master_link_status").as_deref() == Some("up"))
             && replicas.iter().map(|r| r.dbsize(0)).sum::<u64>() == keys
     });
-    start.elapsed()
+    let rss = replicas.iter().map(|r| peak_rss_kb(r.pid())).sum();
+    (start.elapsed(), rss)
 }
 
 fn shardsync_cluster(source: &Cluster, keys: u64) -> (Duration, u64) {
@@ -206,16 +207,18 @@ fn median(mut v: Vec<f64>) -> f64 {
 struct Row {
     name: String,
     native: f64,
+    native_rss_mb: f64,
     ours: f64,
     rss_mb: f64,
 }
 
 fn measure(o: &Options, cluster: bool) -> Row {
     let mut native = Vec::new();
+    let mut native_rss = Vec::new();
     let mut ours = Vec::new();
     let mut rss = Vec::new();
     for run in 0..o.runs {
-        let (n, (s, r)) = if cluster {
+        let ((n, nr), (s, r)) = if cluster {
             let source = populated_cluster(o);
             (
                 native_cluster_replicas(&source, o.keys),
@@ -226,7 +229,7 @@ fn measure(o: &Options, cluster: bool) -> Row {
             (native_replica(&source, o.keys), shardsync(&source, o.keys))
         };
         println!(
-            "  {} run {}: native {:.2} s, shardsync {:.2} s, shardsync peak RSS {} MB",
+            "  {} run {}: native {:.2} s (replica peak RSS {} MB), shardsync {:.2} s, shardsync peak RSS {} MB",
             if cluster {
                 "3 -> 3 cluster"
             } else {
@@ -234,10 +237,12 @@ fn measure(o: &Options, cluster: bool) -> Row {
             },
             run + 1,
             n.as_secs_f64(),
+            nr / 1024,
             s.as_secs_f64(),
             r / 1024
         );
         native.push(n.as_secs_f64());
+        native_rss.push(nr as f64 / 1024.0);
         ours.push(s.as_secs_f64());
         rss.push(r as f64 / 1024.0);
     }
@@ -251,6 +256,7 @@ fn measure(o: &Options, cluster: bool) -> Row {
             format!("standalone -> standalone full sync, {} keys", o.keys)
         },
         native: median(native),
+        native_rss_mb: median(native_rss),
         ours: median(ours),
         rss_mb: median(rss),
     }
@@ -282,13 +288,16 @@ fn main() {
         rows.push(measure(&o, true));
     }
     println!();
-    println!("| run | native replication | shardsync | ratio | shardsync peak RSS |");
-    println!("|---|---|---|---|---|");
+    println!(
+        "| run | native replication | its peak RSS | shardsync | ratio | shardsync peak RSS |"
+    );
+    println!("|---|---|---|---|---|---|");
     for r in rows {
         println!(
-            "| {} | {:.2} s | {:.2} s | {:.2}x | {:.0} MB |",
+            "| {} | {:.2} s | {:.0} MB | {:.2} s | {:.2}x | {:.0} MB |",
             r.name,
             r.native,
+            r.native_rss_mb,
             r.ours,
             r.ours / r.native,
             r.rss_mb

@@ -158,6 +158,10 @@ impl RedisServer {
         matches!(self.child.try_wait(), Ok(Some(_)))
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn addr(&self) -> String {
         format!("127.0.0.1:{}", self.port)
     }
