@@ -371,3 +371,42 @@ fn flushes_are_replayed_on_the_copied_databases() {
         "flushes are logged loudly"
     );
 }
+
+#[test]
+fn a_flushall_inside_a_transaction_respects_the_database_filter() {
+    // Only database 1 is copied (into database 5); the target's other
+    // databases hold data of their own that a FLUSHALL on the source must
+    // not reach.
+    let source = RedisServer::start();
+    let target = RedisServer::start();
+    q(&mut target.client_db(0), &["SET", "targets-own", "keep me"]);
+    q(&mut source.client_db(1), &["SET", "copied", "1"]);
+    let sync = started(
+        &source,
+        &target,
+        &["--db", "1", "--db-map", "1:5", "--on-conflict", "ignore"],
+    );
+    let mut db1 = source.client_db(1);
+    q(&mut db1, &["MULTI"]);
+    q(&mut db1, &["SET", "in-tx", "1"]);
+    q(&mut db1, &["FLUSHALL"]);
+    q(&mut db1, &["SET", "after-flush", "2"]);
+    q(&mut db1, &["SWAPDB", "0", "1"]);
+    q(&mut db1, &["EXEC"]);
+    sync.wait_caught_up(&source, SHORT);
+    let kept: Option<String> = redis::cmd("GET")
+        .arg("targets-own")
+        .query(&mut target.client_db(0))
+        .unwrap();
+    assert_eq!(
+        kept.as_deref(),
+        Some("keep me"),
+        "FLUSHALL reached a database that is not copied"
+    );
+    // The SWAPDB could not be mirrored and says so.
+    assert!(
+        sync.log().contains("command not replayed"),
+        "{}",
+        sync.log()
+    );
+}

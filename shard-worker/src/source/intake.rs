@@ -673,21 +673,47 @@ impl Intake {
     /// is put back in the transaction's first database after EXEC.
     async fn dispatch_tx(&mut self, tx: OpenTx, safe: At) -> Result<(), WorkerError> {
         let mut db = tx.start_db;
-        let mut kept: Vec<(u32, &Command)> = Vec::new();
+        let identity = self.identity_dbs();
+        let mut kept: Vec<(u32, Command)> = Vec::new();
         for (cmd, spec) in &tx.commands {
-            if spec.is_some_and(|s| s.role == Role::Select) {
-                // `handle` validated it.
-                db = std::str::from_utf8(cmd.arg(1))
-                    .ok()
-                    .and_then(|s| s.parse().ok())
-                    .unwrap_or(db);
-                continue;
-            }
-            if spec.is_some_and(|s| s.role == Role::Publish) && !self.options.replay_publish {
-                continue;
+            match spec.map(|s| s.role) {
+                Some(Role::Select) => {
+                    // `handle` validated it.
+                    db = std::str::from_utf8(cmd.arg(1))
+                        .ok()
+                        .and_then(|s| s.parse().ok())
+                        .unwrap_or(db);
+                    continue;
+                }
+                Some(Role::Publish) if !self.options.replay_publish => continue,
+                // Databases are filtered or renamed: a FLUSHALL flushes the
+                // copied ones only; moves between databases cannot be
+                // mirrored (the same rules as outside a transaction).
+                Some(Role::FlushAll) if !identity => {
+                    let filter = self.options.db_filter.clone();
+                    let mut flushed = Vec::new();
+                    for source_db in 0..self.options.source_databases {
+                        if let Some(tdb) = filter.target_db(source_db) {
+                            kept.push((tdb, Command::from_args(&[b"FLUSHDB"])));
+                            flushed.push(tdb.to_string());
+                        }
+                    }
+                    events::SourceFlushed {
+                        source: &self.addr,
+                        command: "FLUSHALL",
+                        target_dbs: &flushed.join(","),
+                    }
+                    .emit();
+                    continue;
+                }
+                Some(Role::SwapDb | Role::Move) if !identity => {
+                    self.not_replayed(cmd, "databases are filtered or renamed (--db / --db-map), so moving data between them cannot be mirrored");
+                    continue;
+                }
+                _ => {}
             }
             match self.options.db_filter.target_db(db) {
-                Some(tdb) => kept.push((tdb, cmd)),
+                Some(tdb) => kept.push((tdb, cmd.clone())),
                 None => {
                     self.stats.commands_filtered.fetch_add(1, Ordering::Relaxed);
                 }
