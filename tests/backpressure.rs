@@ -202,3 +202,52 @@ fn own_slots(node: &RedisServer) -> Vec<(u16, u16)> {
         })
         .collect()
 }
+
+#[test]
+fn a_target_busy_with_a_script_gets_exactly_what_it_refused_again() {
+    // The target answers BUSY while a 3-second script runs: nothing it
+    // refused is lost and nothing it ran runs twice (INCR counts it).
+    let source = RedisServer::start();
+    let target = RedisServer::config()
+        .arg("busy-reply-threshold", &["100"])
+        .start();
+    let sync = Shardsync::sync(BIN, &["--source", &source.url(), "--target", &target.url()]);
+    sync.wait_caught_up(&source, SHORT);
+
+    let target_port = target.port;
+    let script = std::thread::spawn(move || {
+        let mut con = redis::Client::open(format!("redis://127.0.0.1:{target_port}"))
+            .unwrap()
+            .get_connection()
+            .unwrap();
+        let _: redis::Value = redis::cmd("EVAL")
+            .arg(
+                "local t = redis.call('TIME') local start = t[1] * 1000000 + t[2] \
+                 repeat t = redis.call('TIME') until t[1] * 1000000 + t[2] - start > 3000000 \
+                 return 1",
+            )
+            .arg(0)
+            .query(&mut con)
+            .unwrap();
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let mut con = source.client();
+    for i in 0..2000 {
+        let _: i64 = redis::cmd("INCR").arg("counter").query(&mut con).unwrap();
+        if i % 100 == 0 {
+            let _: () = redis::cmd("RPUSH")
+                .arg("log")
+                .arg(i)
+                .query(&mut con)
+                .unwrap();
+        }
+    }
+    script.join().unwrap();
+    sync.wait_caught_up(&source, SHORT);
+    assert_same(&source, &target);
+    let counter: i64 = target.cmd(&["GET", "counter"]);
+    assert_eq!(counter, 2000);
+    // It did see BUSY, and came back.
+    let log = sync.log();
+    assert!(log.contains("BUSY"), "{log}");
+}

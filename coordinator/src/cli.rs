@@ -67,6 +67,14 @@ pub struct SyncArgs {
     /// waiting for it) before spilling to disk, e.g. 32MB [default: 32MB].
     #[arg(long, value_name = "SIZE")]
     pub spill_memory: Option<String>,
+    /// Values whose serialization is larger than this are written in
+    /// bounded parts instead of one RESTORE, e.g. 64MB [default: 64MB].
+    #[arg(long, value_name = "SIZE")]
+    pub big_key_threshold: Option<String>,
+    /// Rebuild every value with ordinary commands (SET, RPUSH, HSET, ZADD,
+    /// XADD, ...) instead of RESTORE, whatever the versions.
+    #[arg(long)]
+    pub force_rewrite: bool,
 }
 
 #[derive(Debug, Clone, Args)]

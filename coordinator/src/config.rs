@@ -71,6 +71,10 @@ pub struct FileConfig {
     /// Memory per shard and per target node before spilling to disk
     /// (`"32MB"`).
     pub spill_memory: Option<String>,
+    /// Values larger than this are written in parts (`"64MB"`).
+    pub big_key_threshold: Option<String>,
+    /// Rebuild every value with ordinary commands instead of RESTORE.
+    pub force_rewrite: Option<bool>,
 }
 
 /// Why a configuration was refused.
@@ -95,8 +99,8 @@ pub enum ConfigError {
     Duration(String),
     #[error("--db-map {0}: expected SRC:DST, two database numbers")]
     DbMap(String),
-    #[error("--spill-memory {0}: expected a size like 64MB, 512KB or 1GB")]
-    Size(String),
+    #[error("--{0} {1}: expected a size like 64MB, 512KB or 1GB")]
+    Size(&'static str, String),
     #[error("--db-map maps source databases {0} and {1} onto the same target database {2}")]
     DbMapCollision(u32, u32, u32),
 }
@@ -114,9 +118,12 @@ pub struct TaskConfig {
     pub log_format: LogFormat,
     pub replay_publish: bool,
     pub spill_memory: usize,
+    pub big_key_threshold: usize,
+    pub force_rewrite: bool,
 }
 
 pub const DEFAULT_SPILL_MEMORY: &str = "32MB";
+pub const DEFAULT_BIG_KEY_THRESHOLD: &str = "64MB";
 pub const DEFAULT_HTTP: &str = "127.0.0.1:9750";
 pub const DEFAULT_RETRY_TIMEOUT: &str = "720m";
 
@@ -202,8 +209,19 @@ impl TaskConfig {
                     .clone()
                     .or(file.spill_memory)
                     .unwrap_or_else(|| DEFAULT_SPILL_MEMORY.to_string());
-                parse_size(&text).ok_or(ConfigError::Size(text))?
+                parse_size(&text).ok_or(ConfigError::Size("spill-memory", text))?
             },
+            big_key_threshold: {
+                let text = args
+                    .big_key_threshold
+                    .clone()
+                    .or(file.big_key_threshold)
+                    .unwrap_or_else(|| DEFAULT_BIG_KEY_THRESHOLD.to_string());
+                parse_size(&text)
+                    .filter(|&n| n >= 1024)
+                    .ok_or(ConfigError::Size("big-key-threshold", text))?
+            },
+            force_rewrite: args.force_rewrite || file.force_rewrite.unwrap_or(false),
         })
     }
 }

@@ -174,6 +174,11 @@ async fn sync(args: SyncArgs) -> u8 {
         replay_publish: cfg.replay_publish,
         spill_dir: spill_dir.clone(),
         spill_memory: cfg.spill_memory,
+        target_caps: plan.target_caps,
+        force_rewrite: cfg.force_rewrite,
+        big_key_bytes: plan.big_key_bytes,
+        // Temporary key names of this run: distinct from any other run's.
+        tmp_scope: run_scope(),
         ..IntakeOptions::default()
     };
     let (done_tx, done_rx) = oneshot::channel();
@@ -215,6 +220,14 @@ async fn sync(args: SyncArgs) -> u8 {
             EXIT_FAILED
         }
     }
+}
+
+/// A short tag unique to this run, for temporary key names.
+fn run_scope() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    format!("{:x}{:x}", std::process::id(), nanos & 0xfff)
 }
 
 /// Waits for the task to end; the first SIGINT/SIGTERM drains it, a second

@@ -166,6 +166,16 @@ pub fn render(status: &TaskStatus) -> String {
             "Stream bytes ever written to spill files.",
             COUNTER,
         );
+        let mut converted = Family::new(
+            "values_converted_total",
+            "RDB values not sent as a plain RESTORE, by how: restamped (payload stamped with an older target's RDB version), rebuilt (ordinary commands), in_parts (big values, written in bounded parts).",
+            COUNTER,
+        );
+        let mut ttls_dropped = Family::new(
+            "field_ttls_dropped_total",
+            "Hash fields written without their TTL (the target predates Redis 7.4).",
+            COUNTER,
+        );
         for s in &workers.shards {
             let shard = s.source.as_str();
             let current = status.shard_state(s);
@@ -195,6 +205,17 @@ pub fn render(status: &TaskStatus) -> String {
             buffered.sample(&l, s.stream_spill.memory.load(Ordering::Relaxed) as f64);
             spill.sample(&l, s.stream_spill.on_disk.load(Ordering::Relaxed) as f64);
             spilled.sample(&l, s.stream_spill.total.load(Ordering::Relaxed) as f64);
+            for (how, n) in [
+                ("restamped", &s.values_restamped),
+                ("rebuilt", &s.values_rebuilt),
+                ("in_parts", &s.big_values),
+            ] {
+                converted.sample(
+                    &[("shard", shard), ("how", how)],
+                    n.load(Ordering::Relaxed) as f64,
+                );
+            }
+            ttls_dropped.sample(&l, s.field_ttls_dropped.load(Ordering::Relaxed) as f64);
         }
         families.extend([
             state,
@@ -217,6 +238,8 @@ pub fn render(status: &TaskStatus) -> String {
             buffered,
             spill,
             spilled,
+            converted,
+            ttls_dropped,
         ]);
 
         let mut connected = Family::new(
@@ -289,8 +312,17 @@ pub fn render(status: &TaskStatus) -> String {
             "Commands a target node redirected (MOVED or ASK), by kind.",
             COUNTER,
         );
+        let mut restores_rebuilt = Family::new(
+            "target_restores_rebuilt_total",
+            "RESTOREs the target node refused (payload from a newer Redis), rebuilt with ordinary commands.",
+            COUNTER,
+        );
         for w in &workers.writers() {
             let target = w.target.as_str();
+            restores_rebuilt.sample(
+                &[("target", target)],
+                w.restores_rebuilt.load(Ordering::Relaxed) as f64,
+            );
             let l = [("target", target)];
             connected.sample(&l, w.connected.load(Ordering::Relaxed) as u8 as f64);
             cmds.sample(&l, w.commands_applied.load(Ordering::Relaxed) as f64);
@@ -317,6 +349,7 @@ pub fn render(status: &TaskStatus) -> String {
             }
         }
         families.extend([
+            restores_rebuilt,
             connected,
             cmds,
             wbytes,

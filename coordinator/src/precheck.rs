@@ -7,6 +7,7 @@ use std::fmt;
 
 use engine::cluster::ClusterNode;
 use engine::filter::DbFilter;
+use engine::rebuild::TargetCaps;
 use engine::slot::SLOTS;
 use shard_worker::progress::ResumePoint;
 use shard_worker::Endpoint;
@@ -79,6 +80,11 @@ pub struct Plan {
     /// The databases copied (the configured filter, narrowed to database 0
     /// for a cluster target when only it holds keys).
     pub db_filter: DbFilter,
+    /// What the target's oldest master can take.
+    pub target_caps: TargetCaps,
+    /// Values larger than this are written in parts (the configured
+    /// threshold, kept under the target's proto-max-bulk-len).
+    pub big_key_bytes: usize,
 }
 
 pub struct Report {
@@ -368,27 +374,44 @@ async fn plan(
             }
         }
     }
-    let source_rdb = sources
+    let newest_source = sources
         .iter()
-        .map(|(i, _)| i.rdb_version())
-        .max()
-        .unwrap_or(0);
-    let source_version = sources
-        .iter()
-        .max_by_key(|(i, _)| i.rdb_version())
-        .map(|(i, _)| i.version_text.clone())
-        .unwrap_or_default();
+        .map(|(i, _)| i)
+        .max_by_key(|i| i.version)
+        .expect("at least one source");
     for t in &targets {
-        check_target(
-            cfg,
-            t,
-            &db_filter,
-            source_databases,
-            source_rdb,
-            &source_version,
-            ours,
-            checks,
-        );
+        check_target(cfg, t, &db_filter, source_databases, ours, checks);
+    }
+    let oldest_target = targets
+        .iter()
+        .min_by_key(|t| t.version)
+        .expect("at least one target");
+    let target_caps = TargetCaps::new(
+        oldest_target.version.0.min(u16::MAX as u32) as u16,
+        oldest_target.version.1.min(u16::MAX as u32) as u16,
+    );
+    check_versions(
+        cfg,
+        &sources,
+        newest_source,
+        oldest_target,
+        target_caps,
+        checks,
+    );
+    // Every RESTORE must stay under what the target accepts in one
+    // argument (with room for the rest of the command).
+    let mut big_key_bytes = cfg.big_key_threshold;
+    if let Some(limit) = targets.iter().filter_map(|t| t.proto_max_bulk_len).min() {
+        let ceiling = (limit as usize).saturating_sub(1024 * 1024).max(1024);
+        if big_key_bytes > ceiling {
+            checks.warn(
+                "big keys",
+                format!(
+                    "the target takes arguments up to {limit} bytes (proto-max-bulk-len): values over {ceiling} bytes are written in parts"
+                ),
+            );
+            big_key_bytes = ceiling;
+        }
     }
     if checks.failed() {
         return None;
@@ -398,6 +421,8 @@ async fn plan(
         target,
         source_databases,
         db_filter,
+        target_caps,
+        big_key_bytes,
     })
 }
 
@@ -455,6 +480,76 @@ fn cluster_db_filter(
     DbFilter::new(vec![0], Default::default())
 }
 
+/// How values cross between the source's and the target's versions, and
+/// what an older target cannot hold.
+fn check_versions(
+    cfg: &TaskConfig,
+    sources: &[(ServerInfo, Endpoint)],
+    newest_source: &ServerInfo,
+    oldest_target: &ServerInfo,
+    caps: TargetCaps,
+    checks: &mut Checks,
+) {
+    let (source_rdb, target_rdb) = (newest_source.rdb_version(), oldest_target.rdb_version());
+    if cfg.force_rewrite {
+        checks.pass(
+            "target version",
+            "--force-rewrite: every value is rebuilt with ordinary commands",
+        );
+    } else if target_rdb >= source_rdb {
+        checks.pass(
+            "target version",
+            format!(
+                "{} (Redis {}, RDB {}) takes the RESTORE payloads of {} (Redis {}, RDB {}) as they are",
+                oldest_target.addr,
+                oldest_target.version_text,
+                target_rdb,
+                newest_source.addr,
+                newest_source.version_text,
+                source_rdb
+            ),
+        );
+    } else {
+        checks.pass(
+            "target version",
+            format!(
+                "{} (Redis {}, RDB {}) is older than {} (Redis {}, RDB {}): values in encodings it reads are restored with their payload restamped, the others are rebuilt with ordinary commands",
+                oldest_target.addr,
+                oldest_target.version_text,
+                target_rdb,
+                newest_source.addr,
+                newest_source.version_text,
+                source_rdb
+            ),
+        );
+    }
+    for (source, _) in sources {
+        if let Some(n) = source.function_libraries.filter(|&n| n > 0) {
+            if oldest_target.version < (7, 0, 0) {
+                checks.fail(
+                    "functions",
+                    format!(
+                        "{} holds {n} function libraries, but {} runs Redis {}, which has no functions (7.0+)",
+                        source.addr, oldest_target.addr, oldest_target.version_text
+                    ),
+                );
+            }
+        }
+    }
+    if newest_source.version >= (7, 4, 0) && !caps.field_ttls() {
+        checks.warn(
+            "hash field TTLs",
+            format!(
+                "{} (Redis {}) may hold hash fields with TTLs; {} (Redis {}) has none: such fields are written without their TTL (counted as field_ttls_dropped)",
+                newest_source.addr,
+                newest_source.version_text,
+                oldest_target.addr,
+                oldest_target.version_text
+            ),
+        );
+    }
+}
+
 fn check_source(source: &ServerInfo, checks: &mut Checks) {
     if source.version < (2, 8, 0) {
         checks.fail(
@@ -492,14 +587,11 @@ fn check_source(source: &ServerInfo, checks: &mut Checks) {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 fn check_target(
     cfg: &TaskConfig,
     target: &ServerInfo,
     db_filter: &DbFilter,
     source_databases: u32,
-    source_rdb: u16,
-    source_version: &str,
     ours: bool,
     checks: &mut Checks,
 ) {
@@ -512,26 +604,12 @@ fn check_target(
             ),
         );
     }
-    if target.rdb_version() < source_rdb {
+    if target.version < (5, 0, 0) {
         checks.fail(
             "target version",
             format!(
-                "{} runs Redis {} (RDB {}), older than the source's {} (RDB {}): it would refuse the source's RESTORE payloads",
-                target.addr,
-                target.version_text,
-                target.rdb_version(),
-                source_version,
-                source_rdb
-            ),
-        );
-    } else {
-        checks.pass(
-            "target version",
-            format!(
-                "{} (RDB {}) accepts RDB {} payloads",
-                target.addr,
-                target.rdb_version(),
-                source_rdb
+                "{} runs Redis {}; shardsync writes RESTORE ... ABSTTL, which needs 5.0 or newer",
+                target.addr, target.version_text
             ),
         );
     }

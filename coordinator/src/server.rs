@@ -26,6 +26,10 @@ pub struct ServerInfo {
     /// `CONFIG GET databases`; `None` when CONFIG is not allowed.
     pub databases: Option<u32>,
     pub diskless_sync_delay: Option<u64>,
+    /// `CONFIG GET proto-max-bulk-len`: the largest argument it takes.
+    pub proto_max_bulk_len: Option<u64>,
+    /// Function libraries it holds (`FUNCTION LIST`, 7.0+).
+    pub function_libraries: Option<usize>,
 }
 
 impl ServerInfo {
@@ -64,6 +68,15 @@ pub async fn probe(ep: &Endpoint) -> Result<ServerInfo, WorkerError> {
     info.diskless_sync_delay = config_get(&mut conn, "repl-diskless-sync-delay")
         .await
         .and_then(|v| v.parse().ok());
+    info.proto_max_bulk_len = config_get(&mut conn, "proto-max-bulk-len")
+        .await
+        .and_then(|v| v.parse().ok());
+    if info.version.0 >= 7 {
+        info.function_libraries = match conn.request(&["FUNCTION", "LIST"]).await {
+            Ok(Frame::Array(libs)) => Some(libs.len()),
+            _ => None,
+        };
+    }
     Ok(info)
 }
 
@@ -135,6 +148,8 @@ pub fn parse_info(addr: &str, text: &str) -> ServerInfo {
         maxmemory_policy: fields.get("maxmemory_policy").cloned(),
         databases: None,
         diskless_sync_delay: None,
+        proto_max_bulk_len: None,
+        function_libraries: None,
     }
 }
 

@@ -167,6 +167,12 @@ impl TaskStatus {
                         bytes: s.full_sync_bytes.load(Ordering::Relaxed),
                         total_bytes: s.full_sync_total_bytes.load(Ordering::Relaxed),
                     },
+                    values: ValuesJson {
+                        restamped: s.values_restamped.load(Ordering::Relaxed),
+                        rebuilt: s.values_rebuilt.load(Ordering::Relaxed),
+                        in_parts: s.big_values.load(Ordering::Relaxed),
+                        field_ttls_dropped: s.field_ttls_dropped.load(Ordering::Relaxed),
+                    },
                 });
             }
             for t in &w.writers() {
@@ -208,6 +214,20 @@ pub struct ShardJson {
     pub applied_offset: u64,
     pub lag_ms: u64,
     pub full_sync: FullSyncJson,
+    /// RDB values not sent as a plain RESTORE.
+    pub values: ValuesJson,
+}
+
+#[derive(Serialize)]
+pub struct ValuesJson {
+    /// Payloads stamped with an older target's RDB version.
+    pub restamped: u64,
+    /// Rebuilt with ordinary commands.
+    pub rebuilt: u64,
+    /// Big values written in bounded parts.
+    pub in_parts: u64,
+    /// Hash fields written without their TTL (target before 7.4).
+    pub field_ttls_dropped: u64,
 }
 
 #[derive(Serialize)]

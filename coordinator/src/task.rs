@@ -363,6 +363,8 @@ async fn spawn_writer(
             stats: handle.stats.clone(),
             retry: state.retry.clone(),
             window: DEFAULT_WINDOW,
+            target_caps: state.options.target_caps,
+            tmp_scope: format!("{}w{}", state.options.tmp_scope, handle.index),
         },
         myself.get_cell(),
     )
@@ -430,7 +432,10 @@ async fn spawn_source(
             router,
             stats: state.shards[shard].clone(),
             resume,
-            options: state.options.clone(),
+            options: IntakeOptions {
+                tmp_scope: format!("{}s{shard}", state.options.tmp_scope),
+                ..state.options.clone()
+            },
             listening_port: state.listening_port,
         },
         myself.get_cell(),

@@ -26,8 +26,10 @@
 
 pub mod cluster;
 pub mod command;
+pub mod compat;
 pub mod filter;
 pub mod rdb;
+pub mod rebuild;
 pub mod resp;
 pub mod restore;
 pub mod slot;

@@ -221,9 +221,14 @@ static SLOT_TAGS: LazyLock<Vec<u32>> = LazyLock::new(|| {
 });
 
 /// The `n`-th temporary key name in slot `anchor` (any key's slot can be
-/// matched, whatever characters the key holds).
-pub fn colocated_name(anchor: u16, n: usize) -> Vec<u8> {
-    format!("{{ss{}}}shardsync:tmp:{n}", SLOT_TAGS[anchor as usize]).into_bytes()
+/// matched, whatever characters the key holds). `scope` keeps the names of
+/// concurrent users apart (one per shard of a task).
+pub fn colocated_name(anchor: u16, scope: &str, n: u64) -> Vec<u8> {
+    format!(
+        "{{ss{}}}shardsync:tmp:{scope}:{n}",
+        SLOT_TAGS[anchor as usize]
+    )
+    .into_bytes()
 }
 
 /// `cmd` with the arguments at `positions` replaced by `names`.
@@ -386,10 +391,10 @@ mod tests {
     #[test]
     fn temporary_names_land_in_any_slot() {
         for s in 0..SLOTS {
-            assert_eq!(slot(&colocated_name(s, 7)), s);
+            assert_eq!(slot(&colocated_name(s, "a1", 7)), s);
         }
         for key in [&b"plain"[..], b"{tag}x", b"a{b", b"x{}y", b"a}b"] {
-            assert_eq!(slot(&colocated_name(slot(key), 0)), slot(key));
+            assert_eq!(slot(&colocated_name(slot(key), "x", 0)), slot(key));
         }
     }
 }

@@ -84,6 +84,10 @@ pub enum WorkerError {
     },
     #[error("spill directory {dir}: {message}")]
     Spill { dir: String, message: String },
+    /// Not a failure: the connection is restarted on purpose so that
+    /// replacement commands go out ahead of everything else.
+    #[error("{addr}: reconnecting to send {why}")]
+    Resend { addr: String, why: &'static str },
     #[error("{addr}: gave up after retrying for {secs} s; last error: {last}")]
     RetriesExhausted {
         addr: String,
@@ -100,7 +104,8 @@ impl WorkerError {
             | WorkerError::Closed { .. }
             | WorkerError::Timeout { .. }
             | WorkerError::Loading { .. }
-            | WorkerError::TargetBusy { .. } => Recovery::Reconnect,
+            | WorkerError::TargetBusy { .. }
+            | WorkerError::Resend { .. } => Recovery::Reconnect,
             WorkerError::ReplicationRefused { recovery, .. } => *recovery,
             WorkerError::Protocol { .. } | WorkerError::Unexpected { .. } => Recovery::FullResync,
             // The same RDB would fail the same way (a value too large, a

@@ -230,3 +230,71 @@ impl CommandsResent<'_> {
         }
     }
 }
+
+fn key_text(key: &[u8]) -> String {
+    String::from_utf8_lossy(&key[..key.len().min(80)]).into_owned()
+}
+
+/// A value too big for one RESTORE is written in parts. Counted by the
+/// caller (`big_values`).
+pub struct BigValue<'a> {
+    pub source: &'a str,
+    pub key: &'a [u8],
+    pub kind: &'a str,
+}
+
+impl BigValue<'_> {
+    pub fn emit(self) {
+        tracing::info!(
+            source = self.source,
+            key = key_text(self.key),
+            kind = self.kind,
+            "big value: writing it in parts"
+        );
+    }
+}
+
+/// Hash fields with a TTL went to a target without field TTLs (before
+/// 7.4): they were written without it. Counted by the caller.
+pub struct FieldTtlsDropped<'a> {
+    pub source: &'a str,
+    pub key: &'a [u8],
+    pub fields: u64,
+}
+
+impl FieldTtlsDropped<'_> {
+    pub fn emit(self, limiter: &mut LogLimiter) {
+        if let Some(suppressed) = limiter.allow() {
+            tracing::warn!(
+                source = self.source,
+                key = key_text(self.key),
+                fields = self.fields,
+                suppressed,
+                "hash field TTLs cannot be carried: the target predates Redis 7.4; fields written without TTL"
+            );
+        }
+    }
+}
+
+/// The target refused a RESTORE payload (a newer Redis wrote it), and the
+/// value was rebuilt with ordinary commands.
+pub struct RestoreRebuilt<'a> {
+    pub target: &'a str,
+    pub key: &'a [u8],
+    pub reply: &'a str,
+}
+
+impl RestoreRebuilt<'_> {
+    pub fn emit(self, stats: &WriterStats, limiter: &mut LogLimiter) {
+        stats.restores_rebuilt.fetch_add(1, Ordering::Relaxed);
+        if let Some(suppressed) = limiter.allow() {
+            tracing::info!(
+                target_node = self.target,
+                key = key_text(self.key),
+                refusal = self.reply,
+                suppressed,
+                "target refused a RESTORE payload; rebuilding the value with ordinary commands"
+            );
+        }
+    }
+}

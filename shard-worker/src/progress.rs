@@ -146,6 +146,15 @@ pub struct ShardStats {
     /// rewrites).
     pub barriers: AtomicU64,
     pub source_reconnects: AtomicU64,
+    /// RDB values whose DUMP payload was restamped with the (older)
+    /// target's RDB version.
+    pub values_restamped: AtomicU64,
+    /// RDB values (and replicated RESTOREs) rebuilt with ordinary commands.
+    pub values_rebuilt: AtomicU64,
+    /// Values big enough to be written in parts.
+    pub big_values: AtomicU64,
+    /// Hash fields written without their TTL (the target predates 7.4).
+    pub field_ttls_dropped: AtomicU64,
     /// Stream bytes read from the source and not yet parsed.
     pub stream_spill: Arc<SpillGauges>,
     /// (offset, when it was read), to measure how long unapplied data waits.
@@ -182,6 +191,10 @@ impl ShardStats {
             transactions_split: AtomicU64::new(0),
             barriers: AtomicU64::new(0),
             source_reconnects: AtomicU64::new(0),
+            values_restamped: AtomicU64::new(0),
+            values_rebuilt: AtomicU64::new(0),
+            big_values: AtomicU64::new(0),
+            field_ttls_dropped: AtomicU64::new(0),
             stream_spill: Arc::new(SpillGauges::default()),
             samples: Mutex::new(VecDeque::new()),
             confirmed: Notify::new(),
@@ -376,6 +389,9 @@ pub struct WriterStats {
     pub overflow: Arc<SpillGauges>,
     pub overflow_batches: AtomicU64,
     pub keys_skipped: AtomicU64,
+    /// RESTOREs the node refused (payload from a newer Redis) and that were
+    /// rebuilt with ordinary commands.
+    pub restores_rebuilt: AtomicU64,
     /// Commands the node said live elsewhere (MOVED) or elsewhere for now
     /// (ASK), handed to the right writer.
     pub moved: AtomicU64,
@@ -400,6 +416,7 @@ impl WriterStats {
             overflow: Arc::new(SpillGauges::default()),
             overflow_batches: AtomicU64::new(0),
             keys_skipped: AtomicU64::new(0),
+            restores_rebuilt: AtomicU64::new(0),
             moved: AtomicU64::new(0),
             asked: AtomicU64::new(0),
             reconnects: AtomicU64::new(0),

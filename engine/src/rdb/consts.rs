@@ -77,3 +77,26 @@ pub fn rdb_version_of_redis(major: u32, minor: u32) -> u16 {
         _ => 12,
     }
 }
+
+/// The first RDB version with value type `t`: a server whose own RDB
+/// version is older cannot load it (`None` for unknown types).
+pub fn min_rdb_version_of_type(t: u8) -> Option<u16> {
+    Some(match t {
+        TYPE_STRING | TYPE_LIST | TYPE_SET | TYPE_ZSET | TYPE_HASH => 1,
+        TYPE_HASH_ZIPMAP | TYPE_LIST_ZIPLIST | TYPE_SET_INTSET | TYPE_ZSET_ZIPLIST
+        | TYPE_HASH_ZIPLIST => 2,
+        TYPE_LIST_QUICKLIST => 7,
+        TYPE_ZSET_2 | TYPE_MODULE_PRE_GA | TYPE_MODULE_2 => 8,
+        TYPE_STREAM_LISTPACKS => 9,
+        TYPE_HASH_LISTPACK
+        | TYPE_ZSET_LISTPACK
+        | TYPE_LIST_QUICKLIST_2
+        | TYPE_STREAM_LISTPACKS_2 => 10,
+        TYPE_SET_LISTPACK | TYPE_STREAM_LISTPACKS_3 => 11,
+        TYPE_HASH_METADATA_PRE_GA
+        | TYPE_HASH_LISTPACK_EX_PRE_GA
+        | TYPE_HASH_METADATA
+        | TYPE_HASH_LISTPACK_EX => 12,
+        _ => return None,
+    })
+}

@@ -12,6 +12,7 @@
 
 pub mod consts;
 mod source;
+pub mod value;
 mod walk;
 
 use bytes::{Bytes, BytesMut};
@@ -119,6 +120,8 @@ pub struct Entry {
     pub freq: Option<u8>,
     /// For module values, the module type id (see [`module_type_name`]).
     pub module_id: Option<u64>,
+    /// Byte offset of the value in the RDB (for error messages).
+    pub value_offset: u64,
     /// The DUMP payload: type byte, serialized value, RDB version (2 bytes
     /// LE) and CRC64 (8 bytes LE).
     payload: Bytes,
@@ -143,6 +146,15 @@ impl Entry {
         &self.payload[1..self.payload.len() - 10]
     }
 
+    /// The value, decoded into its elements. Errors name the byte in the
+    /// RDB and the key.
+    pub fn decode(&self) -> Result<value::Value, RdbError> {
+        value::decode(self.rdb_type(), self.value_bytes()).map_err(|e| RdbError::Invalid {
+            offset: self.value_offset + e.at as u64,
+            what: format!("{} (value of key {:?})", e.what, lossy_key(&self.key)),
+        })
+    }
+
     /// The RDB version the value was serialized with.
     pub fn rdb_version(&self) -> u16 {
         let n = self.payload.len();
@@ -150,8 +162,31 @@ impl Entry {
     }
 }
 
+/// One part of a value too large to hand over whole (see
+/// [`RdbReader::set_part_threshold`]). Parts of one value come one after
+/// another, nothing in between.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Part {
+    pub db: u32,
+    pub key: Bytes,
+    /// Absolute expiry in Unix milliseconds.
+    pub expire_ms: Option<i64>,
+    pub kind: ValueKind,
+    /// 0 for the first part of a value.
+    pub index: u32,
+    /// Whether this part ends the value.
+    pub last: bool,
+    /// Byte offset of the value in the RDB.
+    pub value_offset: u64,
+    /// Some of the value's elements: a List, Set, ZSet or Hash holding
+    /// some elements, a String holding the next piece, a Stream holding
+    /// some entries (its last part also carries the IDs, counters and
+    /// consumer groups).
+    pub value: value::Value,
+}
+
 /// One thing read from an RDB.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum RdbItem {
     /// An aux field (`redis-ver`, `repl-id`, `ctime`, ...).
     Aux {
@@ -166,6 +201,8 @@ pub enum RdbItem {
         expires: u64,
     },
     Entry(Entry),
+    /// A part of a big value.
+    Part(Part),
     /// A function library (`FUNCTION LOAD` takes `code`).
     Function {
         code: Bytes,
@@ -188,7 +225,45 @@ pub struct RdbReader<R> {
     freq: Option<u8>,
     finished: bool,
     max_value_len: usize,
+    /// Values whose serialization grows past this are handed over in parts.
+    part_threshold: Option<usize>,
+    /// The value being handed over in parts.
+    parted: Option<Parted>,
 }
+
+/// Where a value handed over in parts is.
+struct Parted {
+    t: u8,
+    db: u32,
+    key: Bytes,
+    expire_ms: Option<i64>,
+    value_offset: u64,
+    header: value::SeqHeader,
+    /// Elements (nodes) not read yet.
+    remaining: u64,
+    /// For a plain string: bytes not read yet.
+    string_left: Option<u64>,
+    /// Stream entries handed over so far (checked against its length).
+    stream_entries: u64,
+    index: u32,
+    /// Elements read before the value turned out big, not handed over yet.
+    prefix: Option<Prefix>,
+}
+
+/// The captured start of a big value, handed over a part at a time.
+struct Prefix {
+    bytes: BytesMut,
+    /// Next unread byte.
+    pos: usize,
+    /// RDB offset of `bytes[0]`.
+    base: u64,
+    /// Elements in `bytes[pos..]`.
+    left: u64,
+}
+
+/// Size of the parts after the first (which holds everything read before
+/// the value turned out to be big).
+pub const PART_BYTES: usize = 4 * 1024 * 1024;
 
 /// Values larger than this are refused by default: the target's
 /// `proto-max-bulk-len` (512 MB by default) would refuse the RESTORE anyway.
@@ -228,6 +303,8 @@ impl<R: AsyncRead + Unpin> RdbReader<R> {
             freq: None,
             finished: false,
             max_value_len: DEFAULT_MAX_VALUE_LEN,
+            part_threshold: None,
+            parted: None,
         })
     }
 
@@ -245,6 +322,16 @@ impl<R: AsyncRead + Unpin> RdbReader<R> {
         self.max_value_len = len;
     }
 
+    /// Hands values whose serialization is larger than `bytes` over in
+    /// [`Part`]s instead of whole [`Entry`]s: strings stored plain, lists,
+    /// sets, sorted sets, hashes and streams stored element by element
+    /// (not the single-blob listpack/ziplist/intset encodings, which are
+    /// small by construction). Memory then stays within about `bytes` plus
+    /// [`PART_BYTES`] whatever the value's size.
+    pub fn set_part_threshold(&mut self, bytes: usize) {
+        self.part_threshold = Some(bytes.max(1));
+    }
+
     /// Returns the source and whatever was read past the end of the RDB.
     pub fn into_parts(self) -> (R, BytesMut) {
         self.src.into_parts()
@@ -254,6 +341,9 @@ impl<R: AsyncRead + Unpin> RdbReader<R> {
     pub async fn next(&mut self) -> Result<Option<RdbItem>, RdbError> {
         if self.finished {
             return Ok(None);
+        }
+        if self.parted.is_some() {
+            return self.next_part().await.map(Some);
         }
         loop {
             let at = self.src.offset();
@@ -321,11 +411,77 @@ impl<R: AsyncRead + Unpin> RdbReader<R> {
         let key = walk::string(&mut self.src, MAX_STRING_LEN).await?;
         let value_at = self.src.offset();
         self.src.begin_capture(&[rdb_type], self.max_value_len);
-        let module_id = match walk::value(&mut self.src, rdb_type).await {
-            Ok(module_id) => module_id,
+        let walked = match self.part_threshold {
+            Some(threshold) if value::is_sequence(rdb_type) => {
+                self.walk_sequence(rdb_type, threshold).await
+            }
+            Some(threshold) if rdb_type == TYPE_STRING => {
+                self.walk_string(threshold).await.map(|big| match big {
+                    Some(len) => Walked::BigString(len),
+                    None => Walked::Whole(None),
+                })
+            }
+            _ => walk::value(&mut self.src, rdb_type)
+                .await
+                .map(Walked::Whole),
+        };
+        let walked = match walked {
+            Ok(w) => w,
             Err(err) => {
                 self.src.abandon_capture();
                 return Err(with_key(err, &key, value_at));
+            }
+        };
+        let module_id = match walked {
+            Walked::Whole(module_id) => module_id,
+            Walked::Big { read } => {
+                let mut captured = self
+                    .src
+                    .end_capture()
+                    .map_err(|err| with_key(err, &key, value_at))?;
+                let _type_byte = captured.split_to(1);
+                let (header, used) = value::decode_header(rdb_type, &captured)
+                    .map_err(|e| with_key(part_error(e, value_at), &key, value_at))?;
+                self.idle_secs = None;
+                self.freq = None;
+                self.parted = Some(Parted {
+                    t: rdb_type,
+                    db: self.db,
+                    key,
+                    expire_ms: self.expire_ms.take(),
+                    value_offset: value_at,
+                    header,
+                    remaining: header.count - read,
+                    string_left: None,
+                    stream_entries: 0,
+                    index: 0,
+                    prefix: Some(Prefix {
+                        bytes: captured,
+                        pos: used,
+                        base: value_at,
+                        left: read,
+                    }),
+                });
+                return self.next_part().await;
+            }
+            Walked::BigString(len) => {
+                self.src.abandon_capture();
+                self.idle_secs = None;
+                self.freq = None;
+                self.parted = Some(Parted {
+                    t: rdb_type,
+                    db: self.db,
+                    key,
+                    expire_ms: self.expire_ms.take(),
+                    value_offset: value_at,
+                    header: value::SeqHeader::default(),
+                    remaining: 0,
+                    string_left: Some(len),
+                    stream_entries: 0,
+                    index: 0,
+                    prefix: None,
+                });
+                return self.next_part().await;
             }
         };
         let mut payload = self
@@ -340,9 +496,145 @@ impl<R: AsyncRead + Unpin> RdbReader<R> {
             idle_secs: self.idle_secs.take(),
             freq: self.freq.take(),
             module_id,
+            value_offset: value_at,
             payload: payload.freeze(),
         };
         Ok(RdbItem::Entry(entry))
+    }
+
+    /// Walks a sequence value until its end or until what was captured
+    /// passes `threshold`.
+    async fn walk_sequence(&mut self, t: u8, threshold: usize) -> Result<Walked, RdbError> {
+        let n = walk::seq_header(&mut self.src, t).await?;
+        for i in 0..n {
+            walk::element(&mut self.src, t).await?;
+            if self.src.captured_len() > threshold {
+                return Ok(Walked::Big { read: i + 1 });
+            }
+        }
+        if walk::is_stream(t) {
+            walk::stream_tail(&mut self.src, t).await?;
+        }
+        Ok(Walked::Whole(None))
+    }
+
+    /// Walks a string; a plain one longer than `threshold` is left unread
+    /// and its length returned.
+    async fn walk_string(&mut self, threshold: usize) -> Result<Option<u64>, RdbError> {
+        let header = walk::string_header(&mut self.src).await?;
+        match header.plain() {
+            Some(len) if len > threshold as u64 => {
+                if len > MAX_STRING_LEN {
+                    return Err(RdbError::Invalid {
+                        offset: self.src.offset(),
+                        what: format!("string length {len} is over the limit of {MAX_STRING_LEN}"),
+                    });
+                }
+                Ok(Some(len))
+            }
+            _ => {
+                walk::skip_string_rest(&mut self.src, header).await?;
+                Ok(None)
+            }
+        }
+    }
+
+    /// The next part of the value being handed over in parts.
+    async fn next_part(&mut self) -> Result<RdbItem, RdbError> {
+        let mut p = self.parted.take().expect("a value in parts");
+        let result = self.read_part(&mut p).await;
+        let item = match result {
+            Ok(item) => item,
+            Err(err) => {
+                self.src.abandon_capture();
+                return Err(with_key(err, &p.key, p.value_offset));
+            }
+        };
+        if !item.last {
+            self.parted = Some(p);
+        }
+        Ok(RdbItem::Part(item))
+    }
+
+    async fn read_part(&mut self, p: &mut Parted) -> Result<Part, RdbError> {
+        let part_bytes = PART_BYTES.min(self.part_threshold.unwrap_or(PART_BYTES));
+        let at = self.src.offset();
+        let (value, last) = if let Some(prefix) = &mut p.prefix {
+            let (value, used, n) = value::decode_some(
+                p.t,
+                &p.header,
+                &prefix.bytes[prefix.pos..],
+                prefix.left,
+                part_bytes,
+            )
+            .map_err(|e| part_error(e, prefix.base + prefix.pos as u64))?;
+            prefix.pos += used;
+            prefix.left -= n;
+            if prefix.left == 0 {
+                if prefix.pos != prefix.bytes.len() {
+                    return Err(RdbError::Invalid {
+                        offset: prefix.base + prefix.pos as u64,
+                        what: "bytes left after the elements read".into(),
+                    });
+                }
+                p.prefix = None;
+            }
+            p.stream_entries += stream_len(&value);
+            let last = p.prefix.is_none() && p.remaining == 0 && !walk::is_stream(p.t);
+            (value, last)
+        } else if let Some(left) = p.string_left {
+            let n = left.min(part_bytes as u64);
+            let piece = self.src.take(n as usize).await?;
+            p.string_left = Some(left - n);
+            (value::Value::String(piece), left == n)
+        } else {
+            self.src.begin_capture(&[], usize::MAX);
+            let mut n = 0;
+            while p.remaining > 0 && (n == 0 || self.src.captured_len() < part_bytes) {
+                walk::element(&mut self.src, p.t).await?;
+                n += 1;
+                p.remaining -= 1;
+            }
+            let bytes = self.src.end_capture()?;
+            let mut value =
+                value::decode_elements(p.t, &p.header, &bytes, n).map_err(|e| part_error(e, at))?;
+            p.stream_entries += stream_len(&value);
+            let last = p.remaining == 0;
+            if last && walk::is_stream(p.t) {
+                let tail_at = self.src.offset();
+                self.src.begin_capture(&[], usize::MAX);
+                walk::stream_tail(&mut self.src, p.t).await?;
+                let bytes = self.src.end_capture()?;
+                let mut tail =
+                    value::decode_stream_tail(p.t, &bytes).map_err(|e| part_error(e, tail_at))?;
+                if tail.length != p.stream_entries {
+                    return Err(RdbError::Invalid {
+                        offset: tail_at,
+                        what: format!(
+                            "stream says {} entries, holds {}",
+                            tail.length, p.stream_entries
+                        ),
+                    });
+                }
+                if let value::Value::Stream(s) = &mut value {
+                    tail.entries = std::mem::take(&mut s.entries);
+                    **s = tail;
+                }
+            }
+            (value, last)
+        };
+        let part = Part {
+            db: p.db,
+            key: p.key.clone(),
+            expire_ms: p.expire_ms,
+            kind: ValueKind::of_rdb_type(p.t).expect("a value type"),
+            index: p.index,
+            last,
+            value_offset: p.value_offset,
+            value,
+        };
+        p.index += 1;
+        Ok(part)
     }
 
     async fn read_checksum(&mut self) -> Result<Checksum, RdbError> {
@@ -368,6 +660,35 @@ pub fn finish_dump_payload(payload: &mut BytesMut, rdb_version: u16) {
     payload.extend_from_slice(&crc.to_le_bytes());
 }
 
+/// How far [`RdbReader::read_entry`] got into a value.
+enum Walked {
+    /// All of it (with the module id for module values).
+    Whole(Option<u64>),
+    /// A sequence that turned out big, after this many elements.
+    Big { read: u64 },
+    /// A plain string this long, not read yet.
+    BigString(u64),
+}
+
+fn stream_len(v: &value::Value) -> u64 {
+    match v {
+        value::Value::Stream(s) => s.entries.len() as u64,
+        _ => 0,
+    }
+}
+
+fn lossy_key(key: &[u8]) -> String {
+    String::from_utf8_lossy(&key[..key.len().min(64)]).into_owned()
+}
+
+/// A part that does not decode (the caller names the key).
+fn part_error(e: value::DecodeError, base: u64) -> RdbError {
+    RdbError::Invalid {
+        offset: base + e.at as u64,
+        what: e.what,
+    }
+}
+
 fn invalid(offset: u64, what: &str) -> RdbError {
     RdbError::Invalid {
         offset,
@@ -377,7 +698,7 @@ fn invalid(offset: u64, what: &str) -> RdbError {
 
 /// Names the key in errors raised while reading its value.
 fn with_key(err: RdbError, key: &[u8], value_at: u64) -> RdbError {
-    let key = String::from_utf8_lossy(&key[..key.len().min(64)]).into_owned();
+    let key = lossy_key(key);
     match err {
         RdbError::Invalid { offset, what } => RdbError::Invalid {
             offset,

@@ -152,6 +152,13 @@ impl<R: AsyncRead + Unpin> Source<R> {
         self.capture_limit = limit;
     }
 
+    /// Bytes recorded so far by the capture in progress.
+    pub(crate) fn captured_len(&self) -> usize {
+        self.capture
+            .as_ref()
+            .map_or(0, |c| c.len() + (self.pos - self.capture_mark))
+    }
+
     /// Stops recording and returns what was recorded.
     pub(crate) fn end_capture(&mut self) -> Result<BytesMut, RdbError> {
         self.sync()?;

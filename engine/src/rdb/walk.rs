@@ -7,6 +7,7 @@ use tokio::io::AsyncRead;
 
 use super::consts::*;
 use super::source::Source;
+use super::value::is_sequence;
 use super::RdbError;
 
 /// A length field: a plain length, or the tag of a special string encoding.
@@ -114,7 +115,54 @@ fn check_len(n: u64, max: u64, at: u64, what: &str) -> Result<(), RdbError> {
 /// Steps over a string without decoding it.
 async fn skip_string<R: AsyncRead + Unpin>(src: &mut Source<R>) -> Result<(), RdbError> {
     let at = src.offset();
-    match length(src).await? {
+    let header = length(src).await?;
+    skip_string_body(src, header, at).await
+}
+
+/// The length of a plain (not integer- or LZF-encoded) string that starts
+/// here, after reading its header; `None` for the other encodings, whose
+/// header is then consumed too and must be finished with
+/// [`skip_string_rest`].
+pub(super) async fn string_header<R: AsyncRead + Unpin>(
+    src: &mut Source<R>,
+) -> Result<StringHeader, RdbError> {
+    let at = src.offset();
+    Ok(StringHeader {
+        at,
+        length: length(src).await?,
+    })
+}
+
+/// A string's header, read by [`string_header`].
+pub(super) struct StringHeader {
+    at: u64,
+    length: Length,
+}
+
+impl StringHeader {
+    /// The length of a plain string.
+    pub(super) fn plain(&self) -> Option<u64> {
+        match self.length {
+            Length::Len(n) => Some(n),
+            Length::Encoded(_) => None,
+        }
+    }
+}
+
+/// Steps over the rest of a string whose header was read.
+pub(super) async fn skip_string_rest<R: AsyncRead + Unpin>(
+    src: &mut Source<R>,
+    header: StringHeader,
+) -> Result<(), RdbError> {
+    skip_string_body(src, header.length, header.at).await
+}
+
+async fn skip_string_body<R: AsyncRead + Unpin>(
+    src: &mut Source<R>,
+    header: Length,
+    at: u64,
+) -> Result<(), RdbError> {
+    match header {
         Length::Len(n) => src.skip(n).await,
         Length::Encoded(ENC_INT8) => src.skip(1).await,
         Length::Encoded(ENC_INT16) => src.skip(2).await,
@@ -158,57 +206,13 @@ pub(super) async fn value<R: AsyncRead + Unpin>(
         TYPE_STRING | TYPE_HASH_ZIPMAP | TYPE_LIST_ZIPLIST | TYPE_SET_INTSET
         | TYPE_ZSET_ZIPLIST | TYPE_HASH_ZIPLIST | TYPE_HASH_LISTPACK | TYPE_ZSET_LISTPACK
         | TYPE_SET_LISTPACK => skip_string(src).await?,
-        TYPE_LIST | TYPE_SET | TYPE_LIST_QUICKLIST => {
-            let n = plain_len(src).await?;
+        t if is_sequence(t) => {
+            let n = seq_header(src, t).await?;
             for _ in 0..n {
-                skip_string(src).await?;
+                element(src, t).await?;
             }
-        }
-        TYPE_LIST_QUICKLIST_2 => {
-            let n = plain_len(src).await?;
-            for _ in 0..n {
-                let container_at = src.offset();
-                let container = plain_len(src).await?;
-                // 1: a plain node (one big element), 2: a packed listpack.
-                if container != 1 && container != 2 {
-                    return Err(RdbError::Invalid {
-                        offset: container_at,
-                        what: format!("unknown quicklist container {container}"),
-                    });
-                }
-                skip_string(src).await?;
-            }
-        }
-        TYPE_ZSET => {
-            let n = plain_len(src).await?;
-            for _ in 0..n {
-                skip_string(src).await?;
-                skip_ascii_double(src).await?;
-            }
-        }
-        TYPE_ZSET_2 => {
-            let n = plain_len(src).await?;
-            for _ in 0..n {
-                skip_string(src).await?;
-                src.skip(8).await?;
-            }
-        }
-        TYPE_HASH => {
-            let n = plain_len(src).await?;
-            for _ in 0..n {
-                skip_string(src).await?;
-                skip_string(src).await?;
-            }
-        }
-        TYPE_HASH_METADATA | TYPE_HASH_METADATA_PRE_GA => {
-            if t == TYPE_HASH_METADATA {
-                src.skip(8).await?; // minimum field expiry, ms
-            }
-            let n = plain_len(src).await?;
-            for _ in 0..n {
-                plain_len(src).await?; // field TTL
-                skip_string(src).await?;
-                skip_string(src).await?;
+            if is_stream(t) {
+                stream_tail(src, t).await?;
             }
         }
         TYPE_HASH_LISTPACK_EX | TYPE_HASH_LISTPACK_EX_PRE_GA => {
@@ -216,9 +220,6 @@ pub(super) async fn value<R: AsyncRead + Unpin>(
                 src.skip(8).await?; // minimum field expiry, ms
             }
             skip_string(src).await?;
-        }
-        TYPE_STREAM_LISTPACKS | TYPE_STREAM_LISTPACKS_2 | TYPE_STREAM_LISTPACKS_3 => {
-            stream(src, t).await?
         }
         TYPE_MODULE_2 => {
             let module_id = plain_len(src).await?;
@@ -243,12 +244,74 @@ pub(super) async fn value<R: AsyncRead + Unpin>(
     Ok(None)
 }
 
-async fn stream<R: AsyncRead + Unpin>(src: &mut Source<R>, t: u8) -> Result<(), RdbError> {
-    let listpacks = plain_len(src).await?;
-    for _ in 0..listpacks {
-        skip_string(src).await?; // master entry ID, 16 bytes big-endian
-        skip_string(src).await?; // the listpack of entries
+pub(super) fn is_stream(t: u8) -> bool {
+    matches!(
+        t,
+        TYPE_STREAM_LISTPACKS | TYPE_STREAM_LISTPACKS_2 | TYPE_STREAM_LISTPACKS_3
+    )
+}
+
+/// Walks a sequence value's header (see [`is_sequence`]); returns its
+/// element count.
+pub(super) async fn seq_header<R: AsyncRead + Unpin>(
+    src: &mut Source<R>,
+    t: u8,
+) -> Result<u64, RdbError> {
+    if t == TYPE_HASH_METADATA {
+        src.skip(8).await?; // minimum field expiry, ms
     }
+    plain_len(src).await
+}
+
+/// Walks one element of a sequence value.
+pub(super) async fn element<R: AsyncRead + Unpin>(
+    src: &mut Source<R>,
+    t: u8,
+) -> Result<(), RdbError> {
+    match t {
+        TYPE_LIST | TYPE_SET | TYPE_LIST_QUICKLIST => skip_string(src).await,
+        TYPE_LIST_QUICKLIST_2 => {
+            let container_at = src.offset();
+            let container = plain_len(src).await?;
+            // 1: a plain node (one big element), 2: a packed listpack.
+            if container != 1 && container != 2 {
+                return Err(RdbError::Invalid {
+                    offset: container_at,
+                    what: format!("unknown quicklist container {container}"),
+                });
+            }
+            skip_string(src).await
+        }
+        TYPE_ZSET => {
+            skip_string(src).await?;
+            skip_ascii_double(src).await
+        }
+        TYPE_ZSET_2 => {
+            skip_string(src).await?;
+            src.skip(8).await
+        }
+        TYPE_HASH => {
+            skip_string(src).await?;
+            skip_string(src).await
+        }
+        TYPE_HASH_METADATA | TYPE_HASH_METADATA_PRE_GA => {
+            plain_len(src).await?; // field TTL
+            skip_string(src).await?;
+            skip_string(src).await
+        }
+        // A stream node: master entry ID (16 bytes big-endian), listpack.
+        _ => {
+            skip_string(src).await?;
+            skip_string(src).await
+        }
+    }
+}
+
+/// Walks what follows a stream's nodes.
+pub(super) async fn stream_tail<R: AsyncRead + Unpin>(
+    src: &mut Source<R>,
+    t: u8,
+) -> Result<(), RdbError> {
     // length, last ID (ms, seq)
     skip_lens(src, 3).await?;
     if t >= TYPE_STREAM_LISTPACKS_2 {

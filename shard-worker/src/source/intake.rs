@@ -28,8 +28,9 @@ use bytes::{Buf, Bytes, BytesMut};
 use engine::command::{self, CommandSpec, Role};
 use engine::filter::DbFilter;
 use engine::rdb::{RdbError, RdbItem, RdbReader};
+use engine::rebuild::{Commands, Rebuild, Step, TargetCaps};
 use engine::resp::{encode, parse_command, Command};
-use engine::restore::{encode_restore, Existing};
+use engine::restore::{encode_restore, encode_restore_payload, restamp, restore_compat, Existing};
 use engine::split::{self, Plan};
 use ractor::ActorRef;
 use tokio::sync::watch;
@@ -63,7 +64,21 @@ pub struct IntakeOptions {
     pub spill_dir: PathBuf,
     /// Stream bytes held in memory per shard before spilling to disk.
     pub spill_memory: usize,
+    /// What the target's version allows (its oldest node's, on a cluster):
+    /// decides between RESTORE as is, RESTORE of a payload restamped with
+    /// the target's RDB version, and rebuilding with ordinary commands.
+    pub target_caps: TargetCaps,
+    /// Rebuild every value with ordinary commands (never RESTORE).
+    pub force_rewrite: bool,
+    /// Values whose serialization passes this many bytes are written in
+    /// parts (bounded commands under a temporary name, renamed at the end).
+    pub big_key_bytes: usize,
+    /// Keeps this shard's temporary key names apart from other shards'.
+    pub tmp_scope: String,
 }
+
+/// Default for [`IntakeOptions::big_key_bytes`].
+pub const DEFAULT_BIG_KEY_BYTES: usize = 64 * 1024 * 1024;
 
 impl Default for IntakeOptions {
     fn default() -> Self {
@@ -76,6 +91,10 @@ impl Default for IntakeOptions {
             max_value_len: engine::rdb::DEFAULT_MAX_VALUE_LEN,
             spill_dir: std::env::temp_dir().join("shardsync-spill"),
             spill_memory: 32 * 1024 * 1024,
+            target_caps: TargetCaps::LATEST,
+            force_rewrite: false,
+            big_key_bytes: DEFAULT_BIG_KEY_BYTES,
+            tmp_scope: "0".into(),
         }
     }
 }
@@ -97,6 +116,26 @@ struct OpenTx {
 /// A stream position: replication offset and the source db selected there.
 type At = Option<(u64, u32)>;
 
+/// How a value from the RDB reaches the target.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Carry {
+    /// RESTORE of the payload as is.
+    Restore,
+    /// RESTORE of the payload stamped with the target's RDB version (the
+    /// encoding is one the target reads).
+    Restamp,
+    /// Ordinary commands.
+    Rebuild,
+}
+
+/// A big value being written in parts.
+struct InParts {
+    /// `None` when its database is not copied.
+    rebuild: Option<Rebuild>,
+    writer: usize,
+    db: Option<u32>,
+}
+
 pub(crate) struct Intake {
     pub addr: String,
     input: Arc<Spill>,
@@ -115,6 +154,10 @@ pub(crate) struct Intake {
     tx: Option<OpenTx>,
     control: Option<TargetControl>,
     log: LogLimiter,
+    /// The big value being written in parts, if any.
+    parts: Option<InParts>,
+    /// Temporary names handed out so far.
+    tmp_names: u64,
 }
 
 impl Intake {
@@ -147,6 +190,8 @@ impl Intake {
             tx: None,
             control: None,
             log: LogLimiter::new(),
+            parts: None,
+            tmp_names: 0,
         }
     }
 
@@ -202,6 +247,7 @@ impl Intake {
             .await
             .map_err(|e| self.rdb_error(e))?;
         rdb.set_max_value_len(self.options.max_value_len);
+        rdb.set_part_threshold(self.options.big_key_bytes);
 
         // A second full sync in this task, or one over data an earlier run
         // wrote: what the target holds is ours, and must be replaced even
@@ -238,15 +284,118 @@ impl Intake {
                     self.follow_map(None).await?;
                     let w = self.dispatcher.router().writer_for_key(&entry.key);
                     let existing = resync_existing;
-                    let kind = match existing {
-                        Existing::Replace => ExpectKind::Ok,
-                        Existing::Keep => ExpectKind::KeepExisting,
+                    match self.carry(&entry) {
+                        Carry::Restore => {
+                            let kind = restore_kind(existing);
+                            self.dispatcher
+                                .push(w, tdb, kind, None, |buf| {
+                                    encode_restore(buf, &entry.key, &entry, existing)
+                                })
+                                .await?;
+                        }
+                        Carry::Restamp => {
+                            self.stats.values_restamped.fetch_add(1, Ordering::Relaxed);
+                            let payload = restamp(
+                                entry.dump_payload(),
+                                self.options.target_caps.rdb_version(),
+                            );
+                            let kind = restore_kind(existing);
+                            self.dispatcher
+                                .push(w, tdb, kind, None, |buf| {
+                                    encode_restore_payload(
+                                        buf, &entry.key, &entry, &payload, existing,
+                                    )
+                                })
+                                .await?;
+                        }
+                        Carry::Rebuild => {
+                            let value = entry.decode().map_err(|e| self.rdb_error(e))?;
+                            self.stats.values_rebuilt.fetch_add(1, Ordering::Relaxed);
+                            let mut out = Commands::new();
+                            let slot = engine::slot::slot(&entry.key);
+                            let tmp = self.tmp_name(slot);
+                            let loss = Rebuild::whole(
+                                &entry.key,
+                                &value,
+                                entry.expire_ms,
+                                existing,
+                                self.options.target_caps,
+                                || tmp,
+                                now_ms(),
+                                &mut out,
+                            );
+                            self.note_loss(&entry.key, loss);
+                            self.push_commands(w, tdb, &out).await?;
+                        }
+                    }
+                    self.dispatcher.flush_full(None).await?;
+                }
+                RdbItem::Part(part) => {
+                    if part.index == 0 {
+                        keys += 1;
+                        self.stats.full_sync_keys.store(keys, Ordering::Relaxed);
+                        self.stats.big_values.fetch_add(1, Ordering::Relaxed);
+                        let mut out = Commands::new();
+                        let in_parts = match self.target_db(part.db) {
+                            None => InParts {
+                                rebuild: None,
+                                writer: 0,
+                                db: None,
+                            },
+                            Some(tdb) => {
+                                self.follow_map(None).await?;
+                                let slot = engine::slot::slot(&part.key);
+                                let tmp = self.tmp_name(slot);
+                                let rebuild = Rebuild::begin(
+                                    &part.key,
+                                    tmp,
+                                    part.expire_ms,
+                                    resync_existing,
+                                    self.options.target_caps,
+                                    &mut out,
+                                );
+                                events::BigValue {
+                                    source: &self.addr,
+                                    key: &part.key,
+                                    kind: part.kind.name(),
+                                }
+                                .emit();
+                                InParts {
+                                    rebuild: Some(rebuild),
+                                    writer: self.dispatcher.router().writer_for_key(&part.key),
+                                    db: tdb,
+                                }
+                            }
+                        };
+                        self.push_commands(in_parts.writer, in_parts.db, &out)
+                            .await?;
+                        self.parts = Some(in_parts);
+                    }
+                    self.stats
+                        .full_sync_bytes
+                        .store(rdb.offset(), Ordering::Relaxed);
+                    let Some(mut in_parts) = self.parts.take() else {
+                        return Err(self.rdb_error(RdbError::Invalid {
+                            offset: part.value_offset,
+                            what: "a value part without its first part".into(),
+                        }));
                     };
-                    self.dispatcher
-                        .push(w, tdb, kind, None, |buf| {
-                            encode_restore(buf, &entry.key, &entry, existing)
-                        })
-                        .await?;
+                    if let Some(mut rebuild) = in_parts.rebuild.take() {
+                        let mut out = Commands::new();
+                        let now = now_ms();
+                        rebuild.part(&part.value, now, &mut out);
+                        if part.last {
+                            let loss = rebuild.finish(&part.value, now, &mut out);
+                            self.note_loss(&part.key, loss);
+                        } else {
+                            in_parts.rebuild = Some(rebuild);
+                        }
+                        self.push_commands(in_parts.writer, in_parts.db, &out)
+                            .await?;
+                    }
+                    if !part.last {
+                        self.parts = Some(in_parts);
+                    }
                     self.dispatcher.flush_full(None).await?;
                 }
                 RdbItem::Function { code } => {
@@ -296,7 +445,16 @@ impl Intake {
             Transfer::Marked(mark) => self.expect_eof_mark(&mark).await?,
             _ => {}
         }
+        // Everything from the RDB is confirmed before any command of the
+        // stream goes out: a RESTORE the target refuses is rewritten by its
+        // writer, and must not land after a later command on its key.
         self.dispatcher.flush_all(None).await?;
+        let mut stop = self.stop.clone();
+        tokio::select! {
+            biased;
+            _ = stop.changed() => return Ok(false),
+            _ = self.stats.wait_drained() => {}
+        }
         self.stats.full_syncs_loaded.fetch_add(1, Ordering::Relaxed);
         // After a full sync the master selects a db before any command; 0
         // stands until then.
@@ -313,6 +471,58 @@ impl Intake {
         // before it streams any command.
         let _ = self.actor.send_message(SourceMsg::RdbLoaded);
         Ok(true)
+    }
+
+    /// How an RDB value reaches the target.
+    fn carry(&self, entry: &engine::rdb::Entry) -> Carry {
+        let target = self.options.target_caps.rdb_version();
+        let compat = restore_compat(entry.rdb_type(), entry.rdb_version(), target);
+        let is_module = entry.kind() == engine::rdb::ValueKind::Module;
+        match compat {
+            // Only its module can rebuild a module value.
+            Some(false) if is_module || !self.options.force_rewrite => Carry::Restore,
+            Some(true) if is_module || !self.options.force_rewrite => Carry::Restamp,
+            None if is_module => Carry::Restore,
+            _ => Carry::Rebuild,
+        }
+    }
+
+    /// A fresh temporary key name in `slot`.
+    fn tmp_name(&mut self, slot: u16) -> Vec<u8> {
+        self.tmp_names += 1;
+        split::colocated_name(slot, &self.options.tmp_scope, self.tmp_names)
+    }
+
+    /// Reports what a rebuild could not carry.
+    fn note_loss(&mut self, key: &[u8], loss: engine::rebuild::Loss) {
+        if loss.field_ttls > 0 {
+            self.stats
+                .field_ttls_dropped
+                .fetch_add(loss.field_ttls, Ordering::Relaxed);
+            events::FieldTtlsDropped {
+                source: &self.addr,
+                key,
+                fields: loss.field_ttls,
+            }
+            .emit(&mut self.log);
+        }
+    }
+
+    /// Hands rebuilt commands to writer `w`.
+    async fn push_commands(
+        &mut self,
+        w: usize,
+        db: Option<u32>,
+        out: &Commands,
+    ) -> Result<(), WorkerError> {
+        for (step, bytes) in out.iter() {
+            self.dispatcher
+                .push(w, db, step_kind(step), None, |buf| {
+                    buf.extend_from_slice(bytes)
+                })
+                .await?;
+        }
+        Ok(())
     }
 
     fn rdb_error(&self, source: RdbError) -> WorkerError {
@@ -422,6 +632,11 @@ impl Intake {
     async fn handle(&mut self, cmd: Command, safe: At) -> Result<(), WorkerError> {
         let spec = command::lookup(&cmd);
         let role = spec.map_or(Role::Data, |s| s.role);
+        if role == Role::Data {
+            if let Some(replacement) = self.adapt(&cmd) {
+                return self.handle_replacement(replacement, safe).await;
+            }
+        }
         let cluster = self.dispatcher.router().is_cluster();
         match role {
             Role::Ping => Ok(()),
@@ -514,6 +729,127 @@ impl Intake {
         }
     }
 
+    /// A replicated command the target cannot take as is, made acceptable:
+    /// stream counters dropped for a target before 7.0, a RESTORE payload
+    /// restamped or rebuilt as commands for an older target. `None` when
+    /// the command goes as it is.
+    fn adapt(&mut self, cmd: &Command) -> Option<Vec<Command>> {
+        let caps = self.options.target_caps;
+        if let Some(adapted) = engine::compat::adapt(cmd, caps) {
+            return Some(vec![adapted]);
+        }
+        if !engine::restore::is_restore(cmd) {
+            return None;
+        }
+        let now = now_ms();
+        let args = engine::restore::parse_restore(cmd, now)?;
+        let (t, version) = engine::restore::check_dump_payload(&args.payload).ok()?;
+        let is_module =
+            engine::rdb::ValueKind::of_rdb_type(t) == Some(engine::rdb::ValueKind::Module);
+        let force = self.options.force_rewrite && !is_module;
+        match restore_compat(t, version, caps.rdb_version()) {
+            Some(false) if !force => None,
+            Some(true) if !force => {
+                self.stats.values_restamped.fetch_add(1, Ordering::Relaxed);
+                let payload = restamp(&args.payload, caps.rdb_version());
+                let mut argv: Vec<&[u8]> = cmd.args().collect();
+                argv[3] = &payload;
+                Some(vec![Command::from_args(&argv)])
+            }
+            // Only its module could rebuild a module value: let the target
+            // say what it thinks of it.
+            _ if is_module => None,
+            _ => {
+                let value = match engine::restore::decode_payload(&args.payload) {
+                    Ok(v) => v,
+                    Err(why) => {
+                        self.not_replayed(cmd, &format!("its payload cannot be decoded ({why})"));
+                        return Some(Vec::new());
+                    }
+                };
+                self.stats.values_rebuilt.fetch_add(1, Ordering::Relaxed);
+                let existing = if args.replace {
+                    Existing::Replace
+                } else {
+                    Existing::Keep
+                };
+                let tmp = self.tmp_name(engine::slot::slot(&args.key));
+                let mut out = Commands::new();
+                let loss = Rebuild::whole(
+                    &args.key,
+                    &value,
+                    args.expire_ms,
+                    existing,
+                    caps,
+                    || tmp,
+                    now,
+                    &mut out,
+                );
+                self.note_loss(&args.key, loss);
+                // The rebuild's own MULTI/EXEC are left out: the commands
+                // are replayed as one transaction of the source would be.
+                Some(
+                    out.iter()
+                        .filter(|(step, _)| matches!(step, Step::Plain | Step::Queued))
+                        .map(|(_, bytes)| {
+                            let mut buf = BytesMut::from(bytes);
+                            parse_command(&mut buf)
+                                .ok()
+                                .flatten()
+                                .expect("rebuilt commands are valid RESP")
+                        })
+                        .collect(),
+                )
+            }
+        }
+    }
+
+    /// Replays what [`Intake::adapt`] made of a command: inside an open
+    /// transaction, as part of it; otherwise alone, or as a transaction of
+    /// its own when it takes several commands.
+    async fn handle_replacement(
+        &mut self,
+        cmds: Vec<Command>,
+        safe: At,
+    ) -> Result<(), WorkerError> {
+        if let Some(tx) = &mut self.tx {
+            for cmd in cmds {
+                let spec = command::lookup(&cmd);
+                tx.commands.push((cmd, spec));
+            }
+            return Ok(());
+        }
+        match cmds.len() {
+            0 => Ok(()),
+            1 => {
+                let cmd = cmds.into_iter().next().expect("one command");
+                let spec = command::lookup(&cmd);
+                if self.target_db(self.db).is_none() {
+                    self.stats.commands_filtered.fetch_add(1, Ordering::Relaxed);
+                    return Ok(());
+                }
+                self.route(&cmd, spec, safe).await
+            }
+            _ => {
+                let tx = OpenTx {
+                    start_db: self.db,
+                    commands: cmds
+                        .into_iter()
+                        .map(|c| {
+                            let spec = command::lookup(&c);
+                            (c, spec)
+                        })
+                        .collect(),
+                };
+                if self.dispatcher.router().is_cluster() {
+                    self.dispatch_tx_cluster(tx, safe).await
+                } else {
+                    self.dispatch_tx(tx, safe).await
+                }
+            }
+        }
+    }
+
     /// Every database copied as-is: commands that move data between
     /// databases can be replayed unchanged.
     fn identity_dbs(&self) -> bool {
@@ -583,9 +919,9 @@ impl Intake {
                 let Topology::Cluster(routing) = &self.dispatcher.router().topology else {
                     unreachable!("cluster checked above")
                 };
-                let control = self
-                    .control
-                    .get_or_insert_with(|| TargetControl::new(routing.clone()));
+                let control = self.control.get_or_insert_with(|| {
+                    TargetControl::new(routing.clone(), self.options.tmp_scope.clone())
+                });
                 if let rewrite::Outcome::Diverged(why) = control.run(&plan, cmd).await? {
                     self.not_replayed(cmd, &why);
                 }
@@ -841,6 +1177,30 @@ enum Transfer {
     /// `$EOF:<mark>`: the RDB is followed by the same 40-byte mark
     /// (diskless sync).
     Marked(Vec<u8>),
+}
+
+/// What the reply to a RESTORE must be.
+fn restore_kind(existing: Existing) -> ExpectKind {
+    match existing {
+        Existing::Replace => ExpectKind::Ok,
+        Existing::Keep => ExpectKind::KeepExisting,
+    }
+}
+
+/// How a rebuilt command's reply is checked.
+pub(crate) fn step_kind(step: Step) -> ExpectKind {
+    match step {
+        Step::Plain => ExpectKind::Ok,
+        Step::Begin => ExpectKind::TxBegin,
+        Step::Queued => ExpectKind::TxQueued,
+        Step::End => ExpectKind::TxEnd,
+    }
+}
+
+pub(crate) fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
 fn parse_transfer_header(addr: &str, line: &str) -> Result<Transfer, WorkerError> {

@@ -23,7 +23,8 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 pub use handshake::{handshake, SyncStart};
-pub use intake::{IntakeEnd, IntakeOptions};
+pub(crate) use intake::{now_ms, step_kind};
+pub use intake::{IntakeEnd, IntakeOptions, DEFAULT_BIG_KEY_BYTES};
 
 use crate::conn::Conn;
 use crate::endpoint::Endpoint;

@@ -33,6 +33,8 @@ const MAX_REDIRECTS: usize = 5;
 pub(crate) struct TargetControl {
     routing: Arc<ClusterRouting>,
     conns: HashMap<String, Conn>,
+    /// Keeps our temporary names apart from other shards'.
+    scope: String,
 }
 
 /// What a rewrite did.
@@ -44,10 +46,11 @@ pub(crate) enum Outcome {
 }
 
 impl TargetControl {
-    pub fn new(routing: Arc<ClusterRouting>) -> TargetControl {
+    pub fn new(routing: Arc<ClusterRouting>, scope: String) -> TargetControl {
         TargetControl {
             routing,
             conns: HashMap::new(),
+            scope,
         }
     }
 
@@ -188,7 +191,7 @@ impl TargetControl {
     ) -> Result<Outcome, WorkerError> {
         let mut names = Vec::with_capacity(copy.len());
         for (n, &pos) in copy.iter().enumerate() {
-            let name = colocated_name(anchor, n);
+            let name = colocated_name(anchor, &self.scope, n as u64);
             let key = cmd.arg(pos);
             match self.call(slot(key), &[b"DUMP", key]).await? {
                 Frame::Bulk(payload) => {

@@ -51,6 +51,10 @@ pub struct WriterArgs {
     pub stats: Arc<WriterStats>,
     pub retry: RetryPolicy,
     pub window: usize,
+    /// The target's version, for rebuilding RESTOREs it refuses.
+    pub target_caps: engine::rebuild::TargetCaps,
+    /// Keeps this writer's temporary key names apart from others'.
+    pub tmp_scope: String,
 }
 
 pub enum WriterMsg {
@@ -96,6 +100,11 @@ impl Actor for Writer {
                 routing: args.routing,
                 overflow: args.overflow,
                 window: args.window,
+                fallback: pipeline::Fallback {
+                    caps: args.target_caps,
+                    tmp_scope: args.tmp_scope,
+                    tmp_names: Default::default(),
+                },
             }),
             rx: Some(args.rx),
             redirects: Some(args.redirects),
@@ -198,6 +207,11 @@ fn pipeline_exited(
         Ok(()) => {
             // The queue closed and everything is confirmed: drained.
             myself.stop(None);
+            Ok(())
+        }
+        Err(err @ WorkerError::Resend { .. }) => {
+            tracing::info!(target_node = %state.endpoint, "{err}");
+            myself.send_message(WriterMsg::Connect)?;
             Ok(())
         }
         Err(err) => {

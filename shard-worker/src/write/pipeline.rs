@@ -41,6 +41,9 @@ use crate::error::{Recovery, WorkerError};
 use crate::events;
 use crate::progress::{ShardStats, WriterStats};
 use crate::route::{Batch, BatchBuilder, ClusterRouting, ExpectKind, Overflow, Redirected};
+use engine::rebuild::{Commands, Rebuild, TargetCaps};
+use engine::restore::Existing;
+use engine::split::colocated_name;
 
 /// How long replies may keep us waiting before the target is considered
 /// gone (a paused or sleeping target answers well within this).
@@ -94,6 +97,16 @@ pub(crate) struct PipelineCtx {
     pub overflow: Arc<Overflow>,
     /// Most batches written but not yet confirmed.
     pub window: usize,
+    /// For RESTOREs the target refuses: what it can take instead.
+    pub fallback: Fallback,
+}
+
+/// How a RESTORE the target refuses as too new is rebuilt.
+pub(crate) struct Fallback {
+    pub caps: TargetCaps,
+    /// Keeps our temporary key names apart from other writers'.
+    pub tmp_scope: String,
+    pub tmp_names: std::sync::atomic::AtomicU64,
 }
 
 pub(crate) struct PipelineStart {
@@ -317,6 +330,8 @@ type RecvFailure = (WorkerError, Option<(InFlight, usize)>);
 /// What the replies of one batch said.
 #[derive(Default)]
 struct Verdict {
+    /// Refused RESTOREs (by index) and the commands that replace them.
+    rebuilt: Vec<(usize, Batch)>,
     /// Commands (index ranges) to send to another node instead.
     redirects: Vec<(std::ops::Range<usize>, Redirect)>,
     /// Commands that did not run (retryable error), as index ranges.
@@ -349,6 +364,12 @@ impl Receiver<'_> {
                             // Drain: stop sending, read what is in flight.
                             inflight.close();
                         }
+                    }
+                    // Drained after a retryable error: what waits on the
+                    // resend is carried over to the next connection.
+                    None if self.retry_error.is_some() => {
+                        self.confirm_ready();
+                        return Ok(());
                     }
                     None if self.awaiting.iter().all(|a| a.waits.is_empty()) => {
                         self.confirm_ready();
@@ -451,6 +472,14 @@ impl Receiver<'_> {
                         did_not_run = true;
                         self.retry_error.get_or_insert(err);
                     }
+                    Reply::Rebuilt(b) => {
+                        verdict.rebuilt.push((i, b));
+                        did_not_run = true;
+                        self.retry_error.get_or_insert(WorkerError::Resend {
+                            addr: self.addr.clone(),
+                            why: "values rebuilt with ordinary commands (the target refused their RESTORE payloads)",
+                        });
+                    }
                     Reply::Fatal(err) => return Err((err, Some((item, ran)))),
                 }
             }
@@ -480,15 +509,16 @@ impl Receiver<'_> {
             .stats
             .inflight_commands
             .fetch_sub(batch.len() as u64, Ordering::Relaxed);
-        if !verdict.not_run.is_empty() {
+        if !verdict.not_run.is_empty() || !verdict.rebuilt.is_empty() {
             // This connection ends: resend what did not run (redirected
-            // commands included: they will be redirected from there). The
-            // batch is confirmed once that remainder is, and batches after
-            // it wait their turn behind it.
+            // commands included: they will be redirected from there; refused
+            // RESTOREs as their rebuilt commands). The batch is confirmed
+            // once that remainder is, and batches after it wait their turn
+            // behind it.
             let mut ranges: Vec<std::ops::Range<usize>> = verdict.not_run;
             ranges.extend(verdict.redirects.drain(..).map(|(r, _)| r));
             ranges.sort_by_key(|r| r.start);
-            let rest = sub_batch(&batch, &ranges, None);
+            let rest = resend_batch(&batch, &ranges, verdict.rebuilt);
             let (tx, rx) = oneshot::channel();
             self.retry.push((rest, Some(tx)));
             self.settle_after(batch.shard, batch.end, 0, done, vec![rx]);
@@ -611,6 +641,14 @@ impl Receiver<'_> {
                 return Reply::Ran
             }
             ExpectKind::TxEnd if code == "EXECABORT" => return Reply::ExecAbort,
+            ExpectKind::Ok | ExpectKind::KeepExisting
+                if text.starts_with("ERR DUMP payload version or checksum are wrong")
+                    || text.starts_with("ERR Bad data format") =>
+            {
+                if let Some(rebuilt) = self.rebuild_restore(batch, i, text) {
+                    return Reply::Rebuilt(rebuilt);
+                }
+            }
             _ => {}
         }
         if let Some(redirect) = parse_redirect(text) {
@@ -632,6 +670,51 @@ impl Receiver<'_> {
         }
         .emit(&self.ctx.stats, &mut self.log);
         Reply::Ran
+    }
+
+    /// The commands that rebuild the value of RESTORE `i` of `batch`, which
+    /// the target refused; `None` when it is not a RESTORE or its payload
+    /// cannot be decoded (then the refusal is reported as it is).
+    fn rebuild_restore(&mut self, batch: &Batch, i: usize, reply: &str) -> Option<Batch> {
+        let mut bytes = BytesMut::from(batch.command_bytes(i));
+        let cmd = engine::resp::parse_command(&mut bytes).ok()??;
+        let now = crate::source::now_ms();
+        let args = engine::restore::parse_restore(&cmd, now)?;
+        let value = engine::restore::decode_payload(&args.payload).ok()?;
+        let existing = if args.replace {
+            Existing::Replace
+        } else {
+            Existing::Keep
+        };
+        let fallback = &self.ctx.fallback;
+        let n = fallback.tmp_names.fetch_add(1, Ordering::Relaxed);
+        let tmp = colocated_name(engine::slot::slot(&args.key), &fallback.tmp_scope, n);
+        let mut out = Commands::new();
+        Rebuild::whole(
+            &args.key,
+            &value,
+            args.expire_ms,
+            existing,
+            fallback.caps,
+            || tmp,
+            now,
+            &mut out,
+        );
+        events::RestoreRebuilt {
+            target: &self.addr,
+            key: &args.key,
+            reply,
+        }
+        .emit(&self.ctx.stats, &mut self.log);
+        let mut b = BatchBuilder::default();
+        for (step, bytes) in out.iter() {
+            b.push(None, crate::source::step_kind(step), |buf| {
+                buf.extend_from_slice(bytes)
+            });
+        }
+        let mut rebuilt = b.take(batch.shard, batch.end);
+        rebuilt.db = batch.db;
+        Some(rebuilt)
     }
 
     /// Reads the next reply; `Some(text)` when it is (or holds) an error.
@@ -687,6 +770,9 @@ enum Reply {
     ExecAbort,
     /// The command did not run; the connection must end (then resend it).
     NotRun(WorkerError),
+    /// A RESTORE refused because the target cannot read its payload: these
+    /// commands rebuild the value instead (sent like [`Reply::NotRun`]).
+    Rebuilt(Batch),
     Fatal(WorkerError),
 }
 
@@ -709,6 +795,35 @@ async fn wait_front(awaiting: &mut VecDeque<Awaiting>) -> bool {
 /// The commands of `batch` in `ranges` (in order), as a batch of their own,
 /// each preceded by `prefix` when given (ASKING). A transaction sent with a
 /// prefix loses its MULTI/EXEC: after ASKING each command runs alone.
+/// What to send again of `batch`: the commands in `ranges`, and for each
+/// refused RESTORE in `rebuilt`, its replacement, in the batch's order.
+fn resend_batch(
+    batch: &Batch,
+    ranges: &[std::ops::Range<usize>],
+    rebuilt: Vec<(usize, Batch)>,
+) -> Batch {
+    if rebuilt.is_empty() {
+        return sub_batch(batch, ranges, None);
+    }
+    let mut pieces: Vec<(usize, Batch)> = ranges
+        .iter()
+        .map(|r| (r.start, sub_batch(batch, std::slice::from_ref(r), None)))
+        .collect();
+    pieces.extend(rebuilt);
+    pieces.sort_by_key(|(at, _)| *at);
+    let mut b = BatchBuilder::default();
+    for (_, piece) in &pieces {
+        for i in 0..piece.len() {
+            b.push(None, piece.replies[i].kind, |buf| {
+                buf.extend_from_slice(piece.command_bytes(i))
+            });
+        }
+    }
+    let mut out = b.take(batch.shard, batch.end);
+    out.db = batch.db;
+    out
+}
+
 fn sub_batch(batch: &Batch, ranges: &[std::ops::Range<usize>], prefix: Option<&[u8]>) -> Batch {
     let mut b = BatchBuilder::default();
     for range in ranges {

@@ -3,9 +3,15 @@
 //!
 //! Every key's type, value (read per type, unordered collections sorted),
 //! and exact expiry time (PEXPIRETIME) must match; streams are compared with
-//! `XINFO STREAM FULL` minus what legitimately differs (internal radix-tree
-//! sizes and wall-clock times of consumers and deliveries); function
-//! libraries are compared with their code.
+//! `XINFO STREAM FULL COUNT 0` (every entry and pending entry) minus what
+//! legitimately differs (internal radix-tree sizes and wall-clock times of
+//! consumers and deliveries); function libraries are compared with their
+//! code.
+//!
+//! Servers before 7.0 have no PEXPIRETIME: their expiry is read as TIME +
+//! PTTL, and compared with a tolerance of [`TTL_SLACK_MS`]. Their streams
+//! have no counters (entries-added, max-deleted-entry-id,
+//! recorded-first-entry-id), which are then left out on both sides.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -43,16 +49,48 @@ fn keys(con: &mut redis::Connection) -> BTreeSet<Vec<u8>> {
     }
 }
 
+/// Expiries read as TIME + PTTL (servers before 7.0) may differ by this.
+pub const TTL_SLACK_MS: i64 = 1000;
+
+/// How a comparison reads the servers on each side.
+#[derive(Clone, Copy, Debug)]
+struct Mode {
+    /// PEXPIRETIME exists (7.0+); otherwise TIME + PTTL.
+    exact_ttl: bool,
+    /// Leave out stream counters one side cannot have.
+    stream_counters: bool,
+}
+
+fn major_version(con: &mut redis::Connection) -> u32 {
+    let info: String = redis::cmd("INFO").arg("server").query(con).expect("INFO");
+    info.lines()
+        .find_map(|l| l.strip_prefix("redis_version:"))
+        .and_then(|v| v.split('.').next())
+        .and_then(|m| m.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn now_ms(con: &mut redis::Connection) -> i64 {
+    let (secs, micros): (i64, i64) = redis::cmd("TIME").query(con).expect("TIME");
+    secs * 1000 + micros / 1000
+}
+
 /// Type, value and expiry of many keys, in two pipelined round trips.
 fn fingerprints(
     con: &mut redis::Connection,
     keys: &[&Vec<u8>],
+    mode: Mode,
 ) -> Vec<(String, Option<Fingerprint>, i64)> {
     let mut meta = redis::pipe();
     for k in keys {
         meta.cmd("TYPE").arg(k.as_slice());
-        meta.cmd("PEXPIRETIME").arg(k.as_slice());
+        if mode.exact_ttl {
+            meta.cmd("PEXPIRETIME").arg(k.as_slice());
+        } else {
+            meta.cmd("PTTL").arg(k.as_slice());
+        }
     }
+    let now = if mode.exact_ttl { 0 } else { now_ms(con) };
     let meta: Vec<Value> = meta.query(con).expect("TYPE/PEXPIRETIME");
     let mut reads = redis::pipe();
     let mut kinds = Vec::with_capacity(keys.len());
@@ -79,7 +117,13 @@ fn fingerprints(
                 reads.cmd("HGETALL").arg(k);
             }
             "stream" => {
-                reads.cmd("XINFO").arg("STREAM").arg(k).arg("FULL");
+                reads
+                    .cmd("XINFO")
+                    .arg("STREAM")
+                    .arg(k)
+                    .arg("FULL")
+                    .arg("COUNT")
+                    .arg(0);
             }
             _ => {
                 reads.cmd("DUMP").arg(k);
@@ -93,7 +137,10 @@ fn fingerprints(
         .zip(values)
         .enumerate()
         .map(|(i, (kind, v))| {
-            let expire: i64 = redis::from_redis_value(meta[2 * i + 1].clone()).unwrap_or(-3);
+            let mut expire: i64 = redis::from_redis_value(meta[2 * i + 1].clone()).unwrap_or(-3);
+            if !mode.exact_ttl && expire >= 0 {
+                expire += now;
+            }
             let fp = match kind.as_str() {
                 "none" => None,
                 "string" => Some(Fingerprint::String(redis::from_redis_value(v).unwrap())),
@@ -108,7 +155,10 @@ fn fingerprints(
                     ))
                 }
                 "hash" => Some(Fingerprint::Hash(redis::from_redis_value(v).unwrap())),
-                "stream" => Some(Fingerprint::Stream(canonical_stream(&v))),
+                "stream" => Some(Fingerprint::Stream(canonical_stream(
+                    &v,
+                    mode.stream_counters,
+                ))),
                 other => Some(Fingerprint::Other(
                     other.to_string(),
                     redis::from_redis_value(v).unwrap(),
@@ -123,6 +173,7 @@ fn fingerprints(
 fn fingerprints_at(
     cons: &mut [redis::Connection],
     at: &BTreeMap<Vec<u8>, usize>,
+    mode: Mode,
 ) -> BTreeMap<Vec<u8>, (String, Option<Fingerprint>, i64)> {
     let mut out = BTreeMap::new();
     for (node, con) in cons.iter_mut().enumerate() {
@@ -132,7 +183,7 @@ fn fingerprints_at(
             .map(|(k, _)| k)
             .collect();
         for chunk in keys.chunks(500) {
-            for (k, fp) in chunk.iter().zip(fingerprints(con, chunk)) {
+            for (k, fp) in chunk.iter().zip(fingerprints(con, chunk, mode)) {
                 out.insert((*k).clone(), fp);
             }
         }
@@ -155,7 +206,7 @@ fn normalize_score(s: &[u8]) -> String {
 /// and a group's `entries-read`/`lag`: Redis 7.0 replicates XREADGROUP as
 /// XCLAIM ... LASTID, which does not carry them, so even a native replica
 /// shows them as nil (checked against redis-server 7.0.15).
-fn canonical_stream(v: &Value) -> String {
+fn canonical_stream(v: &Value, counters: bool) -> String {
     const SKIP: &[&str] = &[
         "radix-tree-keys",
         "radix-tree-nodes",
@@ -164,7 +215,12 @@ fn canonical_stream(v: &Value) -> String {
         "entries-read",
         "lag",
     ];
-    fn text(v: &Value) -> String {
+    const COUNTERS: &[&str] = &[
+        "entries-added",
+        "max-deleted-entry-id",
+        "recorded-first-entry-id",
+    ];
+    fn text(v: &Value, counters: bool) -> String {
         match v {
             Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
             Value::SimpleString(s) => s.clone(),
@@ -178,7 +234,7 @@ fn canonical_stream(v: &Value) -> String {
                         .step_by(2)
                         .all(|k| matches!(k, Value::BulkString(_) | Value::SimpleString(_)))
                     && items.iter().step_by(2).any(|k| {
-                        let t = text(k);
+                        let t = text(k, counters);
                         t.chars().all(|c| c.is_ascii_lowercase() || c == '-') && t.contains('-')
                             || [
                                 "length",
@@ -194,8 +250,12 @@ fn canonical_stream(v: &Value) -> String {
                 if is_map {
                     let parts: Vec<String> = items
                         .chunks(2)
-                        .filter(|kv| !SKIP.contains(&text(&kv[0]).as_str()))
-                        .map(|kv| format!("{}={}", text(&kv[0]), text(&kv[1])))
+                        .filter(|kv| {
+                            let k = text(&kv[0], counters);
+                            !SKIP.contains(&k.as_str())
+                                && (counters || !COUNTERS.contains(&k.as_str()))
+                        })
+                        .map(|kv| format!("{}={}", text(&kv[0], counters), text(&kv[1], counters)))
                         .collect();
                     format!("{{{}}}", parts.join(","))
                 } else {
@@ -211,7 +271,7 @@ fn canonical_stream(v: &Value) -> String {
                         .iter()
                         .enumerate()
                         .filter(|(i, _)| Some(*i) != drop_time)
-                        .map(|(_, x)| text(x))
+                        .map(|(_, x)| text(x, counters))
                         .collect();
                     format!("[{}]", parts.join(","))
                 }
@@ -219,7 +279,7 @@ fn canonical_stream(v: &Value) -> String {
             other => format!("{other:?}"),
         }
     }
-    text(v)
+    text(v, counters)
 }
 
 fn functions(con: &mut redis::Connection) -> String {
@@ -256,10 +316,18 @@ pub fn diff_nodes(src: &[&RedisServer], sdb: u32, dst: &[&RedisServer], tdb: u32
         }
         at
     };
+    let s_major = major_version(&mut s_cons[0]);
+    let d_major = major_version(&mut d_cons[0]);
+    let both_70 = s_major >= 7 && d_major >= 7;
+    let mode = |major: u32| Mode {
+        exact_ttl: major >= 7,
+        stream_counters: both_70,
+    };
     let s_keys = locate(&mut s_cons);
     let d_keys = locate(&mut d_cons);
-    let s_fps = fingerprints_at(&mut s_cons, &s_keys);
-    let d_fps = fingerprints_at(&mut d_cons, &d_keys);
+    let s_fps = fingerprints_at(&mut s_cons, &s_keys, mode(s_major));
+    let d_fps = fingerprints_at(&mut d_cons, &d_keys, mode(d_major));
+    let slack = if both_70 { 0 } else { TTL_SLACK_MS };
     let mut out = Vec::new();
     for k in d_keys.keys().filter(|k| !s_keys.contains_key(*k)) {
         out.push(format!(
@@ -282,15 +350,37 @@ pub fn diff_nodes(src: &[&RedisServer], sdb: u32, dst: &[&RedisServer], tdb: u32
             ));
         } else if s_fp != d_fp {
             out.push(format!(
-                "db{sdb} {name:?}: {s_kind} values differ:\n  source {s_fp:?}\n  target {d_fp:?}"
+                "db{sdb} {name:?}: {s_kind} values differ:\n{}",
+                first_difference(&format!("{s_fp:?}"), &format!("{d_fp:?}"))
             ));
-        } else if s_exp != d_exp {
+        } else if (s_exp - d_exp).abs() > slack || (*s_exp < 0) != (*d_exp < 0) {
             out.push(format!(
                 "db{sdb} {name:?}: expiry {s_exp} on the source, {d_exp} on the target"
             ));
         }
     }
     out
+}
+
+/// Where two long renderings first differ, with a little context.
+fn first_difference(a: &str, b: &str) -> String {
+    let at = a
+        .char_indices()
+        .zip(b.chars())
+        .find(|((_, x), y)| x != y)
+        .map_or(a.len().min(b.len()), |((i, _), _)| i);
+    let window = |s: &str| -> String {
+        let start = s.floor_char_boundary(at.saturating_sub(120));
+        let end = s.ceil_char_boundary((at + 240).min(s.len()));
+        format!("…{}…", &s[start..end])
+    };
+    format!(
+        "  ({} and {} characters, first difference at {at})\n  source {}\n  target {}",
+        a.len(),
+        b.len(),
+        window(a),
+        window(b)
+    )
 }
 
 /// Panics with every difference between database 0 of two node sets

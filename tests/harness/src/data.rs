@@ -93,6 +93,16 @@ pub fn load_all_types(server: &RedisServer) {
 
 /// [`load_all_types`] into any sink (a cluster keeps database 0's part).
 pub fn load_all_types_into(sink: &mut dyn Sink) {
+    load_types(sink, true);
+}
+
+/// [`load_all_types`] without the function library: what Redis 6.2 holds
+/// (and what a 6.2 target can take).
+pub fn load_all_types_but_functions(server: &RedisServer) {
+    load_types(&mut ServerSink::new(server), false);
+}
+
+fn load_types(sink: &mut dyn Sink, functions: bool) {
     let con = &mut Db0(sink);
     // Strings: int, embstr, raw, binary, empty, LZF-compressible, random.
     con.run(&[b"SET", b"str:short", b"hello"]);
@@ -264,6 +274,8 @@ pub fn load_all_types_into(sink: &mut dyn Sink) {
         b">",
     ]);
     con.run(&[b"XACK", b"stream:events", b"grp-a", b"1700000000001-1"]);
+    // A delivered message deleted while pending: its PEL entry stays.
+    con.run(&[b"XDEL", b"stream:events", b"1700000000007-1"]);
     con.run(&[b"XGROUP", b"CREATE", b"stream:events", b"grp-b", b"$"]);
     con.run(&[
         b"XGROUP",
@@ -272,6 +284,34 @@ pub fn load_all_types_into(sink: &mut dyn Sink) {
         b"grp-b",
         b"carol",
     ]);
+    // Trimmed while pending: messages gone, PEL entries left.
+    for (key, keep) in [
+        (&b"stream:trimmed"[..], &b"2"[..]),
+        (b"stream:all-trimmed", b"0"),
+    ] {
+        for i in 1..=5 {
+            con.run(&[
+                b"XADD",
+                key,
+                format!("{i}-1").as_bytes(),
+                b"n",
+                i.to_string().as_bytes(),
+            ]);
+        }
+        con.run(&[b"XGROUP", b"CREATE", key, b"g", b"0"]);
+        con.run(&[
+            b"XREADGROUP",
+            b"GROUP",
+            b"g",
+            b"c",
+            b"COUNT",
+            b"4",
+            b"STREAMS",
+            key,
+            b">",
+        ]);
+        con.run(&[b"XTRIM", key, b"MAXLEN", keep]);
+    }
     con.run(&[b"XADD", b"stream:empty", b"1-1", b"a", b"b"]);
     con.run(&[b"XDEL", b"stream:empty", b"1-1"]);
 
@@ -299,13 +339,15 @@ pub fn load_all_types_into(sink: &mut dyn Sink) {
     }
 
     // Functions.
-    con.run(
-        &[
-            b"FUNCTION",
-            b"LOAD",
-            b"#!lua name=testlib\nredis.register_function('echo1', function(keys, args) return args[1] end)",
-        ],
-    );
+    if functions {
+        con.run(
+            &[
+                b"FUNCTION",
+                b"LOAD",
+                b"#!lua name=testlib\nredis.register_function('echo1', function(keys, args) return args[1] end)",
+            ],
+        );
+    }
 
     // Other databases (db 2 stays empty).
     let sink = &mut *con.0;
@@ -349,4 +391,85 @@ pub fn load_strings_into(sink: &mut dyn Sink, n: usize, prefix: &str) {
         let key = format!("{prefix}{i}");
         sink.run(0, &[b"SET", key.as_bytes(), &value]);
     }
+}
+
+/// Values big enough to be written in parts under a small
+/// `--big-key-threshold` (a few hundred KB each, `n` elements per
+/// collection): a hash, a list, a set, a sorted set, a stream with a
+/// consumer group and pending entries, a plain (incompressible) string, and
+/// a list with a TTL.
+pub fn load_big_values(server: &RedisServer, n: usize) {
+    let mut con = server.client();
+    let mut pipe = redis::pipe();
+    for chunk_start in (0..n).step_by(500) {
+        let range = chunk_start..(chunk_start + 500).min(n);
+        let mut hset = redis::cmd("HSET");
+        hset.arg("big:hash");
+        let mut rpush = redis::cmd("RPUSH");
+        rpush.arg("big:list");
+        let mut sadd = redis::cmd("SADD");
+        sadd.arg("big:set");
+        let mut zadd = redis::cmd("ZADD");
+        zadd.arg("big:zset");
+        let mut ttl = redis::cmd("RPUSH");
+        ttl.arg("big:ttl-list");
+        for i in range {
+            hset.arg(format!("field-{i}"))
+                .arg(format!("value-{i}-{}", "v".repeat(i % 17)));
+            rpush.arg(format!("element-{i}"));
+            sadd.arg(format!("member-{i}"));
+            zadd.arg(i as f64 / 3.0 - 1000.0).arg(format!("z-{i}"));
+            ttl.arg(
+                noise(8, i as u64)
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect::<String>(),
+            );
+        }
+        pipe.add_command(hset).ignore();
+        pipe.add_command(rpush).ignore();
+        pipe.add_command(sadd).ignore();
+        pipe.add_command(zadd).ignore();
+        pipe.add_command(ttl).ignore();
+    }
+    for i in 1..=(n / 5).max(10) {
+        pipe.cmd("XADD")
+            .arg("big:stream")
+            .arg(format!("{}-{}", 1_700_000_000_000u64 + i as u64, i % 2))
+            .arg("n")
+            .arg(i)
+            .arg("payload")
+            .arg(
+                noise(20, i as u64 + 7)
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect::<String>(),
+            )
+            .ignore();
+    }
+    pipe.cmd("XGROUP")
+        .arg("CREATE")
+        .arg("big:stream")
+        .arg("readers")
+        .arg("0")
+        .ignore();
+    pipe.cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg("readers")
+        .arg("r1")
+        .arg("COUNT")
+        .arg(25)
+        .arg("STREAMS")
+        .arg("big:stream")
+        .arg(">")
+        .ignore();
+    pipe.cmd("SET")
+        .arg("big:string")
+        .arg(noise(300_000, 9))
+        .ignore();
+    pipe.cmd("PEXPIREAT")
+        .arg("big:ttl-list")
+        .arg(FAR_EXPIRY_MS)
+        .ignore();
+    let _: () = pipe.query(&mut con).expect("load big values");
 }

