@@ -177,7 +177,10 @@ fn read_rdb(path: &Path) -> (f64, f64) {
 }
 
 fn saved_rdb(server: &RedisServer) -> std::path::PathBuf {
-    let _: () = redis::cmd("SAVE").query(&mut server.client()).unwrap();
+    // A replication child may still be finishing.
+    wait_for("SAVE", LONG, || {
+        redis::cmd("SAVE").query::<()>(&mut server.client()).is_ok()
+    });
     server.dir().join("dump.rdb")
 }
 

@@ -176,6 +176,11 @@ pub fn render(status: &TaskStatus) -> String {
             "Hash fields written without their TTL (the target predates Redis 7.4).",
             COUNTER,
         );
+        let mut consumers_dropped = Family::new(
+            "stream_consumers_dropped_total",
+            "Stream consumers without pending entries left out (the target predates Redis 6.2).",
+            COUNTER,
+        );
         for s in &workers.shards {
             let shard = s.source.as_str();
             let current = status.shard_state(s);
@@ -216,6 +221,7 @@ pub fn render(status: &TaskStatus) -> String {
                 );
             }
             ttls_dropped.sample(&l, s.field_ttls_dropped.load(Ordering::Relaxed) as f64);
+            consumers_dropped.sample(&l, s.consumers_dropped.load(Ordering::Relaxed) as f64);
         }
         families.extend([
             state,
@@ -240,6 +246,7 @@ pub fn render(status: &TaskStatus) -> String {
             spilled,
             converted,
             ttls_dropped,
+            consumers_dropped,
         ]);
 
         let mut connected = Family::new(

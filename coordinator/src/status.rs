@@ -172,6 +172,7 @@ impl TaskStatus {
                         rebuilt: s.values_rebuilt.load(Ordering::Relaxed),
                         in_parts: s.big_values.load(Ordering::Relaxed),
                         field_ttls_dropped: s.field_ttls_dropped.load(Ordering::Relaxed),
+                        consumers_dropped: s.consumers_dropped.load(Ordering::Relaxed),
                     },
                 });
             }
@@ -228,6 +229,8 @@ pub struct ValuesJson {
     pub in_parts: u64,
     /// Hash fields written without their TTL (target before 7.4).
     pub field_ttls_dropped: u64,
+    /// Stream consumers without pending entries left out (target before 6.2).
+    pub consumers_dropped: u64,
 }
 
 #[derive(Serialize)]

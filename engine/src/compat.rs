@@ -16,14 +16,15 @@ pub fn adapt(cmd: &Command, caps: TargetCaps) -> Option<Command> {
     if caps.stream_counters() {
         return None;
     }
-    let drop_opts: &[&[u8]] = if cmd.is("XSETID") {
-        &[b"ENTRIESADDED", b"MAXDELETEDID"]
+    // Options start after `XSETID key id` / `XGROUP CREATE|SETID key group id`.
+    let (drop_opts, first_opt): (&[&[u8]], usize) = if cmd.is("XSETID") {
+        (&[b"ENTRIESADDED", b"MAXDELETEDID"], 3)
     } else if cmd.is("XGROUP")
         && cmd
             .get(1)
             .is_some_and(|s| s.eq_ignore_ascii_case(b"CREATE") || s.eq_ignore_ascii_case(b"SETID"))
     {
-        &[b"ENTRIESREAD"]
+        (&[b"ENTRIESREAD"], 5)
     } else {
         return None;
     };
@@ -32,7 +33,10 @@ pub fn adapt(cmd: &Command, caps: TargetCaps) -> Option<Command> {
     let mut i = 0;
     while i < cmd.argc() {
         let a = cmd.arg(i);
-        if i >= 3 && i + 1 < cmd.argc() && drop_opts.iter().any(|o| a.eq_ignore_ascii_case(o)) {
+        if i >= first_opt
+            && i + 1 < cmd.argc()
+            && drop_opts.iter().any(|o| a.eq_ignore_ascii_case(o))
+        {
             i += 2;
             changed = true;
             continue;
@@ -90,6 +94,24 @@ mod tests {
         );
         assert_eq!(adapt_62(&["XSETID", "s", "9-0"]), None);
         assert_eq!(adapt_62(&["SET", "ENTRIESREAD", "x", "y"]), None);
+        // A group (or key) named like an option stays.
+        assert_eq!(
+            adapt_62(&[
+                "XGROUP",
+                "SETID",
+                "s",
+                "ENTRIESREAD",
+                "5-0",
+                "ENTRIESREAD",
+                "1"
+            ])
+            .unwrap(),
+            ["XGROUP", "SETID", "s", "ENTRIESREAD", "5-0"]
+        );
+        assert_eq!(
+            adapt_62(&["XGROUP", "CREATE", "ENTRIESREAD", "g", "$"]),
+            None
+        );
         let cmd = Command::from_args(&["XSETID", "s", "9-0", "ENTRIESADDED", "12"]);
         assert!(adapt(&cmd, TargetCaps::new(7, 0)).is_none());
     }

@@ -12,8 +12,17 @@
 //! under a temporary name in the same cluster slot (with a safety TTL in
 //! case we die half-way) and renamed over the key at the end, in a
 //! transaction with its TTL: the key changes at once, and no command is
-//! large enough to hold the target up. Every command is bounded to
-//! [`MAX_ELEMENTS`] elements and about [`MAX_COMMAND_BYTES`] bytes.
+//! large enough to hold the target up: collection commands carry at most
+//! [`MAX_ELEMENTS`] elements and about [`MAX_COMMAND_BYTES`] bytes, strings
+//! go in pieces of that size (a single element or stream entry larger than
+//! that still goes in one command).
+//!
+//! Commands of a value in parts may be sent twice (the writer resends what
+//! was not confirmed when a connection drops), so each is idempotent: SADD,
+//! HSET, ZADD and HPEXPIREAT are by nature, string pieces go with SETRANGE
+//! at their offset, and list elements with a script that pushes only when
+//! the list has the length it had before them. (A stream entry sent twice
+//! is refused by XADD as not newer than the last one: harmless.)
 //!
 //! Under `Existing::Keep` (`--on-conflict skip`) a key that exists on the
 //! target is left alone: strings use `SET NX`, the others are built under
@@ -29,6 +38,11 @@ use crate::restore::Existing;
 pub const MAX_ELEMENTS: usize = 512;
 /// Commands are cut once their arguments pass this many bytes.
 pub const MAX_COMMAND_BYTES: usize = 1024 * 1024;
+/// Pushes ARGV[2..] onto KEYS[1] only if its length is ARGV[1].
+pub const GUARDED_RPUSH: &str =
+    "if redis.call('LLEN', KEYS[1]) ~= tonumber(ARGV[1]) then return -1 end \
+     return redis.call('RPUSH', KEYS[1], unpack(ARGV, 2))";
+
 /// TTL of a temporary key while a value is built under it.
 pub const TEMP_TTL_MS: i64 = 24 * 3600 * 1000;
 
@@ -79,6 +93,11 @@ impl TargetCaps {
 
     /// XGROUP CREATECONSUMER (6.2).
     pub fn create_consumer(&self) -> bool {
+        self.at_least(6, 2)
+    }
+
+    /// XTRIM ... MINID (6.2).
+    pub fn xtrim_minid(&self) -> bool {
         self.at_least(6, 2)
     }
 
@@ -184,6 +203,9 @@ impl Commands {
 pub struct Loss {
     /// Hash fields written without their TTL (the target predates 7.4).
     pub field_ttls: u64,
+    /// Stream consumers without pending entries, which a target before 6.2
+    /// cannot be given.
+    pub consumers: u64,
 }
 
 /// One value being rebuilt.
@@ -197,8 +219,8 @@ pub struct Rebuild {
     caps: TargetCaps,
     /// Whether anything was written to `dest`.
     created: bool,
-    /// A string value: the next piece is appended.
-    string_started: bool,
+    /// String bytes or list elements written so far.
+    written: u64,
     pub loss: Loss,
 }
 
@@ -216,6 +238,10 @@ impl Rebuild {
         now_ms: i64,
         out: &mut Commands,
     ) -> Loss {
+        if matches!(value, Value::Module { .. }) {
+            // Only its module can make sense of it: nothing to write.
+            return Loss::default();
+        }
         let expired = expire_ms.is_some_and(|ms| ms <= now_ms);
         let value = live(value, now_ms);
         let empty = value.is_empty() || expired;
@@ -250,7 +276,7 @@ impl Rebuild {
             existing,
             caps,
             created: false,
-            string_started: false,
+            written: 0,
             loss: Loss::default(),
         };
         out.begin();
@@ -289,7 +315,7 @@ impl Rebuild {
             existing,
             caps,
             created: false,
-            string_started: false,
+            written: 0,
             loss: Loss::default(),
         }
     }
@@ -351,16 +377,17 @@ impl Rebuild {
         match value {
             Value::String(s) => {
                 for piece in pieces(s) {
-                    let verb: &[u8] = if self.string_started {
-                        b"APPEND"
+                    if self.written == 0 && self.tmp.is_none() {
+                        out.command(&[b"SET", &dest, piece]);
                     } else {
-                        b"SET"
-                    };
-                    out.command(&[verb, &dest, piece]);
-                    self.string_started = true;
+                        let offset = self.written.to_string();
+                        out.command(&[b"SETRANGE", &dest, offset.as_bytes(), piece]);
+                    }
+                    self.written += piece.len() as u64;
                     self.created = true;
                 }
             }
+            Value::List(items) if self.tmp.is_some() => self.guarded_rpush(items, out),
             Value::List(items) => self.batched(out, b"RPUSH", items.iter().map(|i| vec![&i[..]])),
             Value::Set(items) => self.batched(out, b"SADD", items.iter().map(|i| vec![&i[..]])),
             Value::ZSet(items) => {
@@ -384,6 +411,34 @@ impl Rebuild {
             }
             Value::Stream(s) => self.stream_entries(&s.entries, out),
             Value::Module { .. } => {}
+        }
+    }
+
+    /// RPUSH in bounded batches, each applied only if the list still has
+    /// the length it had before the batch (so that a resent batch is not
+    /// pushed twice).
+    fn guarded_rpush(&mut self, items: &[Bytes], out: &mut Commands) {
+        let mut start = 0;
+        while start < items.len() {
+            let mut end = start;
+            let mut bytes = 0;
+            while end < items.len() && end - start < MAX_ELEMENTS && bytes < MAX_COMMAND_BYTES {
+                bytes += items[end].len();
+                end += 1;
+            }
+            let expected = self.written.to_string();
+            let mut args: Vec<&[u8]> = vec![
+                b"EVAL",
+                GUARDED_RPUSH.as_bytes(),
+                b"1",
+                &self.dest,
+                expected.as_bytes(),
+            ];
+            args.extend(items[start..end].iter().map(|i| &i[..]));
+            out.command(&args);
+            self.written += (end - start) as u64;
+            self.created = true;
+            start = end;
         }
     }
 
@@ -505,7 +560,9 @@ impl Rebuild {
                     self.claim(&g.name, p, out);
                 }
             }
-            if i >= leading {
+            if i >= leading || !self.caps.xtrim_minid() {
+                // (Before 6.2 there is no MINID, nor a max-deleted ID to
+                // keep.)
                 out.command(&[b"XDEL", &dest, id.as_bytes()]);
             } else if i + 1 == leading {
                 match first_live {
@@ -609,6 +666,11 @@ impl Rebuild {
                 for c in &g.consumers {
                     out.command(&[b"XGROUP", b"CREATECONSUMER", &dest, &g.name, &c.name]);
                 }
+            } else {
+                // XCLAIM creates the consumers that own pending entries;
+                // the others cannot be made before 6.2.
+                self.loss.consumers +=
+                    g.consumers.iter().filter(|c| c.pending.is_empty()).count() as u64;
             }
             for p in g
                 .pending

@@ -155,6 +155,8 @@ pub struct ShardStats {
     pub big_values: AtomicU64,
     /// Hash fields written without their TTL (the target predates 7.4).
     pub field_ttls_dropped: AtomicU64,
+    /// Stream consumers without pending entries left out (target before 6.2).
+    pub consumers_dropped: AtomicU64,
     /// Stream bytes read from the source and not yet parsed.
     pub stream_spill: Arc<SpillGauges>,
     /// (offset, when it was read), to measure how long unapplied data waits.
@@ -195,6 +197,7 @@ impl ShardStats {
             values_rebuilt: AtomicU64::new(0),
             big_values: AtomicU64::new(0),
             field_ttls_dropped: AtomicU64::new(0),
+            consumers_dropped: AtomicU64::new(0),
             stream_spill: Arc::new(SpillGauges::default()),
             samples: Mutex::new(VecDeque::new()),
             confirmed: Notify::new(),

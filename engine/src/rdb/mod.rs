@@ -270,7 +270,7 @@ pub const PART_BYTES: usize = 4 * 1024 * 1024;
 pub const DEFAULT_MAX_VALUE_LEN: usize = 512 * 1024 * 1024;
 
 /// Longest key, aux field or function code accepted.
-const MAX_STRING_LEN: u64 = 512 * 1024 * 1024;
+pub(crate) const MAX_STRING_LEN: u64 = 512 * 1024 * 1024;
 
 impl<R: AsyncRead + Unpin> RdbReader<R> {
     /// Reads the `REDIS000N` header. `initial` holds bytes already read from
@@ -588,7 +588,7 @@ impl<R: AsyncRead + Unpin> RdbReader<R> {
             p.string_left = Some(left - n);
             (value::Value::String(piece), left == n)
         } else {
-            self.src.begin_capture(&[], usize::MAX);
+            self.src.begin_capture(&[], self.max_value_len);
             let mut n = 0;
             while p.remaining > 0 && (n == 0 || self.src.captured_len() < part_bytes) {
                 walk::element(&mut self.src, p.t).await?;
@@ -602,7 +602,7 @@ impl<R: AsyncRead + Unpin> RdbReader<R> {
             let last = p.remaining == 0;
             if last && walk::is_stream(p.t) {
                 let tail_at = self.src.offset();
-                self.src.begin_capture(&[], usize::MAX);
+                self.src.begin_capture(&[], self.max_value_len);
                 walk::stream_tail(&mut self.src, p.t).await?;
                 let bytes = self.src.end_capture()?;
                 let mut tail =

@@ -753,3 +753,33 @@ fn mutated_fixtures_never_panic_the_reader_in_parts() {
         }
     }
 }
+
+#[test]
+fn listpack_entries_at_back_length_boundaries_decode() {
+    let data = std::fs::read(fixtures_dir().join("generated/listpack-backlen.rdb")).unwrap();
+    let want: Vec<Vec<u8>> = [125usize, 126, 127, 16377, 16378, 16379]
+        .iter()
+        .map(|&n| {
+            let mut v = format!("{n}:").into_bytes();
+            v.resize(n, b'x');
+            v
+        })
+        .collect();
+    let mut seen = 0;
+    for item in block_on(read_all(&data[..])).unwrap() {
+        let RdbItem::Entry(e) = item else { continue };
+        let values: Vec<Vec<u8>> = match e.decode().unwrap() {
+            value::Value::List(items) => items.iter().map(|b| b.to_vec()).collect(),
+            value::Value::Hash(fields) => {
+                let mut f: Vec<_> = fields.iter().map(|f| f.value.to_vec()).collect();
+                f.sort_by_key(|v| v.len());
+                f
+            }
+            value::Value::Stream(s) => s.entries.iter().map(|e| e.fields[0].1.to_vec()).collect(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(values, want, "{:?}", e.key);
+        seen += 1;
+    }
+    assert_eq!(seen, 3);
+}

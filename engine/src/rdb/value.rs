@@ -26,6 +26,16 @@ pub struct DecodeError {
     pub what: String,
 }
 
+impl DecodeError {
+    /// The same error, `base` bytes further (for a blob inside the value).
+    fn shift(self, base: usize) -> DecodeError {
+        DecodeError {
+            at: self.at + base,
+            what: self.what,
+        }
+    }
+}
+
 /// A stream entry ID.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct StreamId {
@@ -155,7 +165,8 @@ fn decode_from(c: &mut Cursor, t: u8) -> Result<Value, DecodeError> {
     Ok(match t {
         TYPE_STRING => Value::String(c.string()?),
         TYPE_HASH_ZIPMAP => Value::Hash(
-            pairs(zipmap(&c.string()?)?)
+            pairs(blob_of(c, zipmap)?)
+                .map_err(|what| c.err(what))?
                 .into_iter()
                 .map(|(field, value)| HashField {
                     field,
@@ -164,18 +175,18 @@ fn decode_from(c: &mut Cursor, t: u8) -> Result<Value, DecodeError> {
                 })
                 .collect(),
         ),
-        TYPE_LIST_ZIPLIST => Value::List(ziplist(&c.string()?)?),
-        TYPE_SET_INTSET => Value::Set(intset(&c.string()?)?),
-        TYPE_SET_LISTPACK => Value::Set(listpack(&c.string()?)?),
+        TYPE_LIST_ZIPLIST => Value::List(blob_of(c, ziplist)?),
+        TYPE_SET_INTSET => Value::Set(blob_of(c, intset)?),
+        TYPE_SET_LISTPACK => Value::Set(blob_of(c, listpack)?),
         TYPE_ZSET_ZIPLIST | TYPE_ZSET_LISTPACK => {
-            let blob = c.string()?;
             let items = if t == TYPE_ZSET_ZIPLIST {
-                ziplist(&blob)?
+                blob_of(c, ziplist)?
             } else {
-                listpack(&blob)?
+                blob_of(c, listpack)?
             };
-            let mut out = Vec::with_capacity(items.len() / 2);
-            for (member, score) in pairs(items) {
+            let items = pairs(items).map_err(|what| c.err(what))?;
+            let mut out = Vec::with_capacity(items.len());
+            for (member, score) in items {
                 let score = parse_score(&score).ok_or_else(|| {
                     c.err(format!(
                         "score {:?} is not a number",
@@ -187,14 +198,14 @@ fn decode_from(c: &mut Cursor, t: u8) -> Result<Value, DecodeError> {
             Value::ZSet(out)
         }
         TYPE_HASH_ZIPLIST | TYPE_HASH_LISTPACK => {
-            let blob = c.string()?;
             let items = if t == TYPE_HASH_ZIPLIST {
-                ziplist(&blob)?
+                blob_of(c, ziplist)?
             } else {
-                listpack(&blob)?
+                blob_of(c, listpack)?
             };
             Value::Hash(
                 pairs(items)
+                    .map_err(|what| c.err(what))?
                     .into_iter()
                     .map(|(field, value)| HashField {
                         field,
@@ -208,7 +219,7 @@ fn decode_from(c: &mut Cursor, t: u8) -> Result<Value, DecodeError> {
             if t == TYPE_HASH_LISTPACK_EX {
                 let _min_expire: [u8; 8] = c.array()?;
             }
-            let items = listpack_items(&c.string()?)?;
+            let items = blob_of(c, listpack_items)?;
             if items.len() % 3 != 0 {
                 return Err(
                     c.err("a hash listpack with TTLs needs field, value, TTL triples".into())
@@ -408,7 +419,7 @@ fn seq_element(
         (TYPE_LIST_QUICKLIST_2, Value::List(v)) => match c.plain_len()? {
             1 => v.push(c.string()?),
             2 => {
-                let node = listpack(&c.string()?)?;
+                let node = blob_of(c, listpack)?;
                 if node.is_empty() {
                     return Err(c.err("an empty listpack node in a quicklist".into()));
                 }
@@ -417,7 +428,7 @@ fn seq_element(
             other => return Err(c.err(format!("unknown quicklist container {other}"))),
         },
         (TYPE_LIST_QUICKLIST, Value::List(v)) => {
-            let node = ziplist(&c.string()?)?;
+            let node = blob_of(c, ziplist)?;
             if node.is_empty() {
                 return Err(c.err("an empty ziplist node in a quicklist".into()));
             }
@@ -428,7 +439,7 @@ fn seq_element(
             Value::Stream(s),
         ) => {
             let master = stream_id(&c.string()?, c)?;
-            let items = listpack_items(&c.string()?)?;
+            let items = blob_of(c, listpack_items)?;
             stream_node(master, &items, &mut s.entries).map_err(|what| c.err(what))?;
         }
         (t, _) => return Err(c.err(format!("value type {t} is not a sequence"))),
@@ -529,6 +540,20 @@ impl<'a> Cursor<'a> {
         })
     }
 
+    /// A string holding an encoded blob (ziplist, listpack, intset,
+    /// zipmap), with the offset its errors are relative to (where its bytes
+    /// start, or the string's start when it was compressed).
+    fn blob(&mut self) -> Result<(Bytes, usize), DecodeError> {
+        let start = self.pos;
+        let blob = self.string()?;
+        let base = if self.pos - start >= blob.len() {
+            self.pos - blob.len()
+        } else {
+            start
+        };
+        Ok((blob, base))
+    }
+
     /// An RDB_TYPE_ZSET score: a length byte (253 NaN, 254 +inf, 255 -inf)
     /// then ASCII.
     fn ascii_double(&mut self) -> Result<f64, DecodeError> {
@@ -554,13 +579,27 @@ pub fn parse_score(text: &[u8]) -> Option<f64> {
     }
 }
 
-fn pairs(items: Vec<Bytes>) -> Vec<(Bytes, Bytes)> {
+/// Reads a blob string and decodes it with `decode`, errors pointing into
+/// the value.
+fn blob_of<T>(
+    c: &mut Cursor,
+    decode: impl FnOnce(&[u8]) -> Result<T, DecodeError>,
+) -> Result<T, DecodeError> {
+    let (blob, base) = c.blob()?;
+    decode(&blob).map_err(|e| e.shift(base))
+}
+
+/// Alternating items as pairs (fields and values, members and scores).
+fn pairs(items: Vec<Bytes>) -> Result<Vec<(Bytes, Bytes)>, String> {
+    if !items.len().is_multiple_of(2) {
+        return Err(format!("{} items cannot make pairs", items.len()));
+    }
     let mut it = items.into_iter();
     let mut out = Vec::new();
     while let (Some(a), Some(b)) = (it.next(), it.next()) {
         out.push((a, b));
     }
-    out
+    Ok(out)
 }
 
 /// A listpack element.
@@ -628,14 +667,24 @@ fn listpack_items(blob: &[u8]) -> Result<Vec<LpItem>, DecodeError> {
         };
         // The back-length: how long the entry (without it) is.
         let entry_len = c.pos - start;
+        // As lpEncodeBacklen sizes it; it must say `entry_len` back.
         let backlen_size = match entry_len {
             0..=127 => 1,
-            128..=16383 => 2,
-            16384..=2097151 => 3,
-            2097152..=268435455 => 4,
+            128..=16382 => 2,
+            16383..=2097150 => 3,
+            2097151..=268435454 => 4,
             _ => 5,
         };
-        c.take(backlen_size)?;
+        let backlen = c.take(backlen_size)?;
+        // Stored big-endian in 7-bit groups, the first byte's high bit clear.
+        let decoded = backlen
+            .iter()
+            .fold(0usize, |acc, b| (acc << 7) | (b & 0x7f) as usize);
+        if decoded != entry_len {
+            return Err(c.err(format!(
+                "listpack entry of {entry_len} bytes has a back-length of {decoded}"
+            )));
+        }
         out.push(item);
     }
     if c.pos != blob.len() {
@@ -959,7 +1008,7 @@ fn stream_node(
             if n < 0 {
                 return Err("stream entry: a negative field count".into());
             }
-            let mut f = Vec::with_capacity(n as usize);
+            let mut f = Vec::with_capacity((n as usize).min(it.len() / 2));
             for _ in 0..n {
                 let name = it
                     .next()

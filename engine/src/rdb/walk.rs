@@ -8,7 +8,7 @@ use tokio::io::AsyncRead;
 use super::consts::*;
 use super::source::Source;
 use super::value::is_sequence;
-use super::RdbError;
+use super::{RdbError, MAX_STRING_LEN};
 
 /// A length field: a plain length, or the tag of a special string encoding.
 enum Length {
@@ -92,6 +92,17 @@ pub(super) async fn string<R: AsyncRead + Unpin>(
 pub(crate) fn lzf_decompress(data: &[u8], len: usize, at: u64) -> Result<Bytes, RdbError> {
     if len == 0 {
         return Ok(Bytes::new());
+    }
+    // A back-reference of 3 bytes yields at most 264: a stated length past
+    // that ratio is corrupt, and must not be allocated.
+    if len > data.len().saturating_mul(90).saturating_add(64) || len as u64 > MAX_STRING_LEN {
+        return Err(RdbError::Invalid {
+            offset: at,
+            what: format!(
+                "LZF data of {} bytes cannot decompress to the stated {len}",
+                data.len()
+            ),
+        });
     }
     match lzf::decompress(data, len) {
         Ok(out) if out.len() == len => Ok(Bytes::from(out)),

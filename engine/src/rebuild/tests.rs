@@ -324,23 +324,24 @@ fn parts_build_aside_with_a_safety_ttl_and_rename_at_the_end() {
         V70,
         &mut out,
     );
-    r.part(&list(2), NOW, &mut out);
-    r.part(&list(1), NOW, &mut out);
-    r.finish(&Value::List(vec![]), NOW, &mut out);
+    r.part(&Value::Set(vec!["a".into(), "b".into()]), NOW, &mut out);
+    r.part(&Value::Set(vec!["c".into()]), NOW, &mut out);
+    r.finish(&Value::Set(vec![]), NOW, &mut out);
     assert_eq!(
         text(&out),
         [
             "DEL tmp",
-            "RPUSH tmp 0 1",
+            "SADD tmp a b",
             "PEXPIRE tmp 86400000",
-            "RPUSH tmp 0",
+            "SADD tmp c",
             "MULTI",
             "RENAME tmp k",
             "PERSIST k",
             "EXEC"
         ]
     );
-    // Strings append; the TTL goes on at the rename.
+    // Strings go piece by piece at their offset; the TTL goes on at the
+    // rename (RENAMENX under Keep).
     let mut out = Commands::new();
     let mut r = Rebuild::begin(
         b"k",
@@ -356,10 +357,50 @@ fn parts_build_aside_with_a_safety_ttl_and_rename_at_the_end() {
     let cmds = text(&out);
     assert_eq!(
         &cmds[1..4],
-        ["SET tmp ab", "PEXPIRE tmp 86400000", "APPEND tmp cd"]
+        [
+            "SETRANGE tmp 0 ab",
+            "PEXPIRE tmp 86400000",
+            "SETRANGE tmp 2 cd"
+        ]
     );
     assert!(cmds.contains(&format!("PEXPIREAT tmp {}", NOW + 3)));
     assert!(cmds.contains(&"RENAMENX tmp k".to_string()));
+}
+
+#[test]
+fn list_parts_push_only_onto_the_length_they_expect() {
+    let mut out = Commands::new();
+    let mut r = Rebuild::begin(
+        b"k",
+        b"tmp".to_vec(),
+        None,
+        Existing::Replace,
+        V70,
+        &mut out,
+    );
+    r.part(&list(600), NOW, &mut out);
+    r.part(&list(2), NOW, &mut out);
+    let evals: Vec<Vec<Vec<u8>>> = out
+        .to_args()
+        .into_iter()
+        .filter(|a| a[0] == b"EVAL")
+        .collect();
+    let shape: Vec<(String, usize)> = evals
+        .iter()
+        .map(|a| {
+            assert_eq!(a[1], GUARDED_RPUSH.as_bytes());
+            assert_eq!((&a[2][..], &a[3][..]), (&b"1"[..], &b"tmp"[..]));
+            (String::from_utf8(a[4].clone()).unwrap(), a.len() - 5)
+        })
+        .collect();
+    assert_eq!(
+        shape,
+        [
+            ("0".to_string(), 512),
+            ("512".to_string(), 88),
+            ("600".to_string(), 2)
+        ]
+    );
 }
 
 #[test]

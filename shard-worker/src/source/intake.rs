@@ -158,6 +158,8 @@ pub(crate) struct Intake {
     parts: Option<InParts>,
     /// Temporary names handed out so far.
     tmp_names: u64,
+    /// Module types seen in the RDB (each reported once).
+    module_types: std::collections::HashSet<u64>,
 }
 
 impl Intake {
@@ -192,6 +194,7 @@ impl Intake {
             log: LogLimiter::new(),
             parts: None,
             tmp_names: 0,
+            module_types: Default::default(),
         }
     }
 
@@ -284,6 +287,17 @@ impl Intake {
                     self.follow_map(None).await?;
                     let w = self.dispatcher.router().writer_for_key(&entry.key);
                     let existing = resync_existing;
+                    if let Some(id) = entry.module_id {
+                        if self.module_types.insert(id) {
+                            tracing::info!(
+                                source = %self.addr,
+                                module_type = %engine::rdb::module_type_name(id),
+                                module_id = id,
+                                key = %String::from_utf8_lossy(&entry.key[..entry.key.len().min(80)]),
+                                "module values are restored as they are: the target needs the same module loaded"
+                            );
+                        }
+                    }
                     match self.carry(&entry) {
                         Carry::Restore => {
                             let kind = restore_kind(existing);
@@ -495,6 +509,20 @@ impl Intake {
 
     /// Reports what a rebuild could not carry.
     fn note_loss(&mut self, key: &[u8], loss: engine::rebuild::Loss) {
+        if loss.consumers > 0 {
+            self.stats
+                .consumers_dropped
+                .fetch_add(loss.consumers, Ordering::Relaxed);
+            if let Some(suppressed) = self.log.allow() {
+                tracing::warn!(
+                    source = %self.addr,
+                    key = %String::from_utf8_lossy(&key[..key.len().min(80)]),
+                    consumers = loss.consumers,
+                    suppressed,
+                    "stream consumers without pending entries cannot be created before Redis 6.2; left out"
+                );
+            }
+        }
         if loss.field_ttls > 0 {
             self.stats
                 .field_ttls_dropped

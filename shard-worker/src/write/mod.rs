@@ -101,7 +101,7 @@ impl Actor for Writer {
                 overflow: args.overflow,
                 window: args.window,
                 fallback: pipeline::Fallback {
-                    caps: args.target_caps,
+                    caps: std::sync::Mutex::new(args.target_caps),
                     tmp_scope: args.tmp_scope,
                     tmp_names: Default::default(),
                 },
@@ -152,6 +152,18 @@ async fn connect(
             let _ = conn
                 .request(&["CLIENT", "SETNAME", "shardsync-writer"])
                 .await;
+            // What this node runs now (it may have been replaced since the
+            // precheck): rebuilt values must suit it.
+            if let Ok(engine::resp::Frame::Bulk(info)) = conn.request(&["INFO", "server"]).await {
+                let info = String::from_utf8_lossy(&info);
+                if let Some(caps) = info
+                    .lines()
+                    .find_map(|l| l.strip_prefix("redis_version:"))
+                    .and_then(|v| engine::rebuild::TargetCaps::parse(v.trim()))
+                {
+                    *state.ctx.fallback.caps.lock().expect("caps lock") = caps;
+                }
+            }
             conn
         }
         Err(err) => return retry_later(myself, state, err),

@@ -103,7 +103,8 @@ pub(crate) struct PipelineCtx {
 
 /// How a RESTORE the target refuses as too new is rebuilt.
 pub(crate) struct Fallback {
-    pub caps: TargetCaps,
+    /// What the connected node runs (read again on every connection).
+    pub caps: std::sync::Mutex<TargetCaps>,
     /// Keeps our temporary key names apart from other writers'.
     pub tmp_scope: String,
     pub tmp_names: std::sync::atomic::AtomicU64,
@@ -645,6 +646,17 @@ impl Receiver<'_> {
                 if text.starts_with("ERR DUMP payload version or checksum are wrong")
                     || text.starts_with("ERR Bad data format") =>
             {
+                if batch.end.is_some() {
+                    // From the replication stream: later commands on the
+                    // key may have run already, so the value cannot be put
+                    // in its place any more.
+                    let (_, key) = events::describe_command(batch.command_bytes(i));
+                    return Reply::Fatal(WorkerError::TargetRefused {
+                        addr: self.addr.clone(),
+                        what: "a RESTORE from the replication stream (the target runs an older Redis than the precheck saw; restart the task to plan for it)",
+                        message: format!("key {key:?}: {text}"),
+                    });
+                }
                 if let Some(rebuilt) = self.rebuild_restore(batch, i, text) {
                     return Reply::Rebuilt(rebuilt);
                 }
@@ -681,6 +693,10 @@ impl Receiver<'_> {
         let now = crate::source::now_ms();
         let args = engine::restore::parse_restore(&cmd, now)?;
         let value = engine::restore::decode_payload(&args.payload).ok()?;
+        if matches!(value, engine::rdb::value::Value::Module { .. }) {
+            // Only its module can rebuild it: the refusal stands.
+            return None;
+        }
         let existing = if args.replace {
             Existing::Replace
         } else {
@@ -695,7 +711,7 @@ impl Receiver<'_> {
             &value,
             args.expire_ms,
             existing,
-            fallback.caps,
+            *fallback.caps.lock().expect("caps lock"),
             || tmp,
             now,
             &mut out,
@@ -792,9 +808,6 @@ async fn wait_front(awaiting: &mut VecDeque<Awaiting>) -> bool {
     true
 }
 
-/// The commands of `batch` in `ranges` (in order), as a batch of their own,
-/// each preceded by `prefix` when given (ASKING). A transaction sent with a
-/// prefix loses its MULTI/EXEC: after ASKING each command runs alone.
 /// What to send again of `batch`: the commands in `ranges`, and for each
 /// refused RESTORE in `rebuilt`, its replacement, in the batch's order.
 fn resend_batch(
@@ -824,6 +837,9 @@ fn resend_batch(
     out
 }
 
+/// The commands of `batch` in `ranges` (in order), as a batch of their own,
+/// each preceded by `prefix` when given (ASKING). A transaction sent with a
+/// prefix loses its MULTI/EXEC: after ASKING each command runs alone.
 fn sub_batch(batch: &Batch, ranges: &[std::ops::Range<usize>], prefix: Option<&[u8]>) -> Batch {
     let mut b = BatchBuilder::default();
     for range in ranges {
