@@ -75,6 +75,12 @@ pub struct SyncArgs {
     /// XADD, ...) instead of RESTORE, whatever the versions.
     #[arg(long)]
     pub force_rewrite: bool,
+    /// Copy only keys that start with PREFIX or match GLOB (repeatable).
+    #[arg(long = "include", value_name = "PREFIX|GLOB")]
+    pub includes: Vec<String>,
+    /// Leave out keys that start with PREFIX or match GLOB (repeatable).
+    #[arg(long = "exclude", value_name = "PREFIX|GLOB")]
+    pub excludes: Vec<String>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -91,6 +97,12 @@ pub struct VerifyArgs {
     /// Source database SRC was copied into target database DST.
     #[arg(long = "db-map", value_name = "SRC:DST")]
     pub db_maps: Vec<String>,
+    /// Compare only keys that start with PREFIX or match GLOB (repeatable).
+    #[arg(long = "include", value_name = "PREFIX|GLOB")]
+    pub includes: Vec<String>,
+    /// Leave out keys that start with PREFIX or match GLOB (repeatable).
+    #[arg(long = "exclude", value_name = "PREFIX|GLOB")]
+    pub excludes: Vec<String>,
     /// Differences to print before stopping the list.
     #[arg(long, default_value_t = 20)]
     pub show: usize,

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use engine::filter::DbFilter;
+use engine::filter::{DbFilter, KeyFilter, KeyPattern};
 use serde::Deserialize;
 use shard_worker::Endpoint;
 
@@ -75,6 +75,12 @@ pub struct FileConfig {
     pub big_key_threshold: Option<String>,
     /// Rebuild every value with ordinary commands instead of RESTORE.
     pub force_rewrite: Option<bool>,
+    /// Keys copied: prefixes or globs (default: every key).
+    #[serde(default)]
+    pub include: Vec<String>,
+    /// Keys left out: prefixes or globs.
+    #[serde(default)]
+    pub exclude: Vec<String>,
 }
 
 /// Why a configuration was refused.
@@ -101,6 +107,8 @@ pub enum ConfigError {
     DbMap(String),
     #[error("--{0} {1}: expected a size like 64MB, 512KB or 1GB")]
     Size(&'static str, String),
+    #[error("--include/--exclude {0:?}: an empty pattern")]
+    Pattern(String),
     #[error("--db-map maps source databases {0} and {1} onto the same target database {2}")]
     DbMapCollision(u32, u32, u32),
 }
@@ -120,6 +128,7 @@ pub struct TaskConfig {
     pub spill_memory: usize,
     pub big_key_threshold: usize,
     pub force_rewrite: bool,
+    pub key_filter: KeyFilter,
 }
 
 pub const DEFAULT_SPILL_MEMORY: &str = "32MB";
@@ -222,6 +231,18 @@ impl TaskConfig {
                     .ok_or(ConfigError::Size("big-key-threshold", text))?
             },
             force_rewrite: args.force_rewrite || file.force_rewrite.unwrap_or(false),
+            key_filter: key_filter(
+                if args.includes.is_empty() {
+                    &file.include
+                } else {
+                    &args.includes
+                },
+                if args.excludes.is_empty() {
+                    &file.exclude
+                } else {
+                    &args.excludes
+                },
+            )?,
         })
     }
 }
@@ -239,6 +260,19 @@ pub fn parse_size(text: &str) -> Option<usize> {
         _ => return None,
     };
     n.checked_mul(mult)
+}
+
+/// Builds the key filter from `--include` and `--exclude`.
+pub fn key_filter(include: &[String], exclude: &[String]) -> Result<KeyFilter, ConfigError> {
+    for p in include.iter().chain(exclude) {
+        if p.is_empty() {
+            return Err(ConfigError::Pattern(p.clone()));
+        }
+    }
+    Ok(KeyFilter::new(
+        include.iter().map(|p| KeyPattern::parse(p)).collect(),
+        exclude.iter().map(|p| KeyPattern::parse(p)).collect(),
+    ))
 }
 
 /// Builds the database filter from `--db` and `--db-map`.

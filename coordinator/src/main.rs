@@ -28,6 +28,7 @@ mod precheck;
 mod server;
 mod status;
 mod task;
+mod twemproxy;
 mod url;
 mod verify;
 
@@ -170,6 +171,7 @@ async fn sync(args: SyncArgs) -> u8 {
             OnConflict::Precheck | OnConflict::Ignore => Existing::Replace,
         },
         db_filter: plan.db_filter.clone(),
+        key_filter: cfg.key_filter.clone(),
         source_databases: plan.source_databases,
         replay_publish: cfg.replay_publish,
         spill_dir: spill_dir.clone(),
@@ -287,9 +289,10 @@ async fn verify(args: VerifyArgs) -> u8 {
         };
         let target = url::parse_target(&args.target)?;
         let filter = config::db_filter(args.dbs.clone(), &args.db_maps)?;
-        Ok::<_, config::ConfigError>((source, target, filter))
+        let keys = config::key_filter(&args.includes, &args.excludes)?;
+        Ok::<_, config::ConfigError>((source, target, filter, keys))
     })();
-    let (source, target, filter) = match parsed {
+    let (source, target, filter, keys) = match parsed {
         Ok(p) => p,
         Err(e) => {
             eprintln!("error: {e}");
@@ -308,7 +311,7 @@ async fn verify(args: VerifyArgs) -> u8 {
         .keys()
         .filter_map(|&db| filter.target_db(db).map(|t| (db, t)))
         .collect();
-    match verify::verify(&source, &target, &dbs, args.show).await {
+    match verify::verify(&source, &target, &dbs, &keys, args.show).await {
         Ok(report) => {
             for line in &report.differences {
                 println!("{line}");

@@ -14,7 +14,7 @@ use shard_worker::Endpoint;
 
 use crate::checkpoint::{CheckpointState, CheckpointStore};
 use crate::config::{OnConflict, TaskConfig};
-use crate::server::{cluster_nodes, probe, ServerInfo};
+use crate::server::{cluster_nodes, looks_like_a_proxy, probe, ServerInfo};
 use crate::url::SourceSpec;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -205,47 +205,14 @@ async fn plan(
     store: Option<&CheckpointStore>,
     checks: &mut Checks,
 ) -> Option<Plan> {
-    let source_ep = match &cfg.source {
-        SourceSpec::Redis(ep) => ep.clone(),
-        SourceSpec::Twemproxy { config, pool } => {
-            checks.fail(
-                "source",
-                format!(
-                    "twemproxy:// sources ({}{}) are not supported by this build",
-                    config.display(),
-                    pool.as_ref().map(|p| format!("#{p}")).unwrap_or_default()
-                ),
-            );
-            return None;
-        }
-    };
-    let seed = match probe(&source_ep).await {
-        Ok(info) => info,
-        Err(e) => {
-            checks.fail("source reachable", e.to_string());
-            return None;
-        }
-    };
-    // One shard per source master.
-    let sources: Vec<(ServerInfo, Endpoint)> = if seed.cluster {
-        let masters = cluster_masters(&source_ep, "source", checks).await?;
-        checks.pass(
-            "source topology",
-            format!(
-                "Redis Cluster with {} masters: one shard each",
-                masters.len()
-            ),
-        );
-        masters.into_iter().map(|(i, e, _)| (i, e)).collect()
-    } else {
-        checks.pass(
-            "source reachable",
-            format!(
-                "{} is Redis {} ({})",
-                seed.addr, seed.version_text, seed.role
-            ),
-        );
-        vec![(seed.clone(), source_ep.clone())]
+    let (seed, sources) = match &cfg.source {
+        SourceSpec::Redis(ep) => source_masters(ep, checks).await?,
+        SourceSpec::Twemproxy {
+            config,
+            pool,
+            user,
+            password,
+        } => twemproxy_backends(config, pool.as_deref(), user, password, checks).await?,
     };
     for (info, _) in &sources {
         check_source(info, checks);
@@ -424,6 +391,128 @@ async fn plan(
         target_caps,
         big_key_bytes,
     })
+}
+
+/// The masters of a `redis://` source: itself, or every master of its
+/// cluster. Also returns the server the URL names.
+async fn source_masters(
+    source_ep: &Endpoint,
+    checks: &mut Checks,
+) -> Option<(ServerInfo, Vec<(ServerInfo, Endpoint)>)> {
+    let seed = match probe(source_ep).await {
+        Ok(info) => info,
+        Err(e) => {
+            let mut message = e.to_string();
+            if looks_like_a_proxy(source_ep).await {
+                message = format!(
+                    "{} answers PING but not INFO: it looks like a proxy (Twemproxy?), and PSYNC does not pass through a proxy; give the pool's config instead: --source twemproxy:///path/to/nutcracker.yml[#pool]",
+                    source_ep.addr()
+                );
+            }
+            checks.fail("source reachable", message);
+            return None;
+        }
+    };
+    // One shard per source master.
+    let sources: Vec<(ServerInfo, Endpoint)> = if seed.cluster {
+        let masters = cluster_masters(source_ep, "source", checks).await?;
+        checks.pass(
+            "source topology",
+            format!(
+                "Redis Cluster with {} masters: one shard each",
+                masters.len()
+            ),
+        );
+        masters.into_iter().map(|(i, e, _)| (i, e)).collect()
+    } else {
+        checks.pass(
+            "source reachable",
+            format!(
+                "{} is Redis {} ({})",
+                seed.addr, seed.version_text, seed.role
+            ),
+        );
+        vec![(seed.clone(), source_ep.clone())]
+    };
+    Some((seed, sources))
+}
+
+/// The backends of a Twemproxy pool, one shard each (each a standalone
+/// master). The first backend stands for the source in checks that need
+/// one.
+async fn twemproxy_backends(
+    config: &std::path::Path,
+    pool: Option<&str>,
+    user: &Option<String>,
+    password: &Option<shard_worker::endpoint::Secret>,
+    checks: &mut Checks,
+) -> Option<(ServerInfo, Vec<(ServerInfo, Endpoint)>)> {
+    let pool = match crate::twemproxy::load(
+        config,
+        pool,
+        user.as_deref(),
+        password.as_ref().map(|p| p.expose()),
+    ) {
+        Ok(p) => p,
+        Err(e) => {
+            checks.fail("source", e.to_string());
+            return None;
+        }
+    };
+    checks.pass(
+        "source topology",
+        format!(
+            "Twemproxy pool {:?} ({}{}): {} backends, one shard each",
+            pool.name,
+            config.display(),
+            pool.listen
+                .as_ref()
+                .map(|l| format!(", listening on {l}"))
+                .unwrap_or_default(),
+            pool.backends.len()
+        ),
+    );
+    let mut sources = Vec::new();
+    for ep in pool.backends {
+        match probe(&ep).await {
+            Ok(info) if info.cluster => checks.fail(
+                "source reachable",
+                format!(
+                    "{} is a Redis Cluster node, not a Twemproxy backend",
+                    info.addr
+                ),
+            ),
+            Ok(info) => {
+                checks.pass(
+                    "source reachable",
+                    format!(
+                        "{} is Redis {} ({})",
+                        info.addr, info.version_text, info.role
+                    ),
+                );
+                sources.push((info, ep));
+            }
+            Err(e) => checks.fail("source reachable", e.to_string()),
+        }
+    }
+    if checks.failed() || sources.is_empty() {
+        return None;
+    }
+    let mut addrs: Vec<&str> = sources.iter().map(|(i, _)| i.run_id.as_str()).collect();
+    addrs.sort_unstable();
+    addrs.dedup();
+    if addrs.len() < sources.len() {
+        checks.fail("source topology", "the pool lists one Redis server twice");
+        return None;
+    }
+    // Stands for the whole pool: keys in any backend's databases.
+    let mut seed = sources[0].0.clone();
+    for (info, _) in &sources[1..] {
+        for (db, n) in &info.keyspace {
+            *seed.keyspace.entry(*db).or_default() += n;
+        }
+    }
+    Some((seed, sources))
 }
 
 /// Checkpoints name their targets; a cluster's masters may be listed in

@@ -170,3 +170,21 @@ mod tests {
         assert_eq!(info.maxmemory_policy.as_deref(), Some("noeviction"));
     }
 }
+
+/// Whether `ep` answers PING on a fresh connection (after INFO failed
+/// there: a proxy such as Twemproxy closes the connection on commands it
+/// does not know).
+pub async fn looks_like_a_proxy(ep: &Endpoint) -> bool {
+    let Ok(Ok(mut conn)) = tokio::time::timeout(
+        std::time::Duration::from_secs(3),
+        Conn::open_authenticated(ep),
+    )
+    .await
+    else {
+        return false;
+    };
+    matches!(
+        tokio::time::timeout(std::time::Duration::from_secs(3), conn.request(&["PING"])).await,
+        Ok(Ok(Frame::Simple(ref s))) if s == "PONG"
+    )
+}

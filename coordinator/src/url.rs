@@ -30,7 +30,7 @@ pub enum UrlError {
     Path { role: &'static str },
     #[error("twemproxy URLs are only valid as a source")]
     TwemproxyTarget,
-    #[error("twemproxy URL needs an absolute path to nutcracker.yml: twemproxy:///path/nutcracker.yml[#pool]")]
+    #[error("twemproxy URL needs an absolute path to nutcracker.yml: twemproxy:///path/nutcracker.yml[#pool] (twemproxy://[user:]password@localhost/path/... to give the backends' credentials)")]
     TwemproxyPath,
     #[error("{role} URL's user or password is not valid percent-encoded UTF-8")]
     Encoding { role: &'static str },
@@ -44,21 +44,39 @@ pub enum SourceSpec {
     Twemproxy {
         config: PathBuf,
         pool: Option<String>,
+        /// Credentials for the backends (`twemproxy://[user:]password@/...`);
+        /// without them the pool's `redis_auth` is used.
+        user: Option<String>,
+        password: Option<Secret>,
     },
 }
 
 pub fn parse_source(text: &str) -> Result<SourceSpec, UrlError> {
     let url = url::Url::parse(text).map_err(|e| UrlError::Syntax(e.to_string(), "source"))?;
     if url.scheme() == "twemproxy" {
-        if url.host_str().is_some_and(|h| !h.is_empty())
+        // The file is local: no host, or `localhost` (which is how
+        // credentials can be given: twemproxy://:pw@localhost/path).
+        if url
+            .host_str()
+            .is_some_and(|h| !h.is_empty() && h != "localhost")
             || !url.path().starts_with('/')
             || url.path() == "/"
         {
             return Err(UrlError::TwemproxyPath);
         }
+        let decode = |s: &str| percent_decode(s).ok_or(UrlError::Encoding { role: "source" });
+        let user = decode(url.username())?;
+        let password = url.password().map(decode).transpose()?;
+        let (user, password) = match (user.is_empty(), password) {
+            (false, None) => (None, Some(user)),
+            (true, password) => (None, password),
+            (false, Some(p)) => (Some(user), Some(p)),
+        };
         return Ok(SourceSpec::Twemproxy {
             config: PathBuf::from(url.path()),
             pool: url.fragment().filter(|f| !f.is_empty()).map(str::to_string),
+            user,
+            password: password.map(Secret::new),
         });
     }
     endpoint_from(&url, "source").map(SourceSpec::Redis)
@@ -184,9 +202,25 @@ mod tests {
     #[test]
     fn twemproxy_sources() {
         match parse_source("twemproxy:///etc/nutcracker.yml#alpha").unwrap() {
-            SourceSpec::Twemproxy { config, pool } => {
+            SourceSpec::Twemproxy {
+                config,
+                pool,
+                password,
+                ..
+            } => {
                 assert_eq!(config, PathBuf::from("/etc/nutcracker.yml"));
                 assert_eq!(pool.as_deref(), Some("alpha"));
+                assert!(password.is_none());
+            }
+            other => panic!("{other:?}"),
+        }
+        match parse_source("twemproxy://:p%40ss@localhost/etc/n.yml").unwrap() {
+            SourceSpec::Twemproxy { password, user, .. } => {
+                assert_eq!(
+                    password.map(|p| p.expose().to_string()).as_deref(),
+                    Some("p@ss")
+                );
+                assert!(user.is_none());
             }
             other => panic!("{other:?}"),
         }

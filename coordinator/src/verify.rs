@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 
+use engine::filter::KeyFilter;
 use engine::resp::Frame;
 use shard_worker::conn::Conn;
 use shard_worker::{Endpoint, WorkerError};
@@ -37,6 +38,7 @@ pub async fn verify(
     source: &Endpoint,
     target: &Endpoint,
     dbs: &[(u32, u32)],
+    filter: &KeyFilter,
     show: usize,
 ) -> Result<VerifyReport, WorkerError> {
     let mut src = Conn::open_authenticated(source).await?;
@@ -49,12 +51,13 @@ pub async fn verify(
         let mut in_source = 0u64;
         loop {
             let reply = src.request(&["SCAN", &cursor, "COUNT", "1000"]).await?;
-            let (next, keys) = scan_reply(&reply).ok_or_else(|| WorkerError::Unexpected {
+            let (next, batch) = scan_reply(&reply).ok_or_else(|| WorkerError::Unexpected {
                 addr: src.addr.clone(),
                 context: "scanning keys",
                 reply: reply.to_text(),
             })?;
-            for chunk in keys.chunks(BATCH) {
+            let batch: Vec<Vec<u8>> = batch.into_iter().filter(|k| filter.keeps(k)).collect();
+            for chunk in batch.chunks(BATCH) {
                 in_source += chunk.len() as u64;
                 compare_keys(&mut src, &mut dst, sdb, chunk, &mut report, show).await?;
             }
@@ -63,17 +66,56 @@ pub async fn verify(
             }
             cursor = next;
         }
-        let target_size = match dst.request(&["DBSIZE"]).await? {
-            Frame::Integer(n) => n as u64,
-            _ => 0,
+        let extra = if filter.is_all() {
+            let target_size = match dst.request(&["DBSIZE"]).await? {
+                Frame::Integer(n) => n as u64,
+                _ => 0,
+            };
+            // Keys that expired on the source between SCAN and now are
+            // already reported as differences; what remains is what the
+            // target has more.
+            target_size.saturating_sub(in_source)
+        } else {
+            // The target may hold keys the filter leaves out: count only
+            // kept keys the source lacks.
+            extra_kept_keys(&mut src, &mut dst, filter).await?
         };
-        // Keys that expired on the source between SCAN and now are already
-        // reported as differences; what remains is what the target has more.
-        report
-            .extra_on_target
-            .insert(tdb, target_size.saturating_sub(in_source));
+        report.extra_on_target.insert(tdb, extra);
     }
     Ok(report)
+}
+
+/// Kept keys of the target's selected database that the source's selected
+/// database does not have.
+async fn extra_kept_keys(
+    src: &mut Conn,
+    dst: &mut Conn,
+    filter: &KeyFilter,
+) -> Result<u64, WorkerError> {
+    let mut extra = 0;
+    let mut cursor = "0".to_string();
+    loop {
+        let reply = dst.request(&["SCAN", &cursor, "COUNT", "1000"]).await?;
+        let (next, batch) = scan_reply(&reply).ok_or_else(|| WorkerError::Unexpected {
+            addr: dst.addr.clone(),
+            context: "scanning keys",
+            reply: reply.to_text(),
+        })?;
+        let kept: Vec<Vec<&[u8]>> = batch
+            .iter()
+            .filter(|k| filter.keeps(k))
+            .map(|k| vec![&b"EXISTS"[..], k])
+            .collect();
+        for reply in src.pipeline(&kept).await? {
+            if matches!(reply, Frame::Integer(0)) {
+                extra += 1;
+            }
+        }
+        if next == "0" {
+            return Ok(extra);
+        }
+        cursor = next;
+    }
 }
 
 async fn select(conn: &mut Conn, db: u32) -> Result<(), WorkerError> {

@@ -81,38 +81,28 @@ pub fn plan(spec: Option<&CommandSpec>, cmd: &Command) -> Plan {
     if positions.iter().all(|&p| slot(cmd.arg(p)) == first_slot) {
         return Plan::Slot(first_slot);
     }
-    match (spec.split, spec.name) {
-        (Split::PerKey, _) => per_slot(cmd, &positions),
-        (Split::PerKeyValue, _) | (_, "msetnx") => {
-            // MSETNX is only propagated when it set every key, so it is an
-            // MSET by then.
-            per_slot_pairs(cmd, &positions, b"MSET")
-        }
-        (_, "rename" | "renamenx") => Plan::Rename {
+    if let Some(parts) = split_by(spec, cmd, &positions, slot) {
+        return match parts {
+            Ok(parts) => Plan::Parts(parts),
+            Err(why) => Plan::Unsupported(why),
+        };
+    }
+    match spec.name {
+        "rename" | "renamenx" => Plan::Rename {
             src: cmd.arg_bytes(1),
             dst: cmd.arg_bytes(2),
         },
-        (_, "copy") => Plan::Copy {
+        "copy" => Plan::Copy {
             src: cmd.arg_bytes(1),
             dst: cmd.arg_bytes(2),
         },
-        (_, "smove") if cmd.argc() == 4 => Plan::Parts(vec![
-            (
-                slot(cmd.arg(1)),
-                Command::from_args(&[b"SREM", cmd.arg(1), cmd.arg(3)]),
-            ),
-            (
-                slot(cmd.arg(2)),
-                Command::from_args(&[b"SADD", cmd.arg(2), cmd.arg(3)]),
-            ),
-        ]),
-        (_, "rpoplpush" | "brpoplpush") => Plan::ListMove {
+        "rpoplpush" | "brpoplpush" => Plan::ListMove {
             src: cmd.arg_bytes(1),
             dst: cmd.arg_bytes(2),
             pop_left: false,
             push_left: true,
         },
-        (_, "lmove" | "blmove") if cmd.argc() >= 5 => Plan::ListMove {
+        "lmove" | "blmove" if cmd.argc() >= 5 => Plan::ListMove {
             src: cmd.arg_bytes(1),
             dst: cmd.arg_bytes(2),
             pop_left: cmd.arg(3).eq_ignore_ascii_case(b"left"),
@@ -122,52 +112,88 @@ pub fn plan(spec: Option<&CommandSpec>, cmd: &Command) -> Plan {
     }
 }
 
-/// Splits a command whose arguments after the name are all keys.
-fn per_slot(cmd: &Command, positions: &[usize]) -> Plan {
-    let mut groups: Vec<(u16, Vec<&[u8]>)> = Vec::new();
-    for &p in positions {
-        let s = slot(cmd.arg(p));
-        match groups.iter_mut().find(|(gs, _)| *gs == s) {
-            Some((_, keys)) => keys.push(cmd.arg(p)),
-            None => groups.push((s, vec![cmd.arg(p)])),
+/// Splits a command whose keys are independent (DEL, UNLINK, EXISTS,
+/// TOUCH, MSET, MSETNX, SMOVE, ...) into parts that each hold the keys of
+/// one group (`group` of the key), in order of first appearance. `None`
+/// when the command does not split; `Err` when it is malformed.
+pub fn split_by<G: PartialEq>(
+    spec: &CommandSpec,
+    cmd: &Command,
+    positions: &[usize],
+    group: impl Fn(&[u8]) -> G,
+) -> Option<Result<Vec<(G, Command)>, &'static str>> {
+    match (spec.split, spec.name) {
+        (Split::PerKey, _) => Some(Ok(per_group(cmd, positions, group))),
+        // MSETNX is only propagated when it set every key, so it is an
+        // MSET by then.
+        (Split::PerKeyValue, _) | (_, "msetnx") => {
+            Some(per_group_pairs(cmd, positions, b"MSET", group))
         }
+        (_, "smove") if cmd.argc() == 4 => {
+            let (src, dst) = (group(cmd.arg(1)), group(cmd.arg(2)));
+            if src == dst {
+                return Some(Ok(vec![(src, cmd.clone())]));
+            }
+            Some(Ok(vec![
+                (src, Command::from_args(&[b"SREM", cmd.arg(1), cmd.arg(3)])),
+                (dst, Command::from_args(&[b"SADD", cmd.arg(2), cmd.arg(3)])),
+            ]))
+        }
+        _ => None,
     }
-    Plan::Parts(
-        groups
-            .into_iter()
-            .map(|(s, keys)| {
-                let mut args = vec![cmd.arg(0)];
-                args.extend(keys);
-                (s, Command::from_args(&args))
-            })
-            .collect(),
-    )
 }
 
-/// Splits a `KEY VALUE KEY VALUE ...` command per slot, as `name`.
-fn per_slot_pairs(cmd: &Command, positions: &[usize], name: &[u8]) -> Plan {
-    let mut groups: Vec<(u16, Vec<&[u8]>)> = Vec::new();
+/// Splits a command whose arguments after the name are all keys.
+fn per_group<G: PartialEq>(
+    cmd: &Command,
+    positions: &[usize],
+    group: impl Fn(&[u8]) -> G,
+) -> Vec<(G, Command)> {
+    let mut groups: Vec<(G, Vec<&[u8]>)> = Vec::new();
     for &p in positions {
-        let Some(value) = cmd.get(p + 1) else {
-            return Plan::Unsupported("a key without its value");
-        };
-        let s = slot(cmd.arg(p));
-        let pair = [cmd.arg(p), value];
-        match groups.iter_mut().find(|(gs, _)| *gs == s) {
-            Some((_, args)) => args.extend(pair),
-            None => groups.push((s, pair.to_vec())),
+        let g = group(cmd.arg(p));
+        match groups.iter_mut().find(|(gg, _)| *gg == g) {
+            Some((_, keys)) => keys.push(cmd.arg(p)),
+            None => groups.push((g, vec![cmd.arg(p)])),
         }
     }
-    Plan::Parts(
-        groups
-            .into_iter()
-            .map(|(s, pairs)| {
-                let mut args = vec![name];
-                args.extend(pairs);
-                (s, Command::from_args(&args))
-            })
-            .collect(),
-    )
+    groups
+        .into_iter()
+        .map(|(g, keys)| {
+            let mut args = vec![cmd.arg(0)];
+            args.extend(keys);
+            (g, Command::from_args(&args))
+        })
+        .collect()
+}
+
+/// Splits a `KEY VALUE KEY VALUE ...` command per group, as `name`.
+fn per_group_pairs<G: PartialEq>(
+    cmd: &Command,
+    positions: &[usize],
+    name: &[u8],
+    group: impl Fn(&[u8]) -> G,
+) -> Result<Vec<(G, Command)>, &'static str> {
+    let mut groups: Vec<(G, Vec<&[u8]>)> = Vec::new();
+    for &p in positions {
+        let Some(value) = cmd.get(p + 1) else {
+            return Err("a key without its value");
+        };
+        let g = group(cmd.arg(p));
+        let pair = [cmd.arg(p), value];
+        match groups.iter_mut().find(|(gg, _)| *gg == g) {
+            Some((_, args)) => args.extend(pair),
+            None => groups.push((g, pair.to_vec())),
+        }
+    }
+    Ok(groups
+        .into_iter()
+        .map(|(g, pairs)| {
+            let mut args = vec![name];
+            args.extend(pairs);
+            (g, Command::from_args(&args))
+        })
+        .collect())
 }
 
 /// A command that writes keys in one slot and only reads the others.

@@ -125,6 +125,22 @@ pub fn key_positions(spec: &CommandSpec, cmd: &Command) -> SmallVec<[usize; 4]> 
     out
 }
 
+/// Positions of the key arguments of `cmd`, each with whether the command
+/// only reads it (its key spec is `RO`).
+pub fn key_positions_read_only(spec: &CommandSpec, cmd: &Command) -> SmallVec<[(usize, bool); 4]> {
+    let mut out = SmallVec::new();
+    for key_spec in spec.keys {
+        let one = CommandSpec {
+            keys: std::slice::from_ref(key_spec),
+            subcommands: &[],
+            ..*spec
+        };
+        let ro = key_spec.flags.contains(KeyFlags::RO);
+        out.extend(key_positions(&one, cmd).into_iter().map(|p| (p, ro)));
+    }
+    out
+}
+
 /// The key arguments of `cmd`, borrowed from it.
 pub fn keys<'a>(spec: &CommandSpec, cmd: &'a Command) -> SmallVec<[&'a [u8]; 4]> {
     key_positions(spec, cmd)

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
 use engine::command::{self, CommandSpec, Role};
-use engine::filter::DbFilter;
+use engine::filter::{DbFilter, Kept, KeyFilter};
 use engine::rdb::{RdbError, RdbItem, RdbReader};
 use engine::rebuild::{Commands, Rebuild, Step, TargetCaps};
 use engine::resp::{encode, parse_command, Command};
@@ -50,6 +50,8 @@ pub struct IntakeOptions {
     /// What a RESTORE does to a key the target already has.
     pub existing: Existing,
     pub db_filter: DbFilter,
+    /// Which keys are copied (`--include` / `--exclude`).
+    pub key_filter: KeyFilter,
     /// Number of databases on the source (`CONFIG GET databases`), to turn
     /// a FLUSHALL into per-database flushes when databases are filtered.
     pub source_databases: u32,
@@ -85,6 +87,7 @@ impl Default for IntakeOptions {
         IntakeOptions {
             existing: Existing::Replace,
             db_filter: DbFilter::all(),
+            key_filter: KeyFilter::all(),
             source_databases: 16,
             replay_publish: false,
             read_timeout: Duration::from_secs(60),
@@ -284,6 +287,9 @@ impl Intake {
                     let Some(tdb) = self.target_db(entry.db) else {
                         continue;
                     };
+                    if !self.options.key_filter.keeps(&entry.key) {
+                        continue;
+                    }
                     self.follow_map(None).await?;
                     let w = self.dispatcher.router().writer_for_key(&entry.key);
                     let existing = resync_existing;
@@ -350,7 +356,10 @@ impl Intake {
                         self.stats.full_sync_keys.store(keys, Ordering::Relaxed);
                         self.stats.big_values.fetch_add(1, Ordering::Relaxed);
                         let mut out = Commands::new();
-                        let in_parts = match self.target_db(part.db) {
+                        let copied = self
+                            .target_db(part.db)
+                            .filter(|_| self.options.key_filter.keeps(&part.key));
+                        let in_parts = match copied {
                             None => InParts {
                                 rebuild: None,
                                 writer: 0,
@@ -660,6 +669,23 @@ impl Intake {
     async fn handle(&mut self, cmd: Command, safe: At) -> Result<(), WorkerError> {
         let spec = command::lookup(&cmd);
         let role = spec.map_or(Role::Data, |s| s.role);
+        if matches!(role, Role::Data | Role::Script | Role::Move) {
+            match self.options.key_filter.keep(spec, &cmd) {
+                Kept::All => {}
+                Kept::Nothing => {
+                    self.stats.commands_filtered.fetch_add(1, Ordering::Relaxed);
+                    return Ok(());
+                }
+                Kept::Part(cmds) => return self.handle_replacement(cmds, safe).await,
+                Kept::Mixed => {
+                    self.not_replayed(
+                        &cmd,
+                        "it moves data from keys left out by --include/--exclude into kept ones",
+                    );
+                    return Ok(());
+                }
+            }
+        }
         if role == Role::Data {
             if let Some(replacement) = self.adapt(&cmd) {
                 return self.handle_replacement(replacement, safe).await;

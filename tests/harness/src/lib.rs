@@ -11,6 +11,7 @@
 //! - [`data`]: datasets (every type and encoding, bulk strings), written
 //!   into a server or a cluster.
 //! - [`compare`]: a key-by-key comparator independent of `shardsync verify`.
+//! - [`twemproxy`]: a real `nutcracker` in front of real backends.
 //! - [`wait`]: polling helpers (tests never sleep a fixed time to "let
 //!   things settle").
 
@@ -19,6 +20,7 @@ pub mod compare;
 pub mod data;
 pub mod server;
 pub mod shardsync;
+pub mod twemproxy;
 pub mod wait;
 
 pub use server::{RedisServer, ServerConfig};
