@@ -153,24 +153,6 @@ pub fn parse_info(addr: &str, text: &str) -> ServerInfo {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_the_fields_we_use() {
-        let text = "# Server\r\nredis_version:7.0.15\r\nrun_id:abc\r\n# Replication\r\nrole:slave\r\nmaster_link_status:up\r\n# Cluster\r\ncluster_enabled:0\r\n# Memory\r\nmaxmemory_policy:noeviction\r\n# Keyspace\r\ndb0:keys=12,expires=1,avg_ttl=0\r\ndb3:keys=2,expires=0,avg_ttl=0\r\n";
-        let info = parse_info("h:1", text);
-        assert_eq!(info.version, (7, 0, 15));
-        assert_eq!(info.rdb_version(), 10);
-        assert_eq!(info.role, "slave");
-        assert!(info.master_link_up);
-        assert!(!info.cluster);
-        assert_eq!(info.keyspace, BTreeMap::from([(0, 12), (3, 2)]));
-        assert_eq!(info.maxmemory_policy.as_deref(), Some("noeviction"));
-    }
-}
-
 /// Whether `ep` answers PING on a fresh connection (after INFO failed
 /// there: a proxy such as Twemproxy closes the connection on commands it
 /// does not know).
@@ -187,4 +169,22 @@ pub async fn looks_like_a_proxy(ep: &Endpoint) -> bool {
         tokio::time::timeout(std::time::Duration::from_secs(3), conn.request(&["PING"])).await,
         Ok(Ok(Frame::Simple(ref s))) if s == "PONG"
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_fields_we_use() {
+        let text = "# Server\r\nredis_version:7.0.15\r\nrun_id:abc\r\n# Replication\r\nrole:slave\r\nmaster_link_status:up\r\n# Cluster\r\ncluster_enabled:0\r\n# Memory\r\nmaxmemory_policy:noeviction\r\n# Keyspace\r\ndb0:keys=12,expires=1,avg_ttl=0\r\ndb3:keys=2,expires=0,avg_ttl=0\r\n";
+        let info = parse_info("h:1", text);
+        assert_eq!(info.version, (7, 0, 15));
+        assert_eq!(info.rdb_version(), 10);
+        assert_eq!(info.role, "slave");
+        assert!(info.master_link_up);
+        assert!(!info.cluster);
+        assert_eq!(info.keyspace, BTreeMap::from([(0, 12), (3, 2)]));
+        assert_eq!(info.maxmemory_policy.as_deref(), Some("noeviction"));
+    }
 }
