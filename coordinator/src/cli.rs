@@ -81,6 +81,10 @@ pub struct SyncArgs {
     /// Leave out keys that start with PREFIX or match GLOB (repeatable).
     #[arg(long = "exclude", value_name = "PREFIX|GLOB")]
     pub excludes: Vec<String>,
+    /// Do not write the heartbeat key on the sources (no lag figures from
+    /// the source's clock).
+    #[arg(long)]
+    pub no_heartbeat: bool,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -81,6 +81,8 @@ pub struct FileConfig {
     /// Keys left out: prefixes or globs.
     #[serde(default)]
     pub exclude: Vec<String>,
+    /// Write the heartbeat key on the sources (default true).
+    pub heartbeat: Option<bool>,
 }
 
 /// Why a configuration was refused.
@@ -129,6 +131,7 @@ pub struct TaskConfig {
     pub big_key_threshold: usize,
     pub force_rewrite: bool,
     pub key_filter: KeyFilter,
+    pub heartbeat: bool,
 }
 
 pub const DEFAULT_SPILL_MEMORY: &str = "32MB";
@@ -231,6 +234,7 @@ impl TaskConfig {
                     .ok_or(ConfigError::Size("big-key-threshold", text))?
             },
             force_rewrite: args.force_rewrite || file.force_rewrite.unwrap_or(false),
+            heartbeat: !args.no_heartbeat && file.heartbeat.unwrap_or(true),
             key_filter: key_filter(
                 if args.includes.is_empty() {
                     &file.include

@@ -21,6 +21,7 @@
 mod checkpoint;
 mod cli;
 mod config;
+mod heartbeat;
 mod http;
 mod logging;
 mod metrics;
@@ -165,7 +166,22 @@ async fn sync(args: SyncArgs) -> u8 {
         Some(dir) => dir.join("spill"),
         None => std::env::temp_dir().join(format!("shardsync-spill-{}", std::process::id())),
     };
+    // Heartbeats on every source master, under this task's id.
+    let source_addrs: Vec<String> = plan.shards.iter().map(|s| s.endpoint.addr()).collect();
+    let target_addrs: Vec<String> = plan.target.endpoints().iter().map(|e| e.addr()).collect();
+    let heartbeat_id = cfg
+        .heartbeat
+        .then(|| heartbeat::task_id(&source_addrs, &target_addrs));
+    let heartbeats: Vec<_> = match &heartbeat_id {
+        Some(id) => plan
+            .shards
+            .iter()
+            .map(|s| heartbeat::spawn(s.endpoint.clone(), engine::heartbeat::key(id, s.slot)))
+            .collect(),
+        None => Vec::new(),
+    };
     let options = IntakeOptions {
+        heartbeat_id: heartbeat_id.clone(),
         existing: match cfg.on_conflict {
             OnConflict::Skip => Existing::Keep,
             OnConflict::Precheck | OnConflict::Ignore => Existing::Replace,
@@ -205,6 +221,9 @@ async fn sync(args: SyncArgs) -> u8 {
         }
     };
     let outcome = wait_for_outcome(&task, done_rx).await;
+    for h in heartbeats {
+        h.abort();
+    }
     if cfg.checkpoint_dir.is_none() {
         let _ = std::fs::remove_dir_all(&spill_dir);
     }

@@ -176,6 +176,11 @@ pub fn render(status: &TaskStatus) -> String {
             "Hash fields written without their TTL (the target predates Redis 7.4).",
             COUNTER,
         );
+        let mut heartbeat_lag = Family::new(
+            "heartbeat_lag_seconds",
+            "Lag measured with the heartbeat key written on the source every second: stage=stream is its arrival in the replication stream, stage=applied its application on the target.",
+            GAUGE,
+        );
         let mut consumers_dropped = Family::new(
             "stream_consumers_dropped_total",
             "Stream consumers without pending entries left out (the target predates Redis 6.2).",
@@ -222,6 +227,12 @@ pub fn render(status: &TaskStatus) -> String {
             }
             ttls_dropped.sample(&l, s.field_ttls_dropped.load(Ordering::Relaxed) as f64);
             consumers_dropped.sample(&l, s.consumers_dropped.load(Ordering::Relaxed) as f64);
+            let (stream, applied) = s.heartbeat_lags();
+            for (stage, lag) in [("stream", stream), ("applied", applied)] {
+                if let Some(ms) = lag {
+                    heartbeat_lag.sample(&[("shard", shard), ("stage", stage)], ms as f64 / 1000.0);
+                }
+            }
         }
         families.extend([
             state,
@@ -247,6 +258,7 @@ pub fn render(status: &TaskStatus) -> String {
             converted,
             ttls_dropped,
             consumers_dropped,
+            heartbeat_lag,
         ]);
 
         let mut connected = Family::new(

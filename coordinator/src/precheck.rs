@@ -50,6 +50,8 @@ pub struct ShardPlan {
     pub resume: Option<ResumePoint>,
     /// A checkpoint says the targets already hold this shard's data.
     pub ours: bool,
+    /// On a cluster source, a slot the master serves (for its heartbeat).
+    pub slot: Option<u16>,
 }
 
 /// A cluster's masters with the slot ranges each serves.
@@ -205,7 +207,7 @@ async fn plan(
     store: Option<&CheckpointStore>,
     checks: &mut Checks,
 ) -> Option<Plan> {
-    let (seed, sources) = match &cfg.source {
+    let (seed, sources, slots) = match &cfg.source {
         SourceSpec::Redis(ep) => source_masters(ep, checks).await?,
         SourceSpec::Twemproxy {
             config,
@@ -269,11 +271,12 @@ async fn plan(
     // Checkpoints of an earlier run of this task.
     let target_addrs: Vec<String> = target.endpoints().iter().map(Endpoint::addr).collect();
     let mut shards = Vec::new();
-    for (info, ep) in &sources {
+    for ((info, ep), slot) in sources.iter().zip(&slots) {
         let mut shard = ShardPlan {
             endpoint: ep.clone(),
             resume: None,
             ours: false,
+            slot: *slot,
         };
         if let Some(store) = store {
             match store.load(&info.addr) {
@@ -398,7 +401,7 @@ async fn plan(
 async fn source_masters(
     source_ep: &Endpoint,
     checks: &mut Checks,
-) -> Option<(ServerInfo, Vec<(ServerInfo, Endpoint)>)> {
+) -> Option<(ServerInfo, Vec<(ServerInfo, Endpoint)>, Vec<Option<u16>>)> {
     let seed = match probe(source_ep).await {
         Ok(info) => info,
         Err(e) => {
@@ -423,7 +426,15 @@ async fn source_masters(
                 masters.len()
             ),
         );
-        masters.into_iter().map(|(i, e, _)| (i, e)).collect()
+        let slots = masters
+            .iter()
+            .map(|(_, _, ranges)| ranges.first().map(|r| r.0))
+            .collect();
+        return Some((
+            seed,
+            masters.into_iter().map(|(i, e, _)| (i, e)).collect(),
+            slots,
+        ));
     } else {
         checks.pass(
             "source reachable",
@@ -434,7 +445,7 @@ async fn source_masters(
         );
         vec![(seed.clone(), source_ep.clone())]
     };
-    Some((seed, sources))
+    Some((seed, sources, vec![None]))
 }
 
 /// The backends of a Twemproxy pool, one shard each (each a standalone
@@ -446,7 +457,7 @@ async fn twemproxy_backends(
     user: &Option<String>,
     password: &Option<shard_worker::endpoint::Secret>,
     checks: &mut Checks,
-) -> Option<(ServerInfo, Vec<(ServerInfo, Endpoint)>)> {
+) -> Option<(ServerInfo, Vec<(ServerInfo, Endpoint)>, Vec<Option<u16>>)> {
     let pool = match crate::twemproxy::load(
         config,
         pool,
@@ -512,7 +523,8 @@ async fn twemproxy_backends(
             *seed.keyspace.entry(*db).or_default() += n;
         }
     }
-    Some((seed, sources))
+    let slots = vec![None; sources.len()];
+    Some((seed, sources, slots))
 }
 
 /// Checkpoints name their targets; a cluster's masters may be listed in
@@ -727,10 +739,12 @@ fn check_target(
         let busy: Vec<String> = written
             .iter()
             .filter_map(|db| {
+                let heartbeats = target.heartbeat_keys.get(db).copied().unwrap_or(0);
                 target
                     .keyspace
                     .get(db)
-                    .filter(|&&n| n > 0)
+                    .map(|&n| n.saturating_sub(heartbeats))
+                    .filter(|&n| n > 0)
                     .map(|n| format!("db{db}: {n} keys"))
             })
             .collect();

@@ -30,6 +30,9 @@ pub struct ServerInfo {
     pub proto_max_bulk_len: Option<u64>,
     /// Function libraries it holds (`FUNCTION LIST`, 7.0+).
     pub function_libraries: Option<usize>,
+    /// Heartbeat keys of shardsync tasks (this server being their source),
+    /// per database; only looked for in small databases.
+    pub heartbeat_keys: BTreeMap<u32, u64>,
 }
 
 impl ServerInfo {
@@ -76,6 +79,27 @@ pub async fn probe(ep: &Endpoint) -> Result<ServerInfo, WorkerError> {
             Ok(Frame::Array(libs)) => Some(libs.len()),
             _ => None,
         };
+    }
+    // A task whose source this is writes its heartbeat here: that alone
+    // does not make the server hold data.
+    let small: Vec<u32> = info
+        .keyspace
+        .iter()
+        .filter(|(_, &n)| n > 0 && n <= 100)
+        .map(|(&db, _)| db)
+        .collect();
+    for db in small {
+        if !matches!(
+            conn.request(&["SELECT", &db.to_string()]).await,
+            Ok(Frame::Simple(_))
+        ) {
+            continue;
+        }
+        if let Ok(Frame::Array(keys)) = conn.request(&["KEYS", "*shardsync:heartbeat:*"]).await {
+            if !keys.is_empty() {
+                info.heartbeat_keys.insert(db, keys.len() as u64);
+            }
+        }
     }
     Ok(info)
 }
@@ -150,6 +174,7 @@ pub fn parse_info(addr: &str, text: &str) -> ServerInfo {
         diskless_sync_delay: None,
         proto_max_bulk_len: None,
         function_libraries: None,
+        heartbeat_keys: BTreeMap::new(),
     }
 }
 

@@ -156,6 +156,7 @@ impl TaskStatus {
         let mut targets = Vec::new();
         if let Some(w) = self.workers() {
             for s in &w.shards {
+                let (stream_lag_ms, applied_lag_ms) = s.heartbeat_lags();
                 shards.push(ShardJson {
                     source: s.source.clone(),
                     state: self.shard_state(s).as_str(),
@@ -166,6 +167,10 @@ impl TaskStatus {
                         keys: s.full_sync_keys.load(Ordering::Relaxed),
                         bytes: s.full_sync_bytes.load(Ordering::Relaxed),
                         total_bytes: s.full_sync_total_bytes.load(Ordering::Relaxed),
+                    },
+                    heartbeat: HeartbeatJson {
+                        stream_lag_ms,
+                        applied_lag_ms,
                     },
                     values: ValuesJson {
                         restamped: s.values_restamped.load(Ordering::Relaxed),
@@ -215,8 +220,19 @@ pub struct ShardJson {
     pub applied_offset: u64,
     pub lag_ms: u64,
     pub full_sync: FullSyncJson,
+    /// Lag measured with the heartbeat key (null until one is seen, or when
+    /// the source cannot be written to).
+    pub heartbeat: HeartbeatJson,
     /// RDB values not sent as a plain RESTORE.
     pub values: ValuesJson,
+}
+
+#[derive(Serialize)]
+pub struct HeartbeatJson {
+    /// From the heartbeat's write on the source to its arrival here.
+    pub stream_lag_ms: Option<u64>,
+    /// From its write to the target confirming everything before it.
+    pub applied_lag_ms: Option<u64>,
 }
 
 #[derive(Serialize)]

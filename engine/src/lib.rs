@@ -18,7 +18,10 @@
 //! - [`cluster`]: `CLUSTER NODES` and MOVED/ASK replies.
 //! - [`split`]: how a command lands on a cluster target (whole, split per
 //!   slot, or rewritten when its keys span slots).
-//! - [`filter`]: which databases are synchronized and where they land.
+//! - [`filter`]: which databases and keys are synchronized, and where they
+//!   land.
+//! - [`heartbeat`]: the heartbeat key lag is measured with.
+//! - [`rebuild`], [`compat`]: values and commands for older targets.
 //!
 //! Data flows through these in this order: bytes from a source become RDB
 //! items or commands; items become RESTOREs; commands are classified by the
@@ -28,6 +31,7 @@ pub mod cluster;
 pub mod command;
 pub mod compat;
 pub mod filter;
+pub mod heartbeat;
 pub mod rdb;
 pub mod rebuild;
 pub mod resp;

@@ -246,6 +246,11 @@ static SLOT_TAGS: LazyLock<Vec<u32>> = LazyLock::new(|| {
     tags
 });
 
+/// A hash tag (without braces) that lands in `slot`.
+pub fn slot_tag(slot: u16) -> String {
+    format!("ss{}", SLOT_TAGS[slot as usize])
+}
+
 /// The `n`-th temporary key name in slot `anchor` (any key's slot can be
 /// matched, whatever characters the key holds). `scope` keeps the names of
 /// concurrent users apart (one per shard of a task).

@@ -161,8 +161,31 @@ pub struct ShardStats {
     pub stream_spill: Arc<SpillGauges>,
     /// (offset, when it was read), to measure how long unapplied data waits.
     samples: Mutex<VecDeque<(u64, Instant)>>,
+    /// Heartbeats seen in the stream, for lag from the source's clock.
+    heartbeat: Mutex<HeartbeatLag>,
+    /// Heartbeats wait to be applied (checked on confirmations).
+    heartbeat_pending: AtomicBool,
     /// Woken whenever a batch of this shard is confirmed.
     confirmed: Notify,
+}
+
+/// How often heartbeats are written.
+pub const HEARTBEAT_PERIOD_MS: i64 = 1000;
+
+/// Heartbeats of one shard: the last seen in the stream and the last
+/// applied, as (written at, seen or applied at), Unix ms.
+#[derive(Default)]
+struct HeartbeatLag {
+    last_seen: Option<(i64, i64)>,
+    last_applied: Option<(i64, i64)>,
+    /// (stream offset after it, written at), not applied yet.
+    pending: VecDeque<(u64, i64)>,
+}
+
+fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
 /// At most this many lag samples are kept; beyond it the newest is replaced,
@@ -200,6 +223,8 @@ impl ShardStats {
             consumers_dropped: AtomicU64::new(0),
             stream_spill: Arc::new(SpillGauges::default()),
             samples: Mutex::new(VecDeque::new()),
+            heartbeat: Mutex::new(HeartbeatLag::default()),
+            heartbeat_pending: AtomicBool::new(false),
             confirmed: Notify::new(),
         }
     }
@@ -261,6 +286,59 @@ impl ShardStats {
         *link.confirmed.lock().expect("link lock") = end;
         link.confirmed_seq.fetch_add(1, Ordering::SeqCst);
         self.confirmed.notify_waiters();
+        self.settle_heartbeats();
+    }
+
+    /// Our heartbeat, written at `written_ms` (Unix ms), arrived in the
+    /// stream; it is applied once everything up to `offset` is.
+    pub fn heartbeat_seen(&self, written_ms: i64, offset: u64) {
+        let mut hb = self.heartbeat.lock().expect("heartbeat lock");
+        hb.last_seen = Some((written_ms, unix_ms()));
+        if hb.pending.len() >= MAX_SAMPLES {
+            hb.pending.pop_front();
+        }
+        hb.pending.push_back((offset, written_ms));
+        self.heartbeat_pending.store(true, Ordering::Release);
+    }
+
+    /// Marks heartbeats up to the applied offset as applied, now.
+    fn settle_heartbeats(&self) {
+        if !self.heartbeat_pending.load(Ordering::Acquire) {
+            return;
+        }
+        let Some(applied) = self.applied() else {
+            return;
+        };
+        let mut hb = self.heartbeat.lock().expect("heartbeat lock");
+        while let Some(&(offset, written)) = hb.pending.front() {
+            if offset > applied {
+                break;
+            }
+            hb.pending.pop_front();
+            hb.last_applied = Some((written, unix_ms()));
+        }
+        if hb.pending.is_empty() {
+            self.heartbeat_pending.store(false, Ordering::Release);
+        }
+    }
+
+    /// Lag measured with heartbeats, in ms: from a heartbeat's write on the
+    /// source to its arrival in the stream, and to the target's
+    /// confirmation of everything before it. A heartbeat overdue (more than
+    /// [`HEARTBEAT_PERIOD_MS`] after the last one) makes the lag grow with
+    /// the wait. `None` until a heartbeat is seen.
+    pub fn heartbeat_lags(&self) -> (Option<u64>, Option<u64>) {
+        self.settle_heartbeats();
+        let now = unix_ms();
+        let hb = self.heartbeat.lock().expect("heartbeat lock");
+        let lag = |point: Option<(i64, i64)>| {
+            point.map(|(written, at)| {
+                (at - written)
+                    .max(now - written - HEARTBEAT_PERIOD_MS)
+                    .max(0) as u64
+            })
+        };
+        (lag(hb.last_seen), lag(hb.last_applied))
     }
 
     /// Waits until every batch dispatched so far is confirmed.
@@ -287,6 +365,7 @@ impl ShardStats {
     /// `db` selected at that point.
     pub fn publish_processed(&self, offset: u64, db: u32) {
         *self.processed.lock().expect("processed lock") = Some((offset, db));
+        self.settle_heartbeats();
         let mut samples = self.samples.lock().expect("samples lock");
         if samples.back().is_none_or(|&(o, _)| o < offset) {
             if samples.len() >= MAX_SAMPLES {

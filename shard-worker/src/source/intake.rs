@@ -77,6 +77,9 @@ pub struct IntakeOptions {
     pub big_key_bytes: usize,
     /// Keeps this shard's temporary key names apart from other shards'.
     pub tmp_scope: String,
+    /// The task's heartbeat id: its heartbeat key is measured and dropped
+    /// (see `engine::heartbeat`).
+    pub heartbeat_id: Option<String>,
 }
 
 /// Default for [`IntakeOptions::big_key_bytes`].
@@ -98,6 +101,7 @@ impl Default for IntakeOptions {
             force_rewrite: false,
             big_key_bytes: DEFAULT_BIG_KEY_BYTES,
             tmp_scope: "0".into(),
+            heartbeat_id: None,
         }
     }
 }
@@ -287,7 +291,7 @@ impl Intake {
                     let Some(tdb) = self.target_db(entry.db) else {
                         continue;
                     };
-                    if !self.options.key_filter.keeps(&entry.key) {
+                    if !self.options.key_filter.keeps(&entry.key) || self.is_heartbeat(&entry.key) {
                         continue;
                     }
                     self.follow_map(None).await?;
@@ -510,6 +514,13 @@ impl Intake {
         }
     }
 
+    fn is_heartbeat(&self, key: &[u8]) -> bool {
+        self.options
+            .heartbeat_id
+            .as_deref()
+            .is_some_and(|id| engine::heartbeat::is_ours(key, id))
+    }
+
     /// A fresh temporary key name in `slot`.
     fn tmp_name(&mut self, slot: u16) -> Vec<u8> {
         self.tmp_names += 1;
@@ -669,6 +680,13 @@ impl Intake {
     async fn handle(&mut self, cmd: Command, safe: At) -> Result<(), WorkerError> {
         let spec = command::lookup(&cmd);
         let role = spec.map_or(Role::Data, |s| s.role);
+        if role == Role::Data && cmd.get(1).is_some_and(|k| self.is_heartbeat(k)) {
+            if let Some(written) = engine::heartbeat::written_ms(&cmd) {
+                self.stats.heartbeat_seen(written, self.offset);
+            }
+            self.stats.commands_filtered.fetch_add(1, Ordering::Relaxed);
+            return Ok(());
+        }
         if matches!(role, Role::Data | Role::Script | Role::Move) {
             match self.options.key_filter.keep(spec, &cmd) {
                 Kept::All => {}
