@@ -115,18 +115,14 @@ impl CheckpointStore {
         })
     }
 
+    /// The store of one target of a task with several: a directory of
+    /// its own (`to-<host_port>`) under this one.
+    pub fn for_target(&self, target: &str) -> Result<CheckpointStore, CheckpointError> {
+        CheckpointStore::open(&self.dir.join(format!("to-{}", file_name(target))))
+    }
+
     pub fn path_for(&self, source: &str) -> PathBuf {
-        let name: String = source
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
-                    c
-                } else {
-                    '_'
-                }
-            })
-            .collect();
-        self.dir.join(format!("shard-{name}.ckpt"))
+        self.dir.join(format!("shard-{}.ckpt", file_name(source)))
     }
 
     pub fn load(&self, source: &str) -> Result<Option<Checkpoint>, CheckpointError> {
@@ -172,6 +168,19 @@ impl CheckpointStore {
         }
         Ok(())
     }
+}
+
+/// `host:port` as a file name.
+pub fn file_name(addr: &str) -> String {
+    addr.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
 }
 
 #[cfg(test)]

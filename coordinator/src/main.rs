@@ -156,83 +156,113 @@ async fn sync(args: SyncArgs) -> u8 {
             Level::Fail => tracing::error!("precheck refused: {check}"),
         }
     }
-    let passed = report.passed();
-    let Some(plan) = report.plan.filter(|_| passed) else {
+    if !report.passed() {
         status.set_failed("precheck refused".into());
         return EXIT_PRECHECK;
-    };
+    }
+    let plans = report.plans;
+    let many = plans.len() > 1;
 
-    let spill_dir = match &cfg.checkpoint_dir {
+    let spill_base = match &cfg.checkpoint_dir {
         Some(dir) => dir.join("spill"),
         None => std::env::temp_dir().join(format!("shardsync-spill-{}", std::process::id())),
     };
-    // Heartbeats on every source master, under this task's id.
-    let source_addrs: Vec<String> = plan.shards.iter().map(|s| s.endpoint.addr()).collect();
-    let target_addrs: Vec<String> = plan.target.endpoints().iter().map(|e| e.addr()).collect();
+    // Heartbeats on every source master, under this task's id (one id for
+    // all its targets: each target's workers see the same heartbeat).
+    let source_addrs: Vec<String> = plans[0].shards.iter().map(|s| s.endpoint.addr()).collect();
+    let target_addrs: Vec<String> = plans
+        .iter()
+        .flat_map(|p| p.target.endpoints())
+        .map(|e| e.addr())
+        .collect();
     let heartbeat_id = cfg
         .heartbeat
         .then(|| heartbeat::task_id(&source_addrs, &target_addrs));
     let heartbeats: Vec<_> = match &heartbeat_id {
-        Some(id) => plan
+        Some(id) => plans[0]
             .shards
             .iter()
             .map(|s| heartbeat::spawn(s.endpoint.clone(), engine::heartbeat::key(id, s.slot)))
             .collect(),
         None => Vec::new(),
     };
-    let options = IntakeOptions {
-        heartbeat_id: heartbeat_id.clone(),
-        existing: match cfg.on_conflict {
-            OnConflict::Skip => Existing::Keep,
-            OnConflict::Precheck | OnConflict::Ignore => Existing::Replace,
-        },
-        db_filter: plan.db_filter.clone(),
-        key_filter: cfg.key_filter.clone(),
-        source_databases: plan.source_databases,
-        replay_publish: cfg.replay_publish,
-        spill_dir: spill_dir.clone(),
-        spill_memory: cfg.spill_memory,
-        target_caps: plan.target_caps,
-        force_rewrite: cfg.force_rewrite,
-        big_key_bytes: plan.big_key_bytes,
-        // Temporary key names of this run: distinct from any other run's.
-        tmp_scope: run_scope(),
-        ..IntakeOptions::default()
-    };
-    let (done_tx, done_rx) = oneshot::channel();
-    let args = TaskArgs {
-        shards: plan.shards,
-        target: plan.target,
-        options,
-        retry: RetryPolicy {
-            timeout: cfg.retry_timeout,
-            ..RetryPolicy::default()
-        },
-        listening_port: http_addr.port(),
-        status: status.clone(),
-        checkpoints: store,
-        done: done_tx,
-    };
-    let task = match Actor::spawn(None, Task, args).await {
-        Ok((task, _)) => task,
-        Err(e) => {
-            tracing::error!("cannot start the task: {e}");
-            return EXIT_FAILED;
+    let scope = run_scope();
+    let mut tasks = Vec::new();
+    let mut dones = Vec::new();
+    for (i, plan) in plans.into_iter().enumerate() {
+        // Each target spills into a directory of its own.
+        let spill_dir = if many {
+            spill_base.join(format!("to-{}", checkpoint::file_name(&plan.name)))
+        } else {
+            spill_base.clone()
+        };
+        let options = IntakeOptions {
+            heartbeat_id: heartbeat_id.clone(),
+            existing: match cfg.on_conflict {
+                OnConflict::Skip => Existing::Keep,
+                OnConflict::Precheck | OnConflict::Ignore => Existing::Replace,
+            },
+            db_filter: plan.db_filter.clone(),
+            key_filter: cfg.key_filter.clone(),
+            source_databases: plan.source_databases,
+            replay_publish: cfg.replay_publish,
+            spill_dir,
+            spill_memory: cfg.spill_memory,
+            target_caps: plan.target_caps,
+            force_rewrite: cfg.force_rewrite,
+            big_key_bytes: plan.big_key_bytes,
+            // Temporary key names of this run: distinct from any other run's.
+            tmp_scope: if many {
+                format!("{scope}t{i}")
+            } else {
+                scope.clone()
+            },
+            ..IntakeOptions::default()
+        };
+        let (done_tx, done_rx) = oneshot::channel();
+        let args = TaskArgs {
+            name: plan.name,
+            shards: plan.shards,
+            target: plan.target,
+            options,
+            retry: RetryPolicy {
+                timeout: cfg.retry_timeout,
+                ..RetryPolicy::default()
+            },
+            listening_port: http_addr.port(),
+            status: status.clone(),
+            checkpoints: plan.checkpoints,
+            done: done_tx,
+        };
+        match Actor::spawn(None, Task, args).await {
+            Ok((task, _)) => {
+                tasks.push(task);
+                dones.push(done_rx);
+            }
+            Err(e) => {
+                tracing::error!("cannot start the task: {e}");
+                for t in &tasks {
+                    let _ = t.send_message(TaskMsg::Abort);
+                }
+                return EXIT_FAILED;
+            }
         }
-    };
-    let outcome = wait_for_outcome(&task, done_rx).await;
+    }
+    let outcome = wait_for_outcome(&tasks, dones).await;
     for h in heartbeats {
         h.abort();
     }
     if cfg.checkpoint_dir.is_none() {
-        let _ = std::fs::remove_dir_all(&spill_dir);
+        let _ = std::fs::remove_dir_all(&spill_base);
     }
     match outcome {
         Outcome::Drained => {
+            status.set_stopped();
             tracing::info!("stopped; every command read was applied");
             0
         }
         Outcome::Aborted => {
+            status.set_stopped();
             tracing::warn!("stopped without draining; the checkpoint holds what was applied");
             0
         }
@@ -251,11 +281,13 @@ fn run_scope() -> String {
     format!("{:x}{:x}", std::process::id(), nanos & 0xfff)
 }
 
-/// Waits for the task to end; the first SIGINT/SIGTERM drains it, a second
-/// one (or a drain that takes too long) stops it at once.
+/// Waits for every target's task to end; the first SIGINT/SIGTERM drains
+/// them, a second one (or a drain that takes too long) stops them at once.
+/// One task failing stops the others (their checkpoints are written, so a
+/// restart resumes them) and fails the run.
 async fn wait_for_outcome(
-    task: &ractor::ActorRef<TaskMsg>,
-    done: oneshot::Receiver<Outcome>,
+    tasks: &[ractor::ActorRef<TaskMsg>],
+    dones: Vec<oneshot::Receiver<Outcome>>,
 ) -> Outcome {
     let (Ok(mut term), Ok(mut int)) = (
         signal(SignalKind::terminate()),
@@ -263,9 +295,26 @@ async fn wait_for_outcome(
     ) else {
         return Outcome::Failed("cannot install signal handlers".into());
     };
-    tokio::pin!(done);
+    let (tx, mut outcomes) = tokio::sync::mpsc::unbounded_channel();
+    for done in dones {
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let outcome = done
+                .await
+                .unwrap_or_else(|_| Outcome::Failed("the task ended without an outcome".into()));
+            let _ = tx.send(outcome);
+        });
+    }
+    drop(tx);
+    let send_all = |msg: fn() -> TaskMsg| {
+        for t in tasks {
+            let _ = t.send_message(msg());
+        }
+    };
     let mut deadline: Option<tokio::time::Instant> = None;
-    loop {
+    let mut combined = Outcome::Drained;
+    let mut left = tasks.len();
+    while left > 0 {
         let drain_timer = async {
             match deadline {
                 Some(d) => tokio::time::sleep_until(d).await,
@@ -273,27 +322,42 @@ async fn wait_for_outcome(
             }
         };
         tokio::select! {
-            outcome = &mut done => {
-                return outcome.unwrap_or_else(|_| Outcome::Failed("the task ended without an outcome".into()));
+            outcome = outcomes.recv() => {
+                let Some(outcome) = outcome else { break };
+                left -= 1;
+                match outcome {
+                    Outcome::Failed(message) => {
+                        if !matches!(combined, Outcome::Failed(_)) {
+                            if left > 0 {
+                                tracing::warn!("one target failed: stopping the others");
+                            }
+                            send_all(|| TaskMsg::Abort);
+                            combined = Outcome::Failed(message);
+                        }
+                    }
+                    Outcome::Aborted if combined == Outcome::Drained => combined = Outcome::Aborted,
+                    _ => {}
+                }
             }
-            _ = term.recv() => on_signal(task, &mut deadline),
-            _ = int.recv() => on_signal(task, &mut deadline),
+            _ = term.recv() => on_signal(&send_all, &mut deadline),
+            _ = int.recv() => on_signal(&send_all, &mut deadline),
             _ = drain_timer => {
                 tracing::warn!(secs = DRAIN_TIMEOUT.as_secs(), "drain took too long");
-                let _ = task.send_message(TaskMsg::Abort);
+                send_all(|| TaskMsg::Abort);
                 deadline = None;
             }
         }
     }
+    combined
 }
 
-fn on_signal(task: &ractor::ActorRef<TaskMsg>, deadline: &mut Option<tokio::time::Instant>) {
+fn on_signal(send_all: &dyn Fn(fn() -> TaskMsg), deadline: &mut Option<tokio::time::Instant>) {
     if deadline.is_none() {
         tracing::info!("signal received: draining (send it again to stop at once)");
-        let _ = task.send_message(TaskMsg::Shutdown);
+        send_all(|| TaskMsg::Shutdown);
         *deadline = Some(tokio::time::Instant::now() + DRAIN_TIMEOUT);
     } else {
-        let _ = task.send_message(TaskMsg::Abort);
+        send_all(|| TaskMsg::Abort);
     }
 }
 

@@ -1,7 +1,9 @@
 //! `/metrics`: Prometheus text, built at scrape time from the counters the
 //! workers keep (so the hot path pays one relaxed atomic add, nothing more).
 //! Every metric is prefixed `shardsync_`; labels are `shard` (source
-//! `host:port`) and `target` (target node `host:port`), never keys.
+//! `host:port`) and `target` (target node `host:port`), never keys. With
+//! several targets, per-shard metrics also carry `target` (the target as
+//! named on the command line): each target has its own shard workers.
 
 use std::sync::atomic::Ordering;
 
@@ -72,8 +74,10 @@ pub fn render(status: &TaskStatus) -> String {
     rss.sample(&[], resident_memory_bytes() as f64);
     families.push(rss);
 
-    if let Some(workers) = status.workers() {
+    let groups = status.groups();
+    if !groups.is_empty() {
         use MetricType::{COUNTER, GAUGE};
+        let many = groups.len() > 1;
         let mut state = Family::new("shard_state", "1 for the state each shard is in.", GAUGE);
         let mut keys = Family::new(
             "full_sync_keys_total",
@@ -186,16 +190,23 @@ pub fn render(status: &TaskStatus) -> String {
             "Stream consumers without pending entries left out (the target predates Redis 6.2).",
             COUNTER,
         );
-        for s in &workers.shards {
+        for (g, s) in groups
+            .iter()
+            .flat_map(|g| g.shards.iter().map(move |s| (g, s)))
+        {
             let shard = s.source.as_str();
-            let current = status.shard_state(s);
+            let current = g.shard_state(s);
+            let l: Vec<(&str, &str)> = if many {
+                vec![("shard", shard), ("target", g.target.as_str())]
+            } else {
+                vec![("shard", shard)]
+            };
             for st in ShardState::ALL {
                 state.sample(
-                    &[("shard", shard), ("state", st.as_str())],
+                    &with(&l, ("state", st.as_str())),
                     (st == current) as u8 as f64,
                 );
             }
-            let l = [("shard", shard)];
             keys.sample(&l, s.full_sync_keys.load(Ordering::Relaxed) as f64);
             bytes.sample(&l, s.full_sync_bytes.load(Ordering::Relaxed) as f64);
             total.sample(&l, s.full_sync_total_bytes.load(Ordering::Relaxed) as f64);
@@ -220,17 +231,14 @@ pub fn render(status: &TaskStatus) -> String {
                 ("rebuilt", &s.values_rebuilt),
                 ("in_parts", &s.big_values),
             ] {
-                converted.sample(
-                    &[("shard", shard), ("how", how)],
-                    n.load(Ordering::Relaxed) as f64,
-                );
+                converted.sample(&with(&l, ("how", how)), n.load(Ordering::Relaxed) as f64);
             }
             ttls_dropped.sample(&l, s.field_ttls_dropped.load(Ordering::Relaxed) as f64);
             consumers_dropped.sample(&l, s.consumers_dropped.load(Ordering::Relaxed) as f64);
             let (stream, applied) = s.heartbeat_lags();
             for (stage, lag) in [("stream", stream), ("applied", applied)] {
                 if let Some(ms) = lag {
-                    heartbeat_lag.sample(&[("shard", shard), ("stage", stage)], ms as f64 / 1000.0);
+                    heartbeat_lag.sample(&with(&l, ("stage", stage)), ms as f64 / 1000.0);
                 }
             }
         }
@@ -336,7 +344,7 @@ pub fn render(status: &TaskStatus) -> String {
             "RESTOREs the target node refused (payload from a newer Redis), rebuilt with ordinary commands.",
             COUNTER,
         );
-        for w in &workers.writers() {
+        for w in groups.iter().flat_map(|g| g.writers()) {
             let target = w.target.as_str();
             restores_rebuilt.sample(
                 &[("target", target)],
@@ -396,6 +404,13 @@ pub fn render(status: &TaskStatus) -> String {
         .encode(&families, &mut out)
         .expect("text encoding of well-formed families");
     String::from_utf8(out).expect("prometheus text is UTF-8")
+}
+
+/// `labels` and one more.
+fn with<'a>(labels: &[(&'a str, &'a str)], more: (&'a str, &'a str)) -> Vec<(&'a str, &'a str)> {
+    let mut all = labels.to_vec();
+    all.push(more);
+    all
 }
 
 /// Resident set size from /proc (0 where /proc is not available).

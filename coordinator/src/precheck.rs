@@ -73,9 +73,12 @@ impl TargetPlan {
     }
 }
 
-/// What a task runs with.
+/// What the task runs with for one target (a task with several targets
+/// has one plan each, over the same sources).
 #[derive(Clone, Debug)]
 pub struct Plan {
+    /// The target as named on the command line (`host:port`).
+    pub name: String,
     pub shards: Vec<ShardPlan>,
     pub target: TargetPlan,
     pub source_databases: u32,
@@ -87,16 +90,19 @@ pub struct Plan {
     /// Values larger than this are written in parts (the configured
     /// threshold, kept under the target's proto-max-bulk-len).
     pub big_key_bytes: usize,
+    /// Where this target's checkpoints live.
+    pub checkpoints: Option<CheckpointStore>,
 }
 
 pub struct Report {
     pub checks: Vec<Check>,
-    pub plan: Option<Plan>,
+    /// One per target; empty when the precheck refused the task.
+    pub plans: Vec<Plan>,
 }
 
 impl Report {
     pub fn passed(&self) -> bool {
-        self.plan.is_some() && self.checks.iter().all(|c| c.level != Level::Fail)
+        !self.plans.is_empty() && self.checks.iter().all(|c| c.level != Level::Fail)
     }
 }
 
@@ -132,11 +138,11 @@ impl Checks {
 /// Runs every check against the live servers.
 pub async fn run(cfg: &TaskConfig, store: Option<&CheckpointStore>) -> Report {
     let mut checks = Checks(Vec::new());
-    let plan = plan(cfg, store, &mut checks).await;
-    let plan = if checks.failed() { None } else { plan };
+    let plans = plan(cfg, store, &mut checks).await;
+    let plans = if checks.failed() { Vec::new() } else { plans };
     Report {
         checks: checks.0,
-        plan,
+        plans,
     }
 }
 
@@ -202,12 +208,68 @@ async fn cluster_masters(
     Some(out)
 }
 
-async fn plan(
-    cfg: &TaskConfig,
-    store: Option<&CheckpointStore>,
-    checks: &mut Checks,
-) -> Option<Plan> {
-    let (seed, sources, slots) = match &cfg.source {
+/// The source side of a task: the masters (or backends) to sync.
+struct Sources {
+    /// The server the source URL names (for a pool: its first backend, with
+    /// the pool's keyspace summed).
+    seed: ServerInfo,
+    masters: Vec<(ServerInfo, Endpoint)>,
+    /// Per master, on a cluster source, a slot it serves.
+    slots: Vec<Option<u16>>,
+}
+
+async fn plan(cfg: &TaskConfig, store: Option<&CheckpointStore>, checks: &mut Checks) -> Vec<Plan> {
+    let Some(sources) = plan_sources(cfg, checks).await else {
+        return Vec::new();
+    };
+    let mut plans = Vec::new();
+    let mut seen: Vec<(String, ServerInfo)> = Vec::new();
+    for target_ep in &cfg.targets {
+        let name = target_ep.addr();
+        let store = match store {
+            Some(s) if cfg.targets.len() > 1 => match s.for_target(&name) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    checks.fail("checkpoint", e.to_string());
+                    continue;
+                }
+            },
+            Some(s) => Some(s.clone()),
+            None => None,
+        };
+        if let Some((plan, infos)) = plan_target(cfg, &sources, target_ep, store, checks).await {
+            for info in infos {
+                if let Some((other, _)) = seen
+                    .iter()
+                    .find(|(_, i)| !i.run_id.is_empty() && i.run_id == info.run_id)
+                {
+                    checks.fail(
+                        "targets",
+                        format!(
+                            "{} (target {name}) is also a node of target {other}: give each target once",
+                            info.addr
+                        ),
+                    );
+                }
+                seen.push((name.clone(), info));
+            }
+            plans.push(plan);
+        }
+    }
+    if plans.len() > 1 {
+        checks.pass(
+            "targets",
+            format!(
+                "{} targets, each with its own writers, backpressure and checkpoints; each source master serves one replication link per target",
+                plans.len()
+            ),
+        );
+    }
+    plans
+}
+
+async fn plan_sources(cfg: &TaskConfig, checks: &mut Checks) -> Option<Sources> {
+    let (seed, masters, slots) = match &cfg.source {
         SourceSpec::Redis(ep) => source_masters(ep, checks).await?,
         SourceSpec::Twemproxy {
             config,
@@ -216,18 +278,25 @@ async fn plan(
             password,
         } => twemproxy_backends(config, pool.as_deref(), user, password, checks).await?,
     };
-    for (info, _) in &sources {
+    for (info, _) in &masters {
         check_source(info, checks);
     }
+    Some(Sources {
+        seed,
+        masters,
+        slots,
+    })
+}
 
-    if cfg.targets.len() > 1 {
-        checks.fail(
-            "targets",
-            "more than one --target is not supported by this build",
-        );
-        return None;
-    }
-    let target_ep = cfg.targets[0].clone();
+/// The plan for one target, with the servers it is made of.
+async fn plan_target(
+    cfg: &TaskConfig,
+    src: &Sources,
+    target_ep: &Endpoint,
+    store: Option<CheckpointStore>,
+    checks: &mut Checks,
+) -> Option<(Plan, Vec<ServerInfo>)> {
+    let (seed, sources, slots) = (&src.seed, &src.masters, &src.slots);
     let target_seed = match probe(&target_ep).await {
         Ok(info) => info,
         Err(e) => {
@@ -271,14 +340,14 @@ async fn plan(
     // Checkpoints of an earlier run of this task.
     let target_addrs: Vec<String> = target.endpoints().iter().map(Endpoint::addr).collect();
     let mut shards = Vec::new();
-    for ((info, ep), slot) in sources.iter().zip(&slots) {
+    for ((info, ep), slot) in sources.iter().zip(slots) {
         let mut shard = ShardPlan {
             endpoint: ep.clone(),
             resume: None,
             ours: false,
             slot: *slot,
         };
-        if let Some(store) = store {
+        if let Some(store) = &store {
             match store.load(&info.addr) {
                 Ok(Some(ckpt)) if same_targets(&ckpt.targets, &target_addrs) => {
                     shard.ours = true;
@@ -334,10 +403,10 @@ async fn plan(
         }
     }
     let db_filter = match &target {
-        TargetPlan::Cluster { .. } => cluster_db_filter(cfg, &seed, source_databases, checks),
+        TargetPlan::Cluster { .. } => cluster_db_filter(cfg, seed, source_databases, checks),
         TargetPlan::Standalone(_) => cfg.db_filter.clone(),
     };
-    for (source, _) in &sources {
+    for (source, _) in sources {
         for t in &targets {
             if !source.run_id.is_empty() && source.run_id == t.run_id {
                 checks.fail("target", format!("{} is the source itself", t.addr));
@@ -362,7 +431,7 @@ async fn plan(
     );
     check_versions(
         cfg,
-        &sources,
+        sources,
         newest_source,
         oldest_target,
         target_caps,
@@ -386,14 +455,19 @@ async fn plan(
     if checks.failed() {
         return None;
     }
-    Some(Plan {
-        shards,
-        target,
-        source_databases,
-        db_filter,
-        target_caps,
-        big_key_bytes,
-    })
+    Some((
+        Plan {
+            name: target_ep.addr(),
+            shards,
+            target,
+            source_databases,
+            db_filter,
+            target_caps,
+            big_key_bytes,
+            checkpoints: store,
+        },
+        targets,
+    ))
 }
 
 /// The masters of a `redis://` source: itself, or every master of its

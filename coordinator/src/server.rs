@@ -95,7 +95,10 @@ pub async fn probe(ep: &Endpoint) -> Result<ServerInfo, WorkerError> {
         ) {
             continue;
         }
-        if let Ok(Frame::Array(keys)) = conn.request(&["KEYS", "*shardsync:heartbeat:*"]).await {
+        if let Ok(Frame::Array(keys)) = conn
+            .request(&["KEYS", &format!("*{}*", engine::heartbeat::MARK)])
+            .await
+        {
             if !keys.is_empty() {
                 info.heartbeat_keys.insert(db, keys.len() as u64);
             }

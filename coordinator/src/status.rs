@@ -7,25 +7,30 @@
 //! ```
 //!
 //! Fields beyond the contract (applied offsets, targets, the error that
-//! failed the task) are added, never renamed.
+//! failed the task) are added, never renamed. With several targets a
+//! source appears once per target, its entry naming the target.
 
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
 use serde::Serialize;
 use shard_worker::progress::{ShardState, ShardStats, WriterStats};
 
-/// Shards and writers, known once the precheck has planned the task
-/// (writers are added when a cluster target gains a master).
+/// The shards and writers of one target, known once the precheck has
+/// planned the task (writers are added when a cluster target gains a
+/// master).
 pub struct Workers {
+    /// The target as named on the command line.
+    pub target: String,
     pub shards: Vec<Arc<ShardStats>>,
     writers: RwLock<Vec<Arc<WriterStats>>>,
 }
 
 impl Workers {
-    pub fn new(shards: Vec<Arc<ShardStats>>) -> Workers {
+    pub fn new(target: String, shards: Vec<Arc<ShardStats>>) -> Workers {
         Workers {
+            target,
             shards,
             writers: RwLock::new(Vec::new()),
         }
@@ -33,6 +38,34 @@ impl Workers {
 
     pub fn writers(&self) -> Vec<Arc<WriterStats>> {
         self.writers.read().expect("writers lock").clone()
+    }
+
+    pub fn add_writer(&self, stats: Arc<WriterStats>) {
+        self.writers.write().expect("writers lock").push(stats);
+    }
+
+    /// Marks every shard that did not fail as stopped.
+    pub fn set_stopped(&self) {
+        for s in &self.shards {
+            if s.state() != ShardState::Failed {
+                s.set_state(ShardState::Stopped);
+            }
+        }
+    }
+
+    /// A shard's state as reported: an incremental shard whose target
+    /// connection is down is `reconnecting`.
+    pub fn shard_state(&self, shard: &ShardStats) -> ShardState {
+        let state = shard.state();
+        let writers_down = self
+            .writers()
+            .iter()
+            .any(|w| !w.connected.load(Ordering::Relaxed));
+        if state == ShardState::Incremental && writers_down {
+            ShardState::Reconnecting
+        } else {
+            state
+        }
     }
 }
 
@@ -48,7 +81,7 @@ enum Phase {
 
 pub struct TaskStatus {
     phase: AtomicU8,
-    workers: OnceLock<Workers>,
+    groups: RwLock<Vec<Arc<Workers>>>,
     error: Mutex<Option<String>>,
     pub started: Instant,
 }
@@ -57,7 +90,7 @@ impl Default for TaskStatus {
     fn default() -> Self {
         TaskStatus {
             phase: AtomicU8::new(Phase::Prechecking as u8),
-            workers: OnceLock::new(),
+            groups: RwLock::new(Vec::new()),
             error: Mutex::new(None),
             started: Instant::now(),
         }
@@ -65,29 +98,26 @@ impl Default for TaskStatus {
 }
 
 impl TaskStatus {
-    pub fn set_workers(&self, workers: Workers) {
-        let _ = self.workers.set(workers);
+    /// Adds the workers of one target; the task runs once it has any.
+    pub fn add_group(&self, workers: Workers) -> Arc<Workers> {
+        let workers = Arc::new(workers);
+        self.groups
+            .write()
+            .expect("groups lock")
+            .push(workers.clone());
         self.phase.store(Phase::Running as u8, Ordering::Release);
+        workers
     }
 
-    pub fn workers(&self) -> Option<&Workers> {
-        self.workers.get()
-    }
-
-    pub fn add_writer(&self, stats: Arc<WriterStats>) {
-        if let Some(w) = self.workers() {
-            w.writers.write().expect("writers lock").push(stats);
-        }
+    /// The workers of every target, in the order the targets were given.
+    pub fn groups(&self) -> Vec<Arc<Workers>> {
+        self.groups.read().expect("groups lock").clone()
     }
 
     pub fn set_stopped(&self) {
         self.phase.store(Phase::Stopped as u8, Ordering::Release);
-        if let Some(w) = self.workers() {
-            for s in &w.shards {
-                if s.state() != ShardState::Failed {
-                    s.set_state(ShardState::Stopped);
-                }
-            }
+        for g in self.groups() {
+            g.set_stopped();
         }
     }
 
@@ -100,22 +130,6 @@ impl TaskStatus {
         self.error.lock().expect("error lock").clone()
     }
 
-    /// A shard's state as reported: an incremental shard whose target
-    /// connection is down is `reconnecting`.
-    pub fn shard_state(&self, shard: &ShardStats) -> ShardState {
-        let state = shard.state();
-        let writers_down = self.workers().is_some_and(|w| {
-            w.writers()
-                .iter()
-                .any(|w| !w.connected.load(Ordering::Relaxed))
-        });
-        if state == ShardState::Incremental && writers_down {
-            ShardState::Reconnecting
-        } else {
-            state
-        }
-    }
-
     /// The task's state, derived from its shards while it runs.
     pub fn state(&self) -> &'static str {
         match self.phase() {
@@ -124,10 +138,14 @@ impl TaskStatus {
             Phase::Failed => return "failed",
             Phase::Running => {}
         }
-        let Some(workers) = self.workers() else {
+        let groups = self.groups();
+        if groups.is_empty() {
             return "prechecking";
-        };
-        let states: Vec<ShardState> = workers.shards.iter().map(|s| self.shard_state(s)).collect();
+        }
+        let states: Vec<ShardState> = groups
+            .iter()
+            .flat_map(|g| g.shards.iter().map(|s| g.shard_state(s)))
+            .collect();
         let any = |st: ShardState| states.contains(&st);
         if any(ShardState::Failed) {
             "failed"
@@ -154,12 +172,13 @@ impl TaskStatus {
     pub fn snapshot(&self) -> StatusJson {
         let mut shards = Vec::new();
         let mut targets = Vec::new();
-        if let Some(w) = self.workers() {
+        for w in self.groups() {
             for s in &w.shards {
                 let (stream_lag_ms, applied_lag_ms) = s.heartbeat_lags();
                 shards.push(ShardJson {
                     source: s.source.clone(),
-                    state: self.shard_state(s).as_str(),
+                    target: w.target.clone(),
+                    state: w.shard_state(s).as_str(),
                     offset: s.source_offset.load(Ordering::Relaxed),
                     applied_offset: s.applied().unwrap_or(0),
                     lag_ms: s.lag_ms(),
@@ -213,6 +232,8 @@ pub struct StatusJson {
 #[derive(Serialize)]
 pub struct ShardJson {
     pub source: String,
+    /// The target this shard's data goes to (as named on the command line).
+    pub target: String,
     pub state: &'static str,
     /// Replication offset read from the source.
     pub offset: u64,

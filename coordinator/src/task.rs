@@ -59,6 +59,8 @@ pub enum Outcome {
 }
 
 pub struct TaskArgs {
+    /// The target's name in status and metrics.
+    pub name: String,
     pub shards: Vec<ShardPlan>,
     pub target: TargetPlan,
     pub options: IntakeOptions,
@@ -102,6 +104,8 @@ pub struct TaskState {
     retry: RetryPolicy,
     listening_port: u16,
     status: Arc<TaskStatus>,
+    /// This target's shards and writers, as status and metrics see them.
+    group: Arc<Workers>,
     checkpoints: Option<CheckpointStore>,
     done: Option<oneshot::Sender<Outcome>>,
     /// The master copy of the router, for respawns; dropped at shutdown so
@@ -149,7 +153,9 @@ impl Actor for Task {
                 stats
             })
             .collect();
-        args.status.set_workers(Workers::new(shards.clone()));
+        let group = args
+            .status
+            .add_group(Workers::new(args.name.clone(), shards.clone()));
         Ok(TaskState {
             shard_eps: args.shards.iter().map(|s| s.endpoint.clone()).collect(),
             initial_resume: args.shards.into_iter().map(|s| s.resume).collect(),
@@ -167,6 +173,7 @@ impl Actor for Task {
             retry: args.retry,
             listening_port: args.listening_port,
             status: args.status,
+            group,
             checkpoints: args.checkpoints,
             done: Some(args.done),
             router: None,
@@ -188,7 +195,7 @@ impl Actor for Task {
         let mut lanes = Vec::new();
         for (index, endpoint) in state.targets.clone().into_iter().enumerate() {
             let (handle, rx, redirects) = writer_channels(index, endpoint, &state.options);
-            state.status.add_writer(handle.stats.clone());
+            state.group.add_writer(handle.stats.clone());
             handles.push(handle);
             lanes.push((rx, redirects));
         }
@@ -403,7 +410,7 @@ async fn add_node(
     tracing::info!(node = %addr, "a new target master appeared; starting a writer for it");
     let endpoint = state.targets[0].with_addr(request.host.clone(), request.port);
     let (handle, rx, redirects) = writer_channels(index, endpoint, &state.options);
-    state.status.add_writer(handle.stats.clone());
+    state.group.add_writer(handle.stats.clone());
     spawn_writer(myself, state, &handle, rx, redirects).await?;
     routing.add_writer(&handle);
     if let Some(router) = &mut state.router {
@@ -561,7 +568,7 @@ fn finish(myself: &ActorRef<TaskMsg>, state: &mut TaskState, outcome: Outcome) {
     state.routing = None;
     write_checkpoints(state);
     if !matches!(outcome, Outcome::Failed(_)) {
-        state.status.set_stopped();
+        state.group.set_stopped();
     }
     let _ = done.send(outcome);
     myself.stop(None);

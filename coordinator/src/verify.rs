@@ -56,7 +56,10 @@ pub async fn verify(
                 context: "scanning keys",
                 reply: reply.to_text(),
             })?;
-            let batch: Vec<Vec<u8>> = batch.into_iter().filter(|k| filter.keeps(k)).collect();
+            let batch: Vec<Vec<u8>> = batch
+                .into_iter()
+                .filter(|k| filter.keeps(k) && !engine::heartbeat::is_any(k))
+                .collect();
             for chunk in batch.chunks(BATCH) {
                 in_source += chunk.len() as u64;
                 compare_keys(&mut src, &mut dst, sdb, chunk, &mut report, show).await?;
@@ -73,8 +76,13 @@ pub async fn verify(
             };
             // Keys that expired on the source between SCAN and now are
             // already reported as differences; what remains is what the
-            // target has more.
-            target_size.saturating_sub(in_source)
+            // target has more (heartbeat keys aside).
+            let extra = target_size.saturating_sub(in_source);
+            if extra > 0 {
+                extra.saturating_sub(heartbeat_keys(&mut dst).await?)
+            } else {
+                0
+            }
         } else {
             // The target may hold keys the filter leaves out: count only
             // kept keys the source lacks.
@@ -103,7 +111,7 @@ async fn extra_kept_keys(
         })?;
         let kept: Vec<Vec<&[u8]>> = batch
             .iter()
-            .filter(|k| filter.keeps(k))
+            .filter(|k| filter.keeps(k) && !engine::heartbeat::is_any(k))
             .map(|k| vec![&b"EXISTS"[..], k])
             .collect();
         for reply in src.pipeline(&kept).await? {
@@ -113,6 +121,28 @@ async fn extra_kept_keys(
         }
         if next == "0" {
             return Ok(extra);
+        }
+        cursor = next;
+    }
+}
+
+/// Heartbeat keys in the selected database.
+async fn heartbeat_keys(conn: &mut Conn) -> Result<u64, WorkerError> {
+    let pattern = format!("*{}*", engine::heartbeat::MARK);
+    let mut n = 0;
+    let mut cursor = "0".to_string();
+    loop {
+        let reply = conn
+            .request(&["SCAN", &cursor, "MATCH", &pattern, "COUNT", "1000"])
+            .await?;
+        let (next, batch) = scan_reply(&reply).ok_or_else(|| WorkerError::Unexpected {
+            addr: conn.addr.clone(),
+            context: "scanning keys",
+            reply: reply.to_text(),
+        })?;
+        n += batch.len() as u64;
+        if next == "0" {
+            return Ok(n);
         }
         cursor = next;
     }

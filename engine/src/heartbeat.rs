@@ -17,6 +17,15 @@ pub fn key(id: &str, slot: Option<u16>) -> Vec<u8> {
     }
 }
 
+/// What every heartbeat key's name contains.
+pub const MARK: &str = "shardsync:heartbeat:";
+
+/// Whether `key` is some task's heartbeat (for comparisons, which leave
+/// them out: a task never replays its own).
+pub fn is_any(key: &[u8]) -> bool {
+    key.windows(MARK.len()).any(|w| w == MARK.as_bytes())
+}
+
 /// Whether `key` is task `id`'s heartbeat (in whatever slot).
 pub fn is_ours(key: &[u8], id: &str) -> bool {
     let suffix = format!("shardsync:heartbeat:{id}");
@@ -51,6 +60,8 @@ mod tests {
         assert!(!is_ours(&k, "ab1"));
         assert!(!is_ours(b"xshardsync:heartbeat:ab12", "ab12"));
         assert!(!is_ours(&key("other", Some(1)), "ab12"));
+        assert!(is_any(&k) && is_any(&key("other", None)));
+        assert!(!is_any(b"shardsync:heart"));
     }
 
     #[test]

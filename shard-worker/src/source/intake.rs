@@ -283,6 +283,10 @@ impl Intake {
             let Some(item) = item else { break };
             match item {
                 RdbItem::Entry(entry) => {
+                    // Our own heartbeat is neither copied nor counted.
+                    if self.is_heartbeat(&entry.key) {
+                        continue;
+                    }
                     keys += 1;
                     self.stats.full_sync_keys.store(keys, Ordering::Relaxed);
                     self.stats
@@ -291,7 +295,7 @@ impl Intake {
                     let Some(tdb) = self.target_db(entry.db) else {
                         continue;
                     };
-                    if !self.options.key_filter.keeps(&entry.key) || self.is_heartbeat(&entry.key) {
+                    if !self.options.key_filter.keeps(&entry.key) {
                         continue;
                     }
                     self.follow_map(None).await?;

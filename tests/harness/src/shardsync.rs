@@ -39,10 +39,13 @@ impl Shardsync {
         let http_port = free_port();
         let log_path = dir.path().join("shardsync.log");
         let log = std::fs::File::create(&log_path).expect("create the log file");
-        let child = Command::new(bin)
-            .arg(sub)
-            .args(args)
-            .args(["--http", &format!("127.0.0.1:{http_port}")])
+        let mut cmd = Command::new(bin);
+        cmd.arg(sub).args(args);
+        // `verify` serves no status.
+        if sub != "verify" {
+            cmd.args(["--http", &format!("127.0.0.1:{http_port}")]);
+        }
+        let child = cmd
             .env(
                 "SHARDSYNC_LOG",
                 std::env::var("SHARDSYNC_TEST_LOG").unwrap_or("info".into()),
