@@ -326,14 +326,12 @@ async fn wait_for_outcome(
                 let Some(outcome) = outcome else { break };
                 left -= 1;
                 match outcome {
-                    Outcome::Failed(message) => {
-                        if !matches!(combined, Outcome::Failed(_)) {
-                            if left > 0 {
-                                tracing::warn!("one target failed: stopping the others");
-                            }
-                            send_all(|| TaskMsg::Abort);
-                            combined = Outcome::Failed(message);
+                    Outcome::Failed(message) if !matches!(combined, Outcome::Failed(_)) => {
+                        if left > 0 {
+                            tracing::warn!("one target failed: stopping the others");
                         }
+                        send_all(|| TaskMsg::Abort);
+                        combined = Outcome::Failed(message);
                     }
                     Outcome::Aborted if combined == Outcome::Drained => combined = Outcome::Aborted,
                     _ => {}

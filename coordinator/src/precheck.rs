@@ -297,7 +297,7 @@ async fn plan_target(
     checks: &mut Checks,
 ) -> Option<(Plan, Vec<ServerInfo>)> {
     let (seed, sources, slots) = (&src.seed, &src.masters, &src.slots);
-    let target_seed = match probe(&target_ep).await {
+    let target_seed = match probe(target_ep).await {
         Ok(info) => info,
         Err(e) => {
             checks.fail("target reachable", e.to_string());
@@ -305,7 +305,7 @@ async fn plan_target(
         }
     };
     let (target, targets): (TargetPlan, Vec<ServerInfo>) = if target_seed.cluster {
-        let masters = cluster_masters(&target_ep, "target", checks).await?;
+        let masters = cluster_masters(target_ep, "target", checks).await?;
         checks.pass(
             "target topology",
             format!(
