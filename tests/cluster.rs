@@ -136,6 +136,16 @@ fn cluster_to_cluster_copies_everything_under_a_live_load() {
     wait_all_caught_up(&sync, &source.masters());
     assert_same_nodes(&source.masters(), &target.masters());
     assert_no_target_errors(&sync, &["CROSSSLOT", "MOVED", "ASK"]);
+
+    // `verify` from any node of each side agrees with the harness.
+    let done = Shardsync::run(
+        BIN,
+        "verify",
+        &["--source", &source.url(0), "--target", &target.url(1)],
+        LONG,
+    );
+    assert_eq!(done.code(), Some(0), "{}", done.log);
+    assert!(done.log.contains(" 0 differences"), "{}", done.log);
 }
 
 /// Cross-slot writes only a standalone (or Twemproxy) source can issue.

@@ -186,6 +186,47 @@ fn migrate(backends: usize, into_cluster: bool) {
     );
     let done = sync.terminate(SHORT);
     assert_eq!(done.code(), Some(0), "{}", done.log);
+
+    // `verify` reads the pool backend by backend and the target where each
+    // key lives, and agrees; then it notices a key lost on the target.
+    let source_url = proxy.source_url("alpha");
+    let verify = || {
+        Shardsync::run(
+            BIN,
+            "verify",
+            &["--source", &source_url, "--target", &target_url],
+            LONG,
+        )
+    };
+    let done = verify();
+    assert_eq!(done.code(), Some(0), "{}", done.log);
+    let total: u64 = servers.iter().map(|s| s.dbsize(0)).sum();
+    assert!(
+        done.log.contains(&format!(
+            "compared {} keys: 0 differences",
+            total - backends as u64
+        )),
+        "{} keys in the pool (heartbeats aside)\n{}",
+        total - backends as u64,
+        done.log
+    );
+    let victim = targets
+        .iter()
+        .find_map(|t| {
+            let key: Option<String> = t.cmd(&["RANDOMKEY"]);
+            key.filter(|k| !harness::compare::is_heartbeat(k.as_bytes()))
+                .map(|k| (t, k))
+        })
+        .expect("a key on the target");
+    let _: i64 = victim.0.cmd(&["DEL", &victim.1]);
+    let done = verify();
+    assert_eq!(done.code(), Some(4), "{}", done.log);
+    assert!(
+        done.log
+            .contains(&format!("{:?}: missing on the target", victim.1)),
+        "{}",
+        done.log
+    );
 }
 
 #[test]

@@ -89,10 +89,12 @@ pub struct SyncArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct VerifyArgs {
-    /// Source: redis://[user[:password]@]host:port.
+    /// Source: redis://[user[:password]@]host:port (a server or any node of
+    /// a cluster), or twemproxy:///path/nutcracker.yml[#pool].
     #[arg(long, value_name = "URL")]
     pub source: String,
-    /// Target: redis://[user[:password]@]host:port.
+    /// Target: redis://[user[:password]@]host:port (a server or any node of
+    /// a cluster).
     #[arg(long = "target", value_name = "URL")]
     pub target: String,
     /// Source database to compare (repeatable; default: all with keys).

@@ -362,12 +362,7 @@ fn on_signal(send_all: &dyn Fn(fn() -> TaskMsg), deadline: &mut Option<tokio::ti
 async fn verify(args: VerifyArgs) -> u8 {
     logging::init(args.log_format);
     let parsed = (|| {
-        let source = match url::parse_source(&args.source)? {
-            url::SourceSpec::Redis(ep) => ep,
-            url::SourceSpec::Twemproxy { .. } => {
-                return Err(config::ConfigError::Url(url::UrlError::TwemproxyTarget))
-            }
-        };
+        let source = url::parse_source(&args.source)?;
         let target = url::parse_target(&args.target)?;
         let filter = config::db_filter(args.dbs.clone(), &args.db_maps)?;
         let keys = config::key_filter(&args.includes, &args.excludes)?;
@@ -380,19 +375,73 @@ async fn verify(args: VerifyArgs) -> u8 {
             return EXIT_USAGE;
         }
     };
-    let source_info = match server::probe(&source).await {
-        Ok(i) => i,
+    let resolved = async {
+        let sources: Vec<shard_worker::Endpoint> = match &source {
+            url::SourceSpec::Redis(ep) => {
+                match server::masters(ep).await.map_err(|e| e.to_string())? {
+                    Some(masters) => masters.into_iter().map(|(ep, _)| ep).collect(),
+                    None => vec![ep.clone()],
+                }
+            }
+            url::SourceSpec::Twemproxy {
+                config,
+                pool,
+                user,
+                password,
+            } => {
+                twemproxy::load(
+                    config,
+                    pool.as_deref(),
+                    user.as_deref(),
+                    password.as_ref().map(|p| p.expose()),
+                )
+                .map_err(|e| e.to_string())?
+                .backends
+            }
+        };
+        // The databases with keys on any source node.
+        let mut used = std::collections::BTreeSet::new();
+        for ep in &sources {
+            used.extend(
+                server::probe(ep)
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .keyspace
+                    .into_keys(),
+            );
+        }
+        let side = match server::masters(&target).await.map_err(|e| e.to_string())? {
+            Some(masters) => {
+                let (nodes, slots): (Vec<_>, Vec<_>) = masters.into_iter().unzip();
+                verify::Side::open(&nodes, Some(&slots))
+                    .await
+                    .map_err(|e| e.to_string())?
+            }
+            None => verify::Side::open(std::slice::from_ref(&target), None)
+                .await
+                .map_err(|e| e.to_string())?,
+        };
+        Ok::<_, String>((sources, used, side))
+    }
+    .await;
+    let (sources, used, mut side) = match resolved {
+        Ok(r) => r,
         Err(e) => {
             tracing::error!("{e}");
             return EXIT_FAILED;
         }
     };
-    let dbs: Vec<(u32, u32)> = source_info
-        .keyspace
-        .keys()
-        .filter_map(|&db| filter.target_db(db).map(|t| (db, t)))
+    let dbs: Vec<(u32, u32)> = used
+        .into_iter()
+        .filter_map(|db| filter.target_db(db).map(|t| (db, t)))
         .collect();
-    match verify::verify(&source, &target, &dbs, &keys, args.show).await {
+    if side.is_cluster() {
+        if let Some((db, t)) = dbs.iter().find(|(_, t)| *t != 0) {
+            eprintln!("error: source database {db} would be compared with database {t}, but a cluster target has only database 0 (use --db {db} --db-map {db}:0)");
+            return EXIT_USAGE;
+        }
+    }
+    match verify::verify(&sources, &mut side, &dbs, &keys, args.show).await {
         Ok(report) => {
             for line in &report.differences {
                 println!("{line}");

@@ -124,6 +124,24 @@ pub async fn cluster_nodes(
     }
 }
 
+/// The masters of `ep`'s cluster with the slots each serves, or `None`
+/// when `ep` is not a cluster node.
+pub async fn masters(
+    ep: &Endpoint,
+) -> Result<Option<Vec<(Endpoint, Vec<(u16, u16)>)>>, WorkerError> {
+    if !probe(ep).await?.cluster {
+        return Ok(None);
+    }
+    Ok(Some(
+        cluster_nodes(ep)
+            .await?
+            .into_iter()
+            .filter(|n| n.master && !n.unusable && !n.slots.is_empty())
+            .map(|n| (ep.with_addr(n.host.clone(), n.port), n.slots))
+            .collect(),
+    ))
+}
+
 /// `CONFIG GET name`; `None` when refused (ACL, renamed command) or absent.
 async fn config_get(conn: &mut Conn, name: &str) -> Option<String> {
     match conn.request(&["CONFIG", "GET", name]).await.ok()? {

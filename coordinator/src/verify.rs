@@ -3,8 +3,11 @@
 //! Every key of the compared source databases is read on both sides with
 //! type-aware commands (so two equal sets in different internal orders
 //! compare equal) and its TTL checked; keys the target has beyond the
-//! source's are counted from DBSIZE. Run it with writes stopped: a live
-//! source moves while it is being read.
+//! source's are counted from DBSIZE. Either side may be several nodes: a
+//! cluster source or a Twemproxy pool is read node by node, a cluster
+//! target is read where each key's slot lives. shardsync's heartbeat keys
+//! are left out. Run it with writes stopped: a live source moves while it
+//! is being read.
 
 use std::collections::BTreeMap;
 
@@ -33,70 +36,176 @@ impl VerifyReport {
     }
 }
 
-/// Compares the selected databases (`dbs`: source db → target db).
+/// One side of a compare: its nodes, and on a cluster which node serves
+/// each slot.
+pub struct Side {
+    conns: Vec<Conn>,
+    /// Slot → index in `conns` (a cluster); `None`: every key on `conns[0]`
+    /// (a standalone server), or on any of them (a pool's backends, which
+    /// are scanned one by one).
+    owner: Option<Vec<u16>>,
+}
+
+impl Side {
+    /// One server, or (with `slots`) the masters of a cluster.
+    pub async fn open(
+        nodes: &[Endpoint],
+        slots: Option<&[Vec<(u16, u16)>]>,
+    ) -> Result<Side, WorkerError> {
+        let mut conns = Vec::new();
+        for ep in nodes {
+            conns.push(Conn::open_authenticated(ep).await?);
+        }
+        let owner = slots.map(|ranges| {
+            let mut owner = vec![0u16; engine::slot::SLOTS as usize];
+            for (i, node) in ranges.iter().enumerate() {
+                for &(a, b) in node {
+                    for slot in a..=b {
+                        owner[slot as usize] = i as u16;
+                    }
+                }
+            }
+            owner
+        });
+        Ok(Side { conns, owner })
+    }
+
+    pub fn is_cluster(&self) -> bool {
+        self.owner.is_some()
+    }
+
+    async fn select(&mut self, db: u32) -> Result<(), WorkerError> {
+        if self.owner.is_some() {
+            return Ok(()); // a cluster has database 0 only
+        }
+        for c in &mut self.conns {
+            select(c, db).await?;
+        }
+        Ok(())
+    }
+
+    /// Runs `commands` where their keys (`keys[i]` for `commands[i]`)
+    /// live, one pipeline per node, replies in the order of `commands`.
+    async fn pipeline(
+        &mut self,
+        commands: &[Vec<Vec<u8>>],
+        keys: &[&[u8]],
+    ) -> Result<Vec<Frame>, WorkerError> {
+        let Some(owner) = &self.owner else {
+            return self.conns[0].pipeline(commands).await;
+        };
+        let mut per_node: Vec<Vec<usize>> = vec![Vec::new(); self.conns.len()];
+        for (i, key) in keys.iter().enumerate() {
+            per_node[owner[engine::slot::slot(key) as usize] as usize].push(i);
+        }
+        let mut out = vec![Frame::Null; commands.len()];
+        for (node, indices) in per_node.iter().enumerate() {
+            if indices.is_empty() {
+                continue;
+            }
+            let batch: Vec<Vec<Vec<u8>>> = indices.iter().map(|&i| commands[i].clone()).collect();
+            let replies = self.conns[node].pipeline(&batch).await?;
+            for (&i, reply) in indices.iter().zip(replies) {
+                out[i] = reply;
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Compares the selected databases (`dbs`: source db → target db) of
+/// every source node (one server, a cluster's masters, a pool's backends)
+/// with the target.
 pub async fn verify(
-    source: &Endpoint,
-    target: &Endpoint,
+    sources: &[Endpoint],
+    target: &mut Side,
     dbs: &[(u32, u32)],
     filter: &KeyFilter,
     show: usize,
 ) -> Result<VerifyReport, WorkerError> {
-    let mut src = Conn::open_authenticated(source).await?;
-    let mut dst = Conn::open_authenticated(target).await?;
+    let mut srcs = Vec::new();
+    for ep in sources {
+        srcs.push(Conn::open_authenticated(ep).await?);
+    }
     let mut report = VerifyReport::default();
     for &(sdb, tdb) in dbs {
-        select(&mut src, sdb).await?;
-        select(&mut dst, tdb).await?;
-        let mut cursor = "0".to_string();
+        target.select(tdb).await?;
         let mut in_source = 0u64;
-        loop {
-            let reply = src.request(&["SCAN", &cursor, "COUNT", "1000"]).await?;
-            let (next, batch) = scan_reply(&reply).ok_or_else(|| WorkerError::Unexpected {
-                addr: src.addr.clone(),
-                context: "scanning keys",
-                reply: reply.to_text(),
-            })?;
-            let batch: Vec<Vec<u8>> = batch
-                .into_iter()
-                .filter(|k| filter.keeps(k) && !engine::heartbeat::is_any(k))
-                .collect();
-            for chunk in batch.chunks(BATCH) {
-                in_source += chunk.len() as u64;
-                compare_keys(&mut src, &mut dst, sdb, chunk, &mut report, show).await?;
-            }
-            if next == "0" {
-                break;
-            }
-            cursor = next;
+        for src in &mut srcs {
+            select(src, sdb).await?;
+            in_source += compare_node(src, target, sdb, filter, &mut report, show).await?;
         }
         let extra = if filter.is_all() {
-            let target_size = match dst.request(&["DBSIZE"]).await? {
-                Frame::Integer(n) => n as u64,
-                _ => 0,
-            };
+            let mut target_size = 0;
+            for dst in &mut target.conns {
+                if let Frame::Integer(n) = dst.request(&["DBSIZE"]).await? {
+                    target_size += n as u64;
+                }
+            }
             // Keys that expired on the source between SCAN and now are
             // already reported as differences; what remains is what the
             // target has more (heartbeat keys aside).
             let extra = target_size.saturating_sub(in_source);
             if extra > 0 {
-                extra.saturating_sub(heartbeat_keys(&mut dst).await?)
+                let mut heartbeats = 0;
+                for dst in &mut target.conns {
+                    heartbeats += heartbeat_keys(dst).await?;
+                }
+                extra.saturating_sub(heartbeats)
             } else {
                 0
             }
         } else {
             // The target may hold keys the filter leaves out: count only
             // kept keys the source lacks.
-            extra_kept_keys(&mut src, &mut dst, filter).await?
+            let mut extra = 0;
+            for dst in &mut target.conns {
+                extra += extra_kept_keys(&mut srcs, dst, filter).await?;
+            }
+            extra
         };
         report.extra_on_target.insert(tdb, extra);
     }
     Ok(report)
 }
 
-/// Kept keys of the target's selected database that the source's selected
-/// database does not have.
-async fn extra_kept_keys(
+/// Compares every kept key of one source node; returns how many it has.
+async fn compare_node(
     src: &mut Conn,
+    target: &mut Side,
+    sdb: u32,
+    filter: &KeyFilter,
+    report: &mut VerifyReport,
+    show: usize,
+) -> Result<u64, WorkerError> {
+    let mut cursor = "0".to_string();
+    let mut in_source = 0u64;
+    loop {
+        let reply = src.request(&["SCAN", &cursor, "COUNT", "1000"]).await?;
+        let (next, batch) = scan_reply(&reply).ok_or_else(|| WorkerError::Unexpected {
+            addr: src.addr.clone(),
+            context: "scanning keys",
+            reply: reply.to_text(),
+        })?;
+        let batch: Vec<Vec<u8>> = batch
+            .into_iter()
+            .filter(|k| filter.keeps(k) && !engine::heartbeat::is_any(k))
+            .collect();
+        for chunk in batch.chunks(BATCH) {
+            in_source += chunk.len() as u64;
+            compare_keys(src, target, sdb, chunk, report, show).await?;
+        }
+        if next == "0" {
+            return Ok(in_source);
+        }
+        cursor = next;
+    }
+}
+
+/// Kept keys of one target node's selected database that no source node's
+/// selected database has.
+async fn extra_kept_keys(
+    srcs: &mut [Conn],
     dst: &mut Conn,
     filter: &KeyFilter,
 ) -> Result<u64, WorkerError> {
@@ -114,11 +223,13 @@ async fn extra_kept_keys(
             .filter(|k| filter.keeps(k) && !engine::heartbeat::is_any(k))
             .map(|k| vec![&b"EXISTS"[..], k])
             .collect();
-        for reply in src.pipeline(&kept).await? {
-            if matches!(reply, Frame::Integer(0)) {
-                extra += 1;
+        let mut found = vec![false; kept.len()];
+        for src in srcs.iter_mut() {
+            for (i, reply) in src.pipeline(&kept).await?.into_iter().enumerate() {
+                found[i] |= !matches!(reply, Frame::Integer(0));
             }
         }
+        extra += found.iter().filter(|f| !**f).count() as u64;
         if next == "0" {
             return Ok(extra);
         }
@@ -176,19 +287,26 @@ fn scan_reply(reply: &Frame) -> Option<(String, Vec<Vec<u8>>)> {
 
 async fn compare_keys(
     src: &mut Conn,
-    dst: &mut Conn,
+    dst: &mut Side,
     db: u32,
     keys: &[Vec<u8>],
     report: &mut VerifyReport,
     show: usize,
 ) -> Result<(), WorkerError> {
-    let meta: Vec<Vec<&[u8]>> = keys
+    let meta: Vec<Vec<Vec<u8>>> = keys
         .iter()
-        .flat_map(|k| [vec![&b"TYPE"[..], k], vec![&b"PTTL"[..], k]])
+        .flat_map(|k| {
+            [
+                vec![b"TYPE".to_vec(), k.clone()],
+                vec![b"PTTL".to_vec(), k.clone()],
+            ]
+        })
         .collect();
+    let meta_keys: Vec<&[u8]> = keys.iter().flat_map(|k| [&k[..], &k[..]]).collect();
     let src_meta = src.pipeline(&meta).await?;
-    let dst_meta = dst.pipeline(&meta).await?;
+    let dst_meta = dst.pipeline(&meta, &meta_keys).await?;
     let mut reads: Vec<Vec<Vec<u8>>> = Vec::new();
+    let mut read_keys: Vec<&[u8]> = Vec::new();
     let mut compared = Vec::new();
     for (i, key) in keys.iter().enumerate() {
         let s_type = src_meta[2 * i].to_text();
@@ -222,11 +340,12 @@ async fn compare_keys(
         }
         for cmd in value_reads(&s_type, key) {
             reads.push(cmd);
+            read_keys.push(&key[..]);
         }
         compared.push((key, s_type));
     }
     let src_vals = src.pipeline(&reads).await?;
-    let dst_vals = dst.pipeline(&reads).await?;
+    let dst_vals = dst.pipeline(&reads, &read_keys).await?;
     let mut at = 0;
     for (key, kind) in compared {
         let n = value_reads(&kind, key).len();
