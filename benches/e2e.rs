@@ -12,8 +12,15 @@
 //! - native replication: `REPLICAOF` until the link is up and DBSIZE = N
 //!   (for a 3-master cluster source, one replica per master, in parallel);
 //! - shardsync: from process start until the target's DBSIZE = N (a
-//!   3-master cluster target for a cluster source), with the process's
-//!   peak RSS (VmHWM) read from /proc before it is stopped;
+//!   3-master cluster target for a cluster source) and a marker key
+//!   written after the load is there, with the process's peak RSS (VmHWM)
+//!   read from /proc before it is stopped;
+//! - incremental (standalone): with the replica (native, then shardsync)
+//!   in sync, a burst of `redis-benchmark -t set,incr,lpush,hset -n N/2
+//!   -P 16` (2 N writes); the time from the burst's end until the replica
+//!   applied everything (its offset, or shardsync's applied offset, at
+//!   the source's), and the writes applied per second from the burst's
+//!   start to then;
 //!
 //! and prints medians and the ratio to native replication.
 
@@ -99,12 +106,35 @@ fn peak_rss_kb(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// The marker written after the load: once the target has it (and every
+/// key), the full sync is over.
+fn write_marker(source: &RedisServer) {
+    let _: () = redis::cmd("SET")
+        .arg("{key}marker")
+        .arg("1")
+        .query(&mut source.client())
+        .unwrap();
+}
+
+fn has_marker(target: &RedisServer) -> bool {
+    target
+        .cmd::<Option<String>>(&["GET", "{key}marker"])
+        .is_some()
+}
+
 fn shardsync(source: &RedisServer, keys: u64) -> (Duration, u64) {
     let target = RedisServer::start();
     let start = Instant::now();
     let mut sync = Shardsync::sync(BIN, &["--source", &source.url(), "--target", &target.url()]);
+    // The marker goes in once the source forked its snapshot: it travels in
+    // the stream, behind every key.
+    wait_for("the full sync to start", Duration::from_secs(60), || {
+        sync.status()
+            .is_some_and(|s| s["shards"][0]["state"] != "prechecking")
+    });
+    write_marker(source);
     wait_for("shardsync's full sync", Duration::from_secs(600), || {
-        target.dbsize(0) == keys
+        has_marker(&target) && target.dbsize(0) >= keys
     });
     let elapsed = start.elapsed();
     let rss = peak_rss_kb(sync.pid());
@@ -199,6 +229,84 @@ fn shardsync_cluster(source: &Cluster, keys: u64) -> (Duration, u64) {
     (elapsed, rss)
 }
 
+/// `redis-benchmark -t set,incr,lpush,hset -n <n> -P 16` against `port`.
+fn burst(port: u16, n: u64) -> (Instant, Instant) {
+    let start = Instant::now();
+    let out = std::process::Command::new("redis-benchmark")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args([
+            "-t",
+            "set,incr,lpush,hset",
+            "-n",
+            &n.to_string(),
+            "-P",
+            "16",
+            "-q",
+        ])
+        .output()
+        .expect("redis-benchmark");
+    assert!(out.status.success(), "redis-benchmark failed");
+    (start, Instant::now())
+}
+
+/// Native: a replica in sync, the burst, until its offset is the master's.
+fn native_incremental(n: u64) -> (Duration, f64) {
+    let source = RedisServer::start();
+    let replica = RedisServer::start();
+    let _: () = redis::cmd("REPLICAOF")
+        .arg("127.0.0.1")
+        .arg(source.port)
+        .query(&mut replica.client())
+        .unwrap();
+    wait_for("the native replica", Duration::from_secs(60), || {
+        replica.info_field("master_link_status").as_deref() == Some("up")
+    });
+    let (start, end) = burst(source.port, n);
+    let target = source.master_repl_offset();
+    wait_for(
+        "the native replica to catch up",
+        Duration::from_secs(600),
+        || {
+            replica
+                .info_field("slave_repl_offset")
+                .and_then(|v| v.parse::<u64>().ok())
+                .is_some_and(|o| o >= target)
+        },
+    );
+    let done = Instant::now();
+    (done - end, (4 * n) as f64 / (done - start).as_secs_f64())
+}
+
+/// shardsync: caught up with an empty source, the burst, until its applied
+/// offset is the source's.
+fn shardsync_incremental(n: u64) -> (Duration, f64, u64) {
+    let source = RedisServer::start();
+    let target = RedisServer::start();
+    let mut sync = Shardsync::sync(BIN, &["--source", &source.url(), "--target", &target.url()]);
+    write_marker(&source);
+    wait_for("shardsync in sync", Duration::from_secs(60), || {
+        has_marker(&target)
+    });
+    let (start, end) = burst(source.port, n);
+    let offset = source.master_repl_offset();
+    wait_for("shardsync to catch up", Duration::from_secs(600), || {
+        sync.status().is_some_and(|s| {
+            s["shards"][0]["applied_offset"]
+                .as_u64()
+                .is_some_and(|a| a >= offset)
+        })
+    });
+    let done = Instant::now();
+    let rss = peak_rss_kb(sync.pid());
+    let finished = sync.terminate(Duration::from_secs(60));
+    assert_eq!(finished.code(), Some(0), "{}", finished.log);
+    (
+        done.saturating_duration_since(end),
+        (4 * n) as f64 / (done - start).as_secs_f64(),
+        rss,
+    )
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[v.len() / 2]
@@ -262,6 +370,44 @@ fn measure(o: &Options, cluster: bool) -> Row {
     }
 }
 
+struct IncrementalRow {
+    native_behind: f64,
+    native_rate: f64,
+    behind: f64,
+    rate: f64,
+    rss_mb: f64,
+}
+
+fn measure_incremental(o: &Options) -> IncrementalRow {
+    let n = o.keys / 2;
+    let (mut nb, mut nr, mut b, mut r, mut m) = (vec![], vec![], vec![], vec![], vec![]);
+    for run in 0..o.runs {
+        let (native_behind, native_rate) = native_incremental(n);
+        let (behind, rate, rss) = shardsync_incremental(n);
+        println!(
+            "  incremental run {}: native {:.2} s behind ({:.0} writes/s), shardsync {:.2} s behind ({:.0} writes/s applied), peak RSS {} MB",
+            run + 1,
+            native_behind.as_secs_f64(),
+            native_rate,
+            behind.as_secs_f64(),
+            rate,
+            rss / 1024
+        );
+        nb.push(native_behind.as_secs_f64());
+        nr.push(native_rate);
+        b.push(behind.as_secs_f64());
+        r.push(rate);
+        m.push(rss as f64 / 1024.0);
+    }
+    IncrementalRow {
+        native_behind: median(nb),
+        native_rate: median(nr),
+        behind: median(b),
+        rate: median(r),
+        rss_mb: median(m),
+    }
+}
+
 fn main() {
     let o = options();
     println!(
@@ -287,6 +433,7 @@ fn main() {
     if o.topology != "standalone" {
         rows.push(measure(&o, true));
     }
+    let incremental = (o.topology != "cluster").then(|| measure_incremental(&o));
     println!();
     println!(
         "| run | native replication | its peak RSS | shardsync | ratio | shardsync peak RSS |"
@@ -301,6 +448,19 @@ fn main() {
             r.ours,
             r.ours / r.native,
             r.rss_mb
+        );
+    }
+    if let Some(i) = incremental {
+        println!();
+        println!("| incremental burst ({} writes) | native replication | shardsync | shardsync peak RSS |", 2 * o.keys);
+        println!("|---|---|---|---|");
+        println!(
+            "| behind after the burst's end | {:.2} s | {:.2} s | {:.0} MB |",
+            i.native_behind, i.behind, i.rss_mb
+        );
+        println!(
+            "| writes applied per second (burst start to caught up) | {:.0} | {:.0} | |",
+            i.native_rate, i.rate
         );
     }
 }

@@ -12,6 +12,16 @@ use harness::{wait_for, RedisServer, Shardsync, SHORT};
 
 const BIN: &str = env!("CARGO_BIN_EXE_shardsync");
 
+/// These tests push bursts as fast as a pipelined client can and measure
+/// what a stalled target costs; run in parallel on 2 cores they starve each
+/// other's shardsync of CPU (a debug build reads far slower than a release
+/// one), which is not what they measure. One at a time.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn exclusive() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn metric_sum(sync: &Shardsync, prefix: &str) -> f64 {
     let text = sync.metrics().expect("metrics");
     parse_prometheus(&text)
@@ -60,6 +70,7 @@ fn stat(server: &RedisServer, field: &str) -> u64 {
 
 #[test]
 fn a_paused_target_neither_drops_the_source_link_nor_grows_memory() {
+    let _one = exclusive();
     // An 8 MB hard limit: a replica that stops reading while 40 MB of
     // writes arrive is disconnected by the master (8 MB rather than less:
     // on 2 busy cores, even a reader that never waits may fall a few MB
@@ -137,6 +148,7 @@ fn a_paused_target_neither_drops_the_source_link_nor_grows_memory() {
 
 #[test]
 fn a_paused_cluster_node_holds_up_only_its_own_slots() {
+    let _one = exclusive();
     let source = RedisServer::start();
     let target = Cluster::start(3);
     let sync = Shardsync::sync(
@@ -207,6 +219,7 @@ fn own_slots(node: &RedisServer) -> Vec<(u16, u16)> {
 
 #[test]
 fn a_target_busy_with_a_script_gets_exactly_what_it_refused_again() {
+    let _one = exclusive();
     // The target answers BUSY while a 3-second script runs: nothing it
     // refused is lost and nothing it ran runs twice (INCR counts it).
     let source = RedisServer::start();
