@@ -55,18 +55,6 @@ fn options() -> Options {
     o
 }
 
-fn peak_rss_mb(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmHWM:"))
-                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
-        })
-        .unwrap_or(0)
-        / 1024
-}
-
 /// 1 KB of incompressible bytes, different for each `i`.
 fn element(i: u64) -> Vec<u8> {
     harness::data::noise(1024, i)
@@ -122,7 +110,7 @@ fn native(source: &RedisServer, kind: &str, n: u64) -> (Duration, u64) {
         replica.info_field("master_link_status").as_deref() == Some("up")
             && length(&replica, kind) == n
     });
-    (start.elapsed(), peak_rss_mb(replica.pid()))
+    (start.elapsed(), harness::peak_rss_kb(replica.pid()) / 1024)
 }
 
 fn shardsync(source: &RedisServer, kind: &str, n: u64) -> (Duration, u64) {
@@ -131,7 +119,7 @@ fn shardsync(source: &RedisServer, kind: &str, n: u64) -> (Duration, u64) {
     let mut sync = Shardsync::sync(BIN, &["--source", &source.url(), "--target", &target.url()]);
     wait_for("shardsync", LONG, || length(&target, kind) == n);
     let elapsed = start.elapsed();
-    let rss = peak_rss_mb(sync.pid());
+    let rss = harness::peak_rss_kb(sync.pid()) / 1024;
     let done = sync.terminate(Duration::from_secs(120));
     assert_eq!(done.code(), Some(0), "{}", done.log);
     assert!(done.log.contains("writing it in parts"), "{}", done.log);

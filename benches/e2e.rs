@@ -27,7 +27,7 @@
 use std::time::{Duration, Instant};
 
 use harness::cluster::{key_slot, Cluster};
-use harness::{wait_for, RedisServer, Shardsync};
+use harness::{peak_rss_kb, wait_for, RedisServer, Shardsync};
 
 const BIN: &str = env!("CARGO_BIN_EXE_shardsync");
 
@@ -93,17 +93,6 @@ fn native_replica(source: &RedisServer, keys: u64) -> (Duration, u64) {
             && replica.dbsize(0) == keys
     });
     (start.elapsed(), peak_rss_kb(replica.pid()))
-}
-
-fn peak_rss_kb(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmHWM:"))
-                .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        })
-        .unwrap_or(0)
 }
 
 /// The marker written after the load: once the target has it (and every

@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 
 use harness::cluster::{key_slot, Cluster};
 use harness::compare::{assert_same, assert_same_nodes};
-use harness::shardsync::parse_prometheus;
 use harness::{wait_for, RedisServer, Shardsync, SHORT};
 
 const BIN: &str = env!("CARGO_BIN_EXE_shardsync");
@@ -20,28 +19,6 @@ static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn exclusive() -> std::sync::MutexGuard<'static, ()> {
     ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn metric_sum(sync: &Shardsync, prefix: &str) -> f64 {
-    let text = sync.metrics().expect("metrics");
-    parse_prometheus(&text)
-        .unwrap()
-        .into_iter()
-        .filter(|(n, _)| n.starts_with(prefix))
-        .map(|(_, v)| v)
-        .sum()
-}
-
-fn peak_rss_mb(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmHWM:"))
-                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
-        })
-        .unwrap_or(0)
-        / 1024
 }
 
 /// `n` writes of `size` bytes, pipelined.
@@ -130,15 +107,15 @@ fn a_paused_target_neither_drops_the_source_link_nor_grows_memory() {
         "the link was dropped and resumed"
     );
     assert_eq!(
-        metric_sum(&sync, "shardsync_source_reconnects_total"),
+        sync.metric_sum("shardsync_source_reconnects_total"),
         0.0,
         "{}",
         sync.log()
     );
-    let spilled = metric_sum(&sync, "shardsync_spilled_bytes_total")
-        + metric_sum(&sync, "shardsync_target_overflow_spilled_bytes_total");
+    let spilled = sync.metric_sum("shardsync_spilled_bytes_total")
+        + sync.metric_sum("shardsync_target_overflow_spilled_bytes_total");
     assert!(spilled > 10e6, "what waited went to disk ({spilled} bytes)");
-    let rss = peak_rss_mb(sync.pid());
+    let rss = harness::peak_rss_kb(sync.pid()) / 1024;
     eprintln!(
         "paused target: {} MB spilled to disk, peak RSS {rss} MB",
         spilled as u64 / 1_000_000

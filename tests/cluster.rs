@@ -10,21 +10,10 @@ use std::time::Duration;
 use harness::cluster::{key_slot, Cluster};
 use harness::compare::assert_same_nodes;
 use harness::data::{load_all_types, load_all_types_into};
-use harness::shardsync::parse_prometheus;
 use harness::{wait_for, RedisServer, Shardsync, SHORT};
 
 const BIN: &str = env!("CARGO_BIN_EXE_shardsync");
 const LONG: Duration = Duration::from_secs(90);
-
-fn metric_sum(sync: &Shardsync, prefix: &str) -> f64 {
-    let text = sync.metrics().expect("metrics");
-    parse_prometheus(&text)
-        .unwrap()
-        .into_iter()
-        .filter(|(n, _)| n.starts_with(prefix))
-        .map(|(_, v)| v)
-        .sum()
-}
 
 /// Waits until every source master's stream is applied.
 fn wait_all_caught_up(sync: &Shardsync, masters: &[&RedisServer]) {
@@ -259,11 +248,11 @@ fn standalone_to_cluster_splits_and_rewrites_cross_slot_writes() {
     sync.wait_caught_up(&source, LONG);
     assert_same_nodes(&[&source], &target.masters());
     assert_no_target_errors(&sync, &["CROSSSLOT"]);
-    assert!(metric_sum(&sync, "shardsync_commands_split_total") > 0.0);
-    assert!(metric_sum(&sync, "shardsync_commands_rewritten_total") > 0.0);
-    assert!(metric_sum(&sync, "shardsync_transactions_split_total") > 0.0);
+    assert!(sync.metric_sum("shardsync_commands_split_total") > 0.0);
+    assert!(sync.metric_sum("shardsync_commands_rewritten_total") > 0.0);
+    assert!(sync.metric_sum("shardsync_transactions_split_total") > 0.0);
     assert_eq!(
-        metric_sum(&sync, "shardsync_commands_unsupported_total"),
+        sync.metric_sum("shardsync_commands_unsupported_total"),
         0.0,
         "{}",
         sync.log()
@@ -322,7 +311,7 @@ fn a_target_resharded_during_the_sync_loses_nothing() {
         "a writer for the new master: {status}"
     );
     assert!(
-        metric_sum(&sync, "shardsync_barriers_total") > 0.0,
+        sync.metric_sum("shardsync_barriers_total") > 0.0,
         "slot moves were followed"
     );
 }

@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 
 use harness::cluster::Cluster;
 use harness::compare::{assert_same, assert_same_nodes};
-use harness::shardsync::parse_prometheus;
 use harness::{wait_for, wait_until, RedisServer, Shardsync, SHORT};
 use serde_json::Value;
 
@@ -50,12 +49,11 @@ fn wait_all_applied(sync: &Shardsync, source: &RedisServer, targets: &[&str], ti
     );
 }
 
+/// Samples of `name` whose labels mention `labels`.
 fn metric(sync: &Shardsync, name: &str, labels: &str) -> Vec<f64> {
-    let text = sync.metrics().expect("metrics");
-    parse_prometheus(&text)
-        .unwrap()
+    sync.metric_samples(name)
         .into_iter()
-        .filter(|(n, _)| n.starts_with(name) && n.contains(labels))
+        .filter(|(n, _)| n.contains(labels))
         .map(|(_, v)| v)
         .collect()
 }
@@ -197,12 +195,7 @@ fn every_target_gets_the_stream_and_a_paused_one_holds_up_only_itself() {
         );
         assert_eq!(applied.len(), 1, "applied offset for {t}");
     }
-    assert_eq!(
-        metric(&sync, "shardsync_source_reconnects_total", "")
-            .iter()
-            .sum::<f64>(),
-        0.0
-    );
+    assert_eq!(sync.metric_sum("shardsync_source_reconnects_total"), 0.0);
     assert_eq!(source.info_field("sync_partial_ok").as_deref(), Some("0"));
 }
 

@@ -5,19 +5,15 @@ use std::time::Duration;
 
 use harness::compare::assert_same;
 use harness::server::TempDir;
-use harness::shardsync::parse_prometheus;
 use harness::{wait_for, RedisServer, Shardsync, SHORT};
 
 const BIN: &str = env!("CARGO_BIN_EXE_shardsync");
 
 fn metric(sync: &Shardsync, prefix: &str) -> f64 {
-    let text = sync.metrics().expect("metrics");
-    parse_prometheus(&text)
-        .unwrap()
-        .into_iter()
-        .find(|(n, _)| n.starts_with(prefix))
-        .map(|(_, v)| v)
-        .unwrap_or_else(|| panic!("no {prefix}:\n{text}"))
+    sync.metric_samples(prefix)
+        .first()
+        .map(|(_, v)| *v)
+        .unwrap_or_else(|| panic!("no {prefix}:\n{:?}", sync.metrics()))
 }
 
 fn set_many(server: &RedisServer, prefix: &str, n: usize) {

@@ -160,10 +160,7 @@ async fn cluster_masters(
             return None;
         }
     };
-    let masters: Vec<&ClusterNode> = nodes
-        .iter()
-        .filter(|n| n.master && !n.unusable && !n.slots.is_empty())
-        .collect();
+    let masters: Vec<&ClusterNode> = nodes.iter().filter(|n| n.serving_master()).collect();
     let covered: u32 = masters.iter().map(|n| n.slot_count()).sum();
     let mut out = Vec::new();
     for node in masters {

@@ -136,7 +136,7 @@ pub async fn masters(
         cluster_nodes(ep)
             .await?
             .into_iter()
-            .filter(|n| n.master && !n.unusable && !n.slots.is_empty())
+            .filter(|n| n.serving_master())
             .map(|n| (ep.with_addr(n.host.clone(), n.port), n.slots))
             .collect(),
     ))

@@ -181,12 +181,7 @@ async fn compare_node(
     let mut cursor = "0".to_string();
     let mut in_source = 0u64;
     loop {
-        let reply = src.request(&["SCAN", &cursor, "COUNT", "1000"]).await?;
-        let (next, batch) = scan_reply(&reply).ok_or_else(|| WorkerError::Unexpected {
-            addr: src.addr.clone(),
-            context: "scanning keys",
-            reply: reply.to_text(),
-        })?;
+        let (next, batch) = scan_page(src, &cursor, None).await?;
         let batch: Vec<Vec<u8>> = batch
             .into_iter()
             .filter(|k| filter.keeps(k) && !engine::heartbeat::is_any(k))
@@ -212,12 +207,7 @@ async fn extra_kept_keys(
     let mut extra = 0;
     let mut cursor = "0".to_string();
     loop {
-        let reply = dst.request(&["SCAN", &cursor, "COUNT", "1000"]).await?;
-        let (next, batch) = scan_reply(&reply).ok_or_else(|| WorkerError::Unexpected {
-            addr: dst.addr.clone(),
-            context: "scanning keys",
-            reply: reply.to_text(),
-        })?;
+        let (next, batch) = scan_page(dst, &cursor, None).await?;
         let kept: Vec<Vec<&[u8]>> = batch
             .iter()
             .filter(|k| filter.keeps(k) && !engine::heartbeat::is_any(k))
@@ -243,14 +233,7 @@ async fn heartbeat_keys(conn: &mut Conn) -> Result<u64, WorkerError> {
     let mut n = 0;
     let mut cursor = "0".to_string();
     loop {
-        let reply = conn
-            .request(&["SCAN", &cursor, "MATCH", &pattern, "COUNT", "1000"])
-            .await?;
-        let (next, batch) = scan_reply(&reply).ok_or_else(|| WorkerError::Unexpected {
-            addr: conn.addr.clone(),
-            context: "scanning keys",
-            reply: reply.to_text(),
-        })?;
+        let (next, batch) = scan_page(conn, &cursor, Some(&pattern)).await?;
         n += batch.len() as u64;
         if next == "0" {
             return Ok(n);
@@ -268,6 +251,25 @@ async fn select(conn: &mut Conn, db: u32) -> Result<(), WorkerError> {
         }),
         _ => Ok(()),
     }
+}
+
+/// One SCAN step (1000 keys at a time, `MATCH pattern` when given): the
+/// next cursor and the keys.
+async fn scan_page(
+    conn: &mut Conn,
+    cursor: &str,
+    pattern: Option<&str>,
+) -> Result<(String, Vec<Vec<u8>>), WorkerError> {
+    let mut args = vec!["SCAN", cursor, "COUNT", "1000"];
+    if let Some(p) = pattern {
+        args.extend(["MATCH", p]);
+    }
+    let reply = conn.request(&args).await?;
+    scan_reply(&reply).ok_or_else(|| WorkerError::Unexpected {
+        addr: conn.addr.clone(),
+        context: "scanning keys",
+        reply: reply.to_text(),
+    })
 }
 
 fn scan_reply(reply: &Frame) -> Option<(String, Vec<Vec<u8>>)> {

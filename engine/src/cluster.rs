@@ -19,6 +19,12 @@ pub struct ClusterNode {
 }
 
 impl ClusterNode {
+    /// A master that serves slots and is not failing, handshaking or
+    /// without an address: a node to read from or write to.
+    pub fn serving_master(&self) -> bool {
+        self.master && !self.unusable && !self.slots.is_empty()
+    }
+
     pub fn slot_count(&self) -> u32 {
         self.slots.iter().map(|(a, b)| (*b - *a) as u32 + 1).sum()
     }

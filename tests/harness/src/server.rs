@@ -9,6 +9,18 @@ use std::time::Duration;
 use crate::wait::wait_until;
 
 /// A port nobody listens on right now.
+/// Peak resident memory (VmHWM) of process `pid` in KB; 0 when unknown.
+pub fn peak_rss_kb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
 pub fn free_port() -> u16 {
     // Ports handed out in this process are remembered so that two servers
     // started back to back never get the same one.

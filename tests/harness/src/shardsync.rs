@@ -105,6 +105,21 @@ impl Shardsync {
         self.http_get("/metrics")
     }
 
+    /// The samples (`name{labels}`, value) whose name starts with `prefix`.
+    pub fn metric_samples(&self, prefix: &str) -> Vec<(String, f64)> {
+        let text = self.metrics().expect("metrics");
+        parse_prometheus(&text)
+            .unwrap_or_else(|e| panic!("{e}\n{text}"))
+            .into_iter()
+            .filter(|(n, _)| n.starts_with(prefix))
+            .collect()
+    }
+
+    /// The sum of the samples whose name starts with `prefix`.
+    pub fn metric_sum(&self, prefix: &str) -> f64 {
+        self.metric_samples(prefix).iter().map(|(_, v)| v).sum()
+    }
+
     /// Waits for the task state (`/status` `.state`).
     pub fn wait_state(&self, state: &str, timeout: Duration) {
         let ok = wait_until(timeout, || {
