@@ -27,10 +27,16 @@ pub fn is_any(key: &[u8]) -> bool {
 }
 
 /// Whether `key` is task `id`'s heartbeat (in whatever slot).
+///
+/// Asked of every key of a snapshot, so it allocates nothing.
 pub fn is_ours(key: &[u8], id: &str) -> bool {
-    let suffix = format!("shardsync:heartbeat:{id}");
-    key.ends_with(suffix.as_bytes())
-        && (key.len() == suffix.len() || key[..key.len() - suffix.len()].ends_with(b"}"))
+    let Some(rest) = key.strip_suffix(id.as_bytes()) else {
+        return false;
+    };
+    let Some(prefix) = rest.strip_suffix(MARK.as_bytes()) else {
+        return false;
+    };
+    prefix.is_empty() || prefix.ends_with(b"}")
 }
 
 /// The timestamp (Unix ms) a replicated write of the heartbeat carries:

@@ -109,11 +109,15 @@ pub struct BatchBuilder {
     replies: Vec<Expect>,
 }
 
+/// Room a batch is built in: a full batch (`FLUSH_BYTES`) plus its last
+/// command fits without the buffer being regrown (and copied) midway.
+const BUILD_ROOM: usize = super::FLUSH_BYTES + 64 * 1024;
+
 impl Default for BatchBuilder {
     fn default() -> Self {
         BatchBuilder {
             db: None,
-            buf: BytesMut::with_capacity(64 * 1024),
+            buf: BytesMut::with_capacity(BUILD_ROOM),
             replies: Vec::new(),
         }
     }
@@ -153,14 +157,18 @@ impl BatchBuilder {
     /// Takes the batch built so far.
     pub fn take(&mut self, shard: usize, end: Option<(u64, u32)>) -> Batch {
         let payload = self.buf.split().freeze();
-        if self.buf.capacity() < 16 * 1024 {
-            self.buf.reserve(64 * 1024);
+        // The next batch is likely the size of this one: no regrowing.
+        let next_replies = Vec::with_capacity(self.replies.len());
+        // Small batches (the stream's) share one allocation; a new one is
+        // taken once a full batch would no longer fit in what is left.
+        if self.buf.capacity() < super::FLUSH_BYTES + 16 * 1024 {
+            self.buf.reserve(BUILD_ROOM);
         }
         Batch {
             shard,
             db: self.db.take(),
             payload,
-            replies: std::mem::take(&mut self.replies),
+            replies: std::mem::replace(&mut self.replies, next_replies),
             end,
         }
     }

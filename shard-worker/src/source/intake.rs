@@ -269,18 +269,30 @@ impl Intake {
         } else {
             self.options.existing
         };
+        // One stop future for the whole snapshot: a fresh `changed()` per
+        // entry registers and drops a waiter each time, a fifth of the
+        // intake's CPU on small keys.
         let mut stop = self.stop.clone();
+        let stopped = async move {
+            let _ = stop.wait_for(|stop| *stop).await;
+        };
+        tokio::pin!(stopped);
         let mut keys = 0u64;
         loop {
             let item = tokio::select! {
                 biased;
-                _ = stop.changed() => {
+                _ = &mut stopped => {
                     self.dispatcher.flush_all(None).await?;
                     return Ok(false);
                 }
                 item = rdb.next() => item.map_err(|e| self.rdb_error(e))?,
             };
             let Some(item) = item else { break };
+            // While the spill holds data nothing here waits, and the socket
+            // readers (and other shards) sharing this runtime's threads
+            // would wait behind a whole snapshot: yield whenever the task's
+            // cooperative budget is spent.
+            tokio::task::coop::consume_budget().await;
             match item {
                 RdbItem::Entry(entry) => {
                     // Our own heartbeat is neither copied nor counted.
@@ -660,6 +672,8 @@ impl Intake {
                     safe = Some((self.offset, self.db));
                 }
                 self.dispatcher.flush_full(safe).await?;
+                // A yield point now and then (see `full_sync`).
+                tokio::task::coop::consume_budget().await;
             }
             self.dispatcher.flush_all(safe).await?;
             if let Some((offset, db)) = safe {

@@ -23,7 +23,7 @@ pub mod shardsync;
 pub mod twemproxy;
 pub mod wait;
 
-pub use server::{peak_rss_kb, RedisServer, ServerConfig};
+pub use server::{cpu_secs, peak_rss_kb, RedisServer, ServerConfig};
 pub use shardsync::Shardsync;
 pub use wait::{wait_for, wait_until};
 

@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use crate::wait::wait_until;
 
-/// A port nobody listens on right now.
 /// Peak resident memory (VmHWM) of process `pid` in KB; 0 when unknown.
 pub fn peak_rss_kb(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -21,6 +20,26 @@ pub fn peak_rss_kb(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// CPU time (user + system) process `pid` used so far, in seconds; 0 when
+/// unknown.
+pub fn cpu_secs(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // The command name (field 2) may hold spaces; utime and stime are
+    // fields 14 and 15, counted in clock ticks of 1/100 s on Linux.
+    let after_name = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    (ticks(11) + ticks(12)) as f64 / 100.0
+}
+
+/// A port nobody listens on right now.
 pub fn free_port() -> u16 {
     // Ports handed out in this process are remembered so that two servers
     // started back to back never get the same one.
@@ -277,6 +296,20 @@ impl RedisServer {
     }
 
     /// The master's replication offset.
+    /// CPU seconds (user + system) of the server itself and of its
+    /// finished fork children (snapshots), from INFO.
+    pub fn cpu(&self) -> (f64, f64) {
+        let f = |k: &str| {
+            self.info_field(k)
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        (
+            f("used_cpu_user") + f("used_cpu_sys"),
+            f("used_cpu_user_children") + f("used_cpu_sys_children"),
+        )
+    }
+
     pub fn master_repl_offset(&self) -> u64 {
         self.info_field("master_repl_offset")
             .and_then(|v| v.parse().ok())
