@@ -30,7 +30,7 @@
 
 use std::time::{Duration, Instant};
 
-use harness::cluster::{key_slot, Cluster};
+use harness::cluster::{key_slot, own_slots, Cluster};
 use harness::{cpu_secs, peak_rss_kb, wait_for, RedisServer, Shardsync};
 
 const BIN: &str = env!("CARGO_BIN_EXE_shardsync");
@@ -226,41 +226,36 @@ fn populated_cluster(o: &Options) -> Deployment {
     Deployment::Cluster(cluster)
 }
 
-fn own_slots(node: &RedisServer) -> Vec<(u16, u16)> {
-    let nodes: String = node.cmd(&["CLUSTER", "NODES"]);
-    let line = nodes
-        .lines()
-        .find(|l| l.contains("myself"))
-        .expect("myself");
-    line.split_whitespace()
-        .skip(8)
-        .filter(|r| !r.starts_with('['))
-        .map(|r| {
-            let (a, b) = r.split_once('-').unwrap_or((r, r));
-            (a.parse().unwrap(), b.parse().unwrap())
-        })
-        .collect()
-}
-
-/// One native replica per master of `source`, started together, until
-/// every link is up and the replicas hold `keys` keys.
-fn native_replicas(source: &Deployment, keys: u64) -> (Duration, u64, Cpu) {
-    let masters = source.masters();
-    let replicas: Vec<RedisServer> = masters.iter().map(|_| RedisServer::start()).collect();
-    let forks_before = fork_cpu(source);
-    let start = Instant::now();
-    for (replica, master) in replicas.iter().zip(&masters) {
+/// `REPLICAOF` each master of `source` on its replica, all at once.
+fn replicate(source: &Deployment, replicas: &[RedisServer]) {
+    for (replica, master) in replicas.iter().zip(source.masters()) {
         let _: () = redis::cmd("REPLICAOF")
             .arg("127.0.0.1")
             .arg(master.port)
             .query(&mut replica.client())
             .unwrap();
     }
+}
+
+fn links_up(replicas: &[RedisServer]) -> bool {
+    replicas
+        .iter()
+        .all(|r| r.info_field("master_link_status").as_deref() == Some("up"))
+}
+
+/// One native replica per master of `source`, started together, until
+/// every link is up and the replicas hold `keys` keys.
+fn native_replicas(source: &Deployment, keys: u64) -> (Duration, u64, Cpu) {
+    let replicas: Vec<RedisServer> = source
+        .masters()
+        .iter()
+        .map(|_| RedisServer::start())
+        .collect();
+    let forks_before = fork_cpu(source);
+    let start = Instant::now();
+    replicate(source, &replicas);
     wait_for("the native replicas", Duration::from_secs(600), || {
-        replicas
-            .iter()
-            .all(|r| r.info_field("master_link_status").as_deref() == Some("up"))
-            && replicas.iter().map(|r| r.dbsize(0)).sum::<u64>() == keys
+        links_up(&replicas) && replicas.iter().map(|r| r.dbsize(0)).sum::<u64>() == keys
     });
     let elapsed = start.elapsed();
     let rss = replicas.iter().map(|r| peak_rss_kb(r.pid())).sum();
@@ -366,19 +361,14 @@ fn offsets(source: &Deployment) -> Vec<(String, u64)> {
 /// offset is its master's.
 fn native_incremental(cluster: bool, n: u64) -> (Duration, f64) {
     let source = Deployment::start(cluster);
-    let masters = source.masters();
-    let replicas: Vec<RedisServer> = masters.iter().map(|_| RedisServer::start()).collect();
-    for (replica, master) in replicas.iter().zip(&masters) {
-        let _: () = redis::cmd("REPLICAOF")
-            .arg("127.0.0.1")
-            .arg(master.port)
-            .query(&mut replica.client())
-            .unwrap();
-    }
+    let replicas: Vec<RedisServer> = source
+        .masters()
+        .iter()
+        .map(|_| RedisServer::start())
+        .collect();
+    replicate(&source, &replicas);
     wait_for("the native replicas", Duration::from_secs(60), || {
-        replicas
-            .iter()
-            .all(|r| r.info_field("master_link_status").as_deref() == Some("up"))
+        links_up(&replicas)
     });
     let (start, end) = burst(&source, n);
     let wanted = offsets(&source);

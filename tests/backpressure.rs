@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use harness::cluster::{key_slot, Cluster};
+use harness::cluster::{key_slot, own_slots, Cluster};
 use harness::compare::{assert_same, assert_same_nodes};
 use harness::{wait_for, RedisServer, Shardsync, SHORT};
 
@@ -175,23 +175,6 @@ fn a_paused_cluster_node_holds_up_only_its_own_slots() {
 
     sync.wait_caught_up(&source, Duration::from_secs(60));
     assert_same_nodes(&[&source], &target.masters());
-}
-
-/// The slot ranges a cluster node serves (its own CLUSTER NODES line).
-fn own_slots(node: &RedisServer) -> Vec<(u16, u16)> {
-    let nodes: String = node.cmd(&["CLUSTER", "NODES"]);
-    let line = nodes
-        .lines()
-        .find(|l| l.contains("myself"))
-        .expect("myself line");
-    line.split_whitespace()
-        .skip(8)
-        .filter(|r| !r.starts_with('['))
-        .map(|r| {
-            let (a, b) = r.split_once('-').unwrap_or((r, r));
-            (a.parse().unwrap(), b.parse().unwrap())
-        })
-        .collect()
 }
 
 #[test]

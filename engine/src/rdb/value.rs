@@ -462,6 +462,19 @@ impl<'a> Cursor<'a> {
         DecodeError { at: self.pos, what }
     }
 
+    /// After a ziplist's or listpack's end marker: nothing may follow, and
+    /// the header's element count (65535: "too many to count here") must
+    /// match what was read.
+    fn check_end(&self, declared: u16, n_read: usize, format: &str) -> Result<(), DecodeError> {
+        if self.pos != self.buf.len() {
+            return Err(self.err(format!("bytes after the {format}'s end marker")));
+        }
+        if declared != u16::MAX && declared as usize != n_read {
+            return Err(self.err(format!("{format} says {declared} elements, has {n_read}")));
+        }
+        Ok(())
+    }
+
     fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
         if self.buf.len() - self.pos < n {
             return Err(self.err(format!(
@@ -687,15 +700,7 @@ fn listpack_items(blob: &[u8]) -> Result<Vec<LpItem>, DecodeError> {
         }
         out.push(item);
     }
-    if c.pos != blob.len() {
-        return Err(c.err("bytes after the listpack's end marker".into()));
-    }
-    if declared != u16::MAX && declared as usize != out.len() {
-        return Err(c.err(format!(
-            "listpack says {declared} elements, has {}",
-            out.len()
-        )));
-    }
+    c.check_end(declared, out.len(), "listpack")?;
     Ok(out)
 }
 
@@ -763,16 +768,7 @@ pub fn ziplist(blob: &[u8]) -> Result<Vec<Bytes>, DecodeError> {
         prev_len = c.pos - start;
         out.push(item);
     }
-    if c.pos != blob.len() {
-        return Err(c.err("bytes after the ziplist's end marker".into()));
-    }
-    // A count of 65535 means "too many to count here".
-    if declared != u16::MAX && declared as usize != out.len() {
-        return Err(c.err(format!(
-            "ziplist says {declared} elements, has {}",
-            out.len()
-        )));
-    }
+    c.check_end(declared, out.len(), "ziplist")?;
     Ok(out)
 }
 

@@ -37,6 +37,23 @@ pub fn key_slot(key: &[u8]) -> u16 {
     crc % 16384
 }
 
+/// The slot ranges a cluster node serves (its own CLUSTER NODES line).
+pub fn own_slots(node: &RedisServer) -> Vec<(u16, u16)> {
+    let nodes: String = node.cmd(&["CLUSTER", "NODES"]);
+    let line = nodes
+        .lines()
+        .find(|l| l.contains("myself"))
+        .expect("myself line");
+    line.split_whitespace()
+        .skip(8)
+        .filter(|r| !r.starts_with('['))
+        .map(|r| {
+            let (a, b) = r.split_once('-').unwrap_or((r, r));
+            (a.parse().unwrap(), b.parse().unwrap())
+        })
+        .collect()
+}
+
 impl Cluster {
     /// Starts `masters` cluster nodes and joins them into one cluster.
     pub fn start(masters: usize) -> Cluster {

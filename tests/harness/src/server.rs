@@ -295,7 +295,6 @@ impl RedisServer {
             .unwrap_or(0)
     }
 
-    /// The master's replication offset.
     /// CPU seconds (user + system) of the server itself and of its
     /// finished fork children (snapshots), from INFO.
     pub fn cpu(&self) -> (f64, f64) {
@@ -310,6 +309,7 @@ impl RedisServer {
         )
     }
 
+    /// The master's replication offset.
     pub fn master_repl_offset(&self) -> u64 {
         self.info_field("master_repl_offset")
             .and_then(|v| v.parse().ok())
