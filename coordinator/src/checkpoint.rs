@@ -45,8 +45,7 @@ impl Checkpoint {
     /// The checkpoint of a shard, or `None` when it has nothing to record
     /// (it never began a sync, and had no checkpoint to begin from).
     pub fn of(stats: &ShardStats, targets: &[String]) -> Option<Checkpoint> {
-        let started =
-            stats.full_syncs.load(Ordering::Relaxed) > 0 || stats.ours.load(Ordering::Relaxed);
+        let started = stats.counters.full_syncs.get() > 0 || stats.ours.load(Ordering::Relaxed);
         let state = match (stats.state(), stats.resume_point()) {
             (ShardState::FullSync, _) => CheckpointState::FullSyncInProgress,
             (_, Some(p)) => CheckpointState::Resumable {

@@ -38,6 +38,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
+use engine::replay::ReplayConfig;
 use engine::restore::Existing;
 use ractor::Actor;
 use shard_worker::source::IntakeOptions;
@@ -196,27 +197,30 @@ async fn sync(args: SyncArgs) -> u8 {
         } else {
             spill_base.clone()
         };
-        let options = IntakeOptions {
-            heartbeat_id: heartbeat_id.clone(),
-            existing: match cfg.on_conflict {
-                OnConflict::Skip => Existing::Keep,
-                OnConflict::Precheck | OnConflict::Ignore => Existing::Replace,
-            },
+        let replay = ReplayConfig {
             db_filter: plan.db_filter.clone(),
             key_filter: cfg.key_filter.clone(),
             source_databases: plan.source_databases,
             replay_publish: cfg.replay_publish,
-            spill_dir,
-            spill_memory: cfg.spill_memory,
             target_caps: plan.target_caps,
             force_rewrite: cfg.force_rewrite,
-            big_key_bytes: plan.big_key_bytes,
+            heartbeat_id: heartbeat_id.clone(),
             // Temporary key names of this run: distinct from any other run's.
             tmp_scope: if many {
                 format!("{scope}t{i}")
             } else {
                 scope.clone()
             },
+        };
+        let options = IntakeOptions {
+            replay,
+            existing: match cfg.on_conflict {
+                OnConflict::Skip => Existing::Keep,
+                OnConflict::Precheck | OnConflict::Ignore => Existing::Replace,
+            },
+            spill_dir,
+            spill_memory: cfg.spill_memory,
+            big_key_bytes: plan.big_key_bytes,
             ..IntakeOptions::default()
         };
         let (done_tx, done_rx) = oneshot::channel();

@@ -4,29 +4,113 @@
 //! `host:port`) and `target` (target node `host:port`), never keys. With
 //! several targets, per-shard metrics also carry `target` (the target as
 //! named on the command line): each target has its own shard workers.
+//!
+//! Counters are rendered from their declarations (`ShardCounters::METRICS`,
+//! `WriterCounters::METRICS` in `shard-worker`): a new counter needs no
+//! line here. This file lists only what is computed from state: the
+//! tables below, the shard state, the heartbeat lags and error counts.
 
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 
 use prometheus::proto::{Counter, Gauge, LabelPair, Metric, MetricFamily, MetricType};
 use prometheus::{Encoder, TextEncoder};
-use shard_worker::progress::ShardState;
+use shard_worker::counters::{MetricDesc, MetricKind};
+use shard_worker::progress::{ShardState, ShardStats, WriterStats};
 
-use crate::status::TaskStatus;
+use crate::status::{TaskStatus, Workers};
 
-struct Family {
-    inner: MetricFamily,
+type Labels<'a> = Vec<(&'a str, &'a str)>;
+
+/// A metric of a shard computed from its state.
+struct Derived<T> {
+    name: &'static str,
+    help: &'static str,
+    kind: MetricKind,
+    value: fn(&T) -> f64,
 }
 
-impl Family {
-    fn new(name: &str, help: &str, kind: MetricType) -> Family {
-        let mut inner = MetricFamily::default();
-        inner.set_name(format!("shardsync_{name}"));
-        inner.set_help(help.to_string());
-        inner.set_field_type(kind);
-        Family { inner }
-    }
+const SHARD_DERIVED: &[Derived<ShardStats>] = &[
+    Derived {
+        name: "applied_offset_bytes",
+        help: "Replication offset confirmed by the targets.",
+        kind: MetricKind::Gauge,
+        value: |s| s.applied().unwrap_or(0) as f64,
+    },
+    Derived {
+        name: "lag_seconds",
+        help: "Age of the oldest command read but not yet applied.",
+        kind: MetricKind::Gauge,
+        value: |s| s.lag_ms() as f64 / 1000.0,
+    },
+    Derived {
+        name: "intake_buffered_bytes",
+        help: "Stream bytes read from the source, waiting in memory.",
+        kind: MetricKind::Gauge,
+        value: |s| s.stream_spill.memory.get() as f64,
+    },
+    Derived {
+        name: "spill_bytes",
+        help: "Stream bytes read from the source, waiting in spill files.",
+        kind: MetricKind::Gauge,
+        value: |s| s.stream_spill.on_disk.get() as f64,
+    },
+    Derived {
+        name: "spilled_bytes_total",
+        help: "Stream bytes ever written to spill files.",
+        kind: MetricKind::Counter,
+        value: |s| s.stream_spill.total.get() as f64,
+    },
+];
 
-    fn sample(&mut self, labels: &[(&str, &str)], value: f64) {
+const WRITER_DERIVED: &[Derived<WriterStats>] = &[
+    Derived {
+        name: "target_connected",
+        help: "1 while the writer is connected to the target node.",
+        kind: MetricKind::Gauge,
+        value: |w| w.connected.load(Ordering::Relaxed) as u8 as f64,
+    },
+    Derived {
+        name: "target_overflow_disk_bytes",
+        help: "Overflow bytes in spill files.",
+        kind: MetricKind::Gauge,
+        value: |w| w.overflow.on_disk.get() as f64,
+    },
+    Derived {
+        name: "target_overflow_spilled_bytes_total",
+        help: "Overflow bytes ever written to spill files.",
+        kind: MetricKind::Counter,
+        value: |w| w.overflow.total.get() as f64,
+    },
+];
+
+/// Metric families in the order they first get a sample.
+#[derive(Default)]
+struct Families {
+    list: Vec<MetricFamily>,
+    index: HashMap<&'static str, usize>,
+}
+
+impl Families {
+    fn sample(
+        &mut self,
+        name: &'static str,
+        help: &'static str,
+        kind: MetricKind,
+        labels: &[(&str, &str)],
+        value: f64,
+    ) {
+        let i = *self.index.entry(name).or_insert_with(|| {
+            let mut family = MetricFamily::default();
+            family.set_name(format!("shardsync_{name}"));
+            family.set_help(help.to_string());
+            family.set_field_type(match kind {
+                MetricKind::Counter => MetricType::COUNTER,
+                MetricKind::Gauge => MetricType::GAUGE,
+            });
+            self.list.push(family);
+            self.list.len() - 1
+        });
         let mut m = Metric::default();
         m.set_label(
             labels
@@ -39,371 +123,125 @@ impl Family {
                 })
                 .collect(),
         );
-        match self.inner.get_field_type() {
-            MetricType::COUNTER => {
+        match kind {
+            MetricKind::Counter => {
                 let mut c = Counter::default();
                 c.set_value(value);
                 m.set_counter(c);
             }
-            _ => {
+            MetricKind::Gauge => {
                 let mut g = Gauge::default();
                 g.set_value(value);
                 m.set_gauge(g);
             }
         }
-        self.inner.mut_metric().push(m);
+        self.list[i].mut_metric().push(m);
+    }
+
+    /// A declared counter's sample.
+    fn declared(&mut self, desc: &'static MetricDesc, labels: &[(&str, &str)], value: u64) {
+        let labels = match desc.label {
+            Some(extra) => with(labels, extra),
+            None => labels.to_vec(),
+        };
+        self.sample(desc.name, desc.help, desc.kind, &labels, value as f64);
+    }
+
+    fn derived<T>(&mut self, table: &[Derived<T>], of: &T, labels: &[(&str, &str)]) {
+        for d in table {
+            self.sample(d.name, d.help, d.kind, labels, (d.value)(of));
+        }
+    }
+
+    fn encode(self) -> String {
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&self.list, &mut out)
+            .expect("text encoding of well-formed families");
+        String::from_utf8(out).expect("prometheus text is UTF-8")
     }
 }
 
 /// Renders every metric of the task.
 pub fn render(status: &TaskStatus) -> String {
-    let mut families = Vec::new();
-    let mut up = Family::new(
+    let mut out = Families::default();
+    let running = !matches!(status.state(), "stopped" | "failed");
+    out.sample(
         "up",
         "1 while the task runs (0 once stopped or failed).",
-        MetricType::GAUGE,
+        MetricKind::Gauge,
+        &[],
+        if running { 1.0 } else { 0.0 },
     );
-    let running = !matches!(status.state(), "stopped" | "failed");
-    up.sample(&[], if running { 1.0 } else { 0.0 });
-    families.push(up);
-    let mut rss = Family::new(
+    out.sample(
         "process_resident_memory_bytes",
         "Resident memory of the shardsync process.",
-        MetricType::GAUGE,
+        MetricKind::Gauge,
+        &[],
+        resident_memory_bytes() as f64,
     );
-    rss.sample(&[], resident_memory_bytes() as f64);
-    families.push(rss);
-
     let groups = status.groups();
-    if !groups.is_empty() {
-        use MetricType::{COUNTER, GAUGE};
-        let many = groups.len() > 1;
-        let mut state = Family::new("shard_state", "1 for the state each shard is in.", GAUGE);
-        let mut keys = Family::new(
-            "full_sync_keys_total",
-            "Keys read from the source's RDB in the current full sync.",
-            COUNTER,
-        );
-        let mut bytes = Family::new(
-            "full_sync_bytes_total",
-            "RDB bytes read in the current full sync.",
-            COUNTER,
-        );
-        let mut total = Family::new(
-            "full_sync_total_bytes",
-            "Announced RDB size (0 when the transfer is diskless).",
-            GAUGE,
-        );
-        let mut full_syncs = Family::new("full_syncs_total", "Full syncs started.", COUNTER);
-        let mut partial = Family::new(
-            "partial_resyncs_total",
-            "Partial resyncs accepted by the source.",
-            COUNTER,
-        );
-        let mut offset = Family::new(
-            "source_offset_bytes",
-            "Replication offset read from the source.",
-            GAUGE,
-        );
-        let mut applied = Family::new(
-            "applied_offset_bytes",
-            "Replication offset confirmed by the targets.",
-            GAUGE,
-        );
-        let mut lag = Family::new(
-            "lag_seconds",
-            "Age of the oldest command read but not yet applied.",
-            GAUGE,
-        );
-        let mut received = Family::new(
-            "commands_received_total",
-            "Commands read from the replication stream.",
-            COUNTER,
-        );
-        let mut filtered = Family::new(
-            "commands_filtered_total",
-            "Commands not replayed by design (other databases, PUBLISH).",
-            COUNTER,
-        );
-        let mut unsupported = Family::new(
-            "commands_unsupported_total",
-            "Commands that could not be replayed (logged as errors).",
-            COUNTER,
-        );
-        let mut reconnects = Family::new(
-            "source_reconnects_total",
-            "Source connections lost and retried.",
-            COUNTER,
-        );
-        let mut split = Family::new(
-            "commands_split_total",
-            "Multi-key commands split into per-slot parts (cluster targets).",
-            COUNTER,
-        );
-        let mut rewritten = Family::new(
-            "commands_rewritten_total",
-            "Cross-slot commands replaced by an equivalent (cluster targets).",
-            COUNTER,
-        );
-        let mut tx_split = Family::new(
-            "transactions_split_total",
-            "Transactions whose keys span slots, applied per slot.",
-            COUNTER,
-        );
-        let mut barriers = Family::new(
-            "barriers_total",
-            "Waits for everything dispatched to be confirmed (slot moves, rewrites).",
-            COUNTER,
-        );
-        let mut buffered = Family::new(
-            "intake_buffered_bytes",
-            "Stream bytes read from the source, waiting in memory.",
-            GAUGE,
-        );
-        let mut spill = Family::new(
-            "spill_bytes",
-            "Stream bytes read from the source, waiting in spill files.",
-            GAUGE,
-        );
-        let mut spilled = Family::new(
-            "spilled_bytes_total",
-            "Stream bytes ever written to spill files.",
-            COUNTER,
-        );
-        let mut converted = Family::new(
-            "values_converted_total",
-            "RDB values not sent as a plain RESTORE, by how: restamped (payload stamped with an older target's RDB version), rebuilt (ordinary commands), in_parts (big values, written in bounded parts).",
-            COUNTER,
-        );
-        let mut ttls_dropped = Family::new(
-            "field_ttls_dropped_total",
-            "Hash fields written without their TTL (the target predates Redis 7.4).",
-            COUNTER,
-        );
-        let mut heartbeat_lag = Family::new(
-            "heartbeat_lag_seconds",
-            "Lag measured with the heartbeat key written on the source every second: stage=stream is its arrival in the replication stream, stage=applied its application on the target.",
-            GAUGE,
-        );
-        let mut consumers_dropped = Family::new(
-            "stream_consumers_dropped_total",
-            "Stream consumers without pending entries left out (the target predates Redis 6.2).",
-            COUNTER,
-        );
-        for (g, s) in groups
-            .iter()
-            .flat_map(|g| g.shards.iter().map(move |s| (g, s)))
-        {
-            let shard = s.source.as_str();
-            let current = g.shard_state(s);
-            let l: Vec<(&str, &str)> = if many {
-                vec![("shard", shard), ("target", g.target.as_str())]
+    let many = groups.len() > 1;
+    for g in &groups {
+        for s in &g.shards {
+            let labels: Labels = if many {
+                vec![("shard", s.source.as_str()), ("target", g.target.as_str())]
             } else {
-                vec![("shard", shard)]
+                vec![("shard", s.source.as_str())]
             };
-            for st in ShardState::ALL {
-                state.sample(
-                    &with(&l, ("state", st.as_str())),
-                    (st == current) as u8 as f64,
-                );
-            }
-            keys.sample(&l, s.full_sync_keys.load(Ordering::Relaxed) as f64);
-            bytes.sample(&l, s.full_sync_bytes.load(Ordering::Relaxed) as f64);
-            total.sample(&l, s.full_sync_total_bytes.load(Ordering::Relaxed) as f64);
-            full_syncs.sample(&l, s.full_syncs.load(Ordering::Relaxed) as f64);
-            partial.sample(&l, s.partial_syncs.load(Ordering::Relaxed) as f64);
-            offset.sample(&l, s.source_offset.load(Ordering::Relaxed) as f64);
-            applied.sample(&l, s.applied().unwrap_or(0) as f64);
-            lag.sample(&l, s.lag_ms() as f64 / 1000.0);
-            received.sample(&l, s.commands_received.load(Ordering::Relaxed) as f64);
-            filtered.sample(&l, s.commands_filtered.load(Ordering::Relaxed) as f64);
-            unsupported.sample(&l, s.commands_unsupported.load(Ordering::Relaxed) as f64);
-            reconnects.sample(&l, s.source_reconnects.load(Ordering::Relaxed) as f64);
-            split.sample(&l, s.commands_split.load(Ordering::Relaxed) as f64);
-            rewritten.sample(&l, s.commands_rewritten.load(Ordering::Relaxed) as f64);
-            tx_split.sample(&l, s.transactions_split.load(Ordering::Relaxed) as f64);
-            barriers.sample(&l, s.barriers.load(Ordering::Relaxed) as f64);
-            buffered.sample(&l, s.stream_spill.memory.load(Ordering::Relaxed) as f64);
-            spill.sample(&l, s.stream_spill.on_disk.load(Ordering::Relaxed) as f64);
-            spilled.sample(&l, s.stream_spill.total.load(Ordering::Relaxed) as f64);
-            for (how, n) in [
-                ("restamped", &s.values_restamped),
-                ("rebuilt", &s.values_rebuilt),
-                ("in_parts", &s.big_values),
-            ] {
-                converted.sample(&with(&l, ("how", how)), n.load(Ordering::Relaxed) as f64);
-            }
-            ttls_dropped.sample(&l, s.field_ttls_dropped.load(Ordering::Relaxed) as f64);
-            consumers_dropped.sample(&l, s.consumers_dropped.load(Ordering::Relaxed) as f64);
-            let (stream, applied) = s.heartbeat_lags();
-            for (stage, lag) in [("stream", stream), ("applied", applied)] {
-                if let Some(ms) = lag {
-                    heartbeat_lag.sample(&with(&l, ("stage", stage)), ms as f64 / 1000.0);
-                }
-            }
+            shard_metrics(&mut out, g, s, &labels);
         }
-        families.extend([
-            state,
-            keys,
-            bytes,
-            total,
-            full_syncs,
-            partial,
-            offset,
-            applied,
-            lag,
-            received,
-            filtered,
-            unsupported,
-            reconnects,
-            split,
-            rewritten,
-            tx_split,
-            barriers,
-            buffered,
-            spill,
-            spilled,
-            converted,
-            ttls_dropped,
-            consumers_dropped,
-            heartbeat_lag,
-        ]);
+    }
+    for w in groups.iter().flat_map(|g| g.writers()) {
+        writer_metrics(&mut out, &w);
+    }
+    out.encode()
+}
 
-        let mut connected = Family::new(
-            "target_connected",
-            "1 while the writer is connected to the target node.",
-            GAUGE,
+fn shard_metrics(out: &mut Families, group: &Workers, s: &ShardStats, labels: &[(&str, &str)]) {
+    let current = group.shard_state(s);
+    for st in ShardState::ALL {
+        out.sample(
+            "shard_state",
+            "1 for the state each shard is in.",
+            MetricKind::Gauge,
+            &with(labels, ("state", st.as_str())),
+            (st == current) as u8 as f64,
         );
-        let mut cmds = Family::new(
-            "commands_applied_total",
-            "Commands confirmed by the target node.",
-            COUNTER,
-        );
-        let mut wbytes = Family::new(
-            "target_written_bytes_total",
-            "Bytes written to the target node.",
-            COUNTER,
-        );
-        let mut inflight = Family::new(
-            "target_inflight_commands",
-            "Commands written and waiting for their reply.",
-            GAUGE,
-        );
-        let mut queued = Family::new(
-            "target_queued_batches",
-            "Batches waiting in the writer's queue.",
-            GAUGE,
-        );
-        let mut skipped = Family::new(
-            "keys_skipped_total",
-            "Keys kept as the target had them (--on-conflict skip).",
-            COUNTER,
-        );
-        let mut errors = Family::new(
+    }
+    for (desc, value) in s.counters.samples() {
+        out.declared(desc, labels, value);
+    }
+    out.derived(SHARD_DERIVED, s, labels);
+    let (stream, applied) = s.heartbeat_lags();
+    for (stage, lag) in [("stream", stream), ("applied", applied)] {
+        if let Some(ms) = lag {
+            out.sample(
+                "heartbeat_lag_seconds",
+                "Lag measured with the heartbeat key written on the source every second: stage=stream is its arrival in the replication stream, stage=applied its application on the target.",
+                MetricKind::Gauge,
+                &with(labels, ("stage", stage)),
+                ms as f64 / 1000.0,
+            );
+        }
+    }
+}
+
+fn writer_metrics(out: &mut Families, w: &WriterStats) {
+    let labels = [("target", w.target.as_str())];
+    for (desc, value) in w.counters.samples() {
+        out.declared(desc, &labels, value);
+    }
+    out.derived(WRITER_DERIVED, w, &labels);
+    for (code, n) in w.error_counts() {
+        out.sample(
             "target_errors_total",
             "Error replies from the target, by error code.",
-            COUNTER,
+            MetricKind::Counter,
+            &[("target", w.target.as_str()), ("code", &code)],
+            n as f64,
         );
-        let mut wreconnects = Family::new(
-            "target_reconnects_total",
-            "Target connections lost and retried.",
-            COUNTER,
-        );
-        let mut resent = Family::new(
-            "target_resent_commands_total",
-            "Commands resent after a lost connection.",
-            COUNTER,
-        );
-        let mut resent_ni = Family::new(
-            "target_resent_non_idempotent_total",
-            "Resent commands that may have run twice.",
-            COUNTER,
-        );
-        let mut overflow = Family::new(
-            "target_overflow_batches",
-            "Batches waiting in the writer's overflow (its queue was full).",
-            GAUGE,
-        );
-        let mut overflow_disk = Family::new(
-            "target_overflow_disk_bytes",
-            "Overflow bytes in spill files.",
-            GAUGE,
-        );
-        let mut overflow_total = Family::new(
-            "target_overflow_spilled_bytes_total",
-            "Overflow bytes ever written to spill files.",
-            COUNTER,
-        );
-        let mut redirects = Family::new(
-            "target_redirects_total",
-            "Commands a target node redirected (MOVED or ASK), by kind.",
-            COUNTER,
-        );
-        let mut restores_rebuilt = Family::new(
-            "target_restores_rebuilt_total",
-            "RESTOREs the target node refused (payload from a newer Redis), rebuilt with ordinary commands.",
-            COUNTER,
-        );
-        for w in groups.iter().flat_map(|g| g.writers()) {
-            let target = w.target.as_str();
-            restores_rebuilt.sample(
-                &[("target", target)],
-                w.restores_rebuilt.load(Ordering::Relaxed) as f64,
-            );
-            let l = [("target", target)];
-            connected.sample(&l, w.connected.load(Ordering::Relaxed) as u8 as f64);
-            cmds.sample(&l, w.commands_applied.load(Ordering::Relaxed) as f64);
-            wbytes.sample(&l, w.bytes_written.load(Ordering::Relaxed) as f64);
-            inflight.sample(&l, w.inflight_commands.load(Ordering::Relaxed) as f64);
-            queued.sample(&l, w.queued_batches.load(Ordering::Relaxed) as f64);
-            overflow.sample(&l, w.overflow_batches.load(Ordering::Relaxed) as f64);
-            redirects.sample(
-                &[("target", target), ("kind", "moved")],
-                w.moved.load(Ordering::Relaxed) as f64,
-            );
-            redirects.sample(
-                &[("target", target), ("kind", "ask")],
-                w.asked.load(Ordering::Relaxed) as f64,
-            );
-            overflow_disk.sample(&l, w.overflow.on_disk.load(Ordering::Relaxed) as f64);
-            overflow_total.sample(&l, w.overflow.total.load(Ordering::Relaxed) as f64);
-            skipped.sample(&l, w.keys_skipped.load(Ordering::Relaxed) as f64);
-            wreconnects.sample(&l, w.reconnects.load(Ordering::Relaxed) as f64);
-            resent.sample(&l, w.resent_commands.load(Ordering::Relaxed) as f64);
-            resent_ni.sample(&l, w.resent_non_idempotent.load(Ordering::Relaxed) as f64);
-            for (code, n) in w.error_counts() {
-                errors.sample(&[("target", target), ("code", &code)], n as f64);
-            }
-        }
-        families.extend([
-            restores_rebuilt,
-            connected,
-            cmds,
-            wbytes,
-            inflight,
-            queued,
-            skipped,
-            errors,
-            wreconnects,
-            resent,
-            resent_ni,
-            overflow,
-            overflow_disk,
-            overflow_total,
-            redirects,
-        ]);
     }
-
-    let families: Vec<MetricFamily> = families
-        .into_iter()
-        .map(|f| f.inner)
-        .filter(|f| !f.get_metric().is_empty())
-        .collect();
-    let mut out = Vec::new();
-    TextEncoder::new()
-        .encode(&families, &mut out)
-        .expect("text encoding of well-formed families");
-    String::from_utf8(out).expect("prometheus text is UTF-8")
 }
 
 /// `labels` and one more.
@@ -413,10 +251,172 @@ fn with<'a>(labels: &[(&'a str, &'a str)], more: (&'a str, &'a str)) -> Vec<(&'a
     all
 }
 
-/// Resident set size from /proc (0 where /proc is not available).
+/// Resident set size, from `VmRSS` in `/proc/self/status` (in kB there,
+/// whatever the page size); 0 where /proc is not available.
 pub fn resident_memory_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/statm")
+    std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
-        .map_or(0, |pages| pages * 4096)
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))?
+                .split_whitespace()
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeSet;
+    use std::sync::Arc;
+
+    /// (family, type, label names) of every family in `text`.
+    fn shapes(text: &str) -> BTreeSet<(String, String, String)> {
+        let mut types = HashMap::new();
+        let mut out = BTreeSet::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let (name, kind) = rest.split_once(' ').unwrap();
+                types.insert(name.to_string(), kind.to_string());
+            } else if !line.starts_with('#') && !line.is_empty() {
+                let name_end = line.find(['{', ' ']).unwrap();
+                let name = &line[..name_end];
+                let labels: Vec<&str> = match line[name_end..].strip_prefix('{') {
+                    Some(rest) => rest[..rest.find('}').unwrap()]
+                        .split(',')
+                        .map(|kv| kv.split('=').next().unwrap())
+                        .collect(),
+                    None => Vec::new(),
+                };
+                out.insert((name.to_string(), types[name].clone(), labels.join(",")));
+            }
+        }
+        out
+    }
+
+    fn one_of_each() -> TaskStatus {
+        let status = TaskStatus::default();
+        let shard = Arc::new(ShardStats::new("src:6379", 1));
+        shard.heartbeat_seen(1, 0);
+        let group = status.add_group(Workers::new("dst:6379".into(), vec![shard]));
+        let writer = Arc::new(WriterStats::new("dst:6379"));
+        writer.count_error("WRONGTYPE");
+        group.add_writer(writer);
+        status
+    }
+
+    /// The names, types and labels tests outside the repository read: none
+    /// may change (new families may be added).
+    const CONTRACT: &[(&str, &str, &str)] = &[
+        ("shardsync_up", "gauge", ""),
+        ("shardsync_process_resident_memory_bytes", "gauge", ""),
+        ("shardsync_shard_state", "gauge", "shard,state"),
+        ("shardsync_full_sync_keys_total", "counter", "shard"),
+        ("shardsync_full_sync_bytes_total", "counter", "shard"),
+        ("shardsync_full_sync_total_bytes", "gauge", "shard"),
+        ("shardsync_full_syncs_total", "counter", "shard"),
+        ("shardsync_partial_resyncs_total", "counter", "shard"),
+        ("shardsync_source_offset_bytes", "gauge", "shard"),
+        ("shardsync_applied_offset_bytes", "gauge", "shard"),
+        ("shardsync_lag_seconds", "gauge", "shard"),
+        ("shardsync_commands_received_total", "counter", "shard"),
+        ("shardsync_commands_filtered_total", "counter", "shard"),
+        ("shardsync_commands_unsupported_total", "counter", "shard"),
+        ("shardsync_source_reconnects_total", "counter", "shard"),
+        ("shardsync_commands_split_total", "counter", "shard"),
+        ("shardsync_commands_rewritten_total", "counter", "shard"),
+        ("shardsync_transactions_split_total", "counter", "shard"),
+        ("shardsync_barriers_total", "counter", "shard"),
+        ("shardsync_intake_buffered_bytes", "gauge", "shard"),
+        ("shardsync_spill_bytes", "gauge", "shard"),
+        ("shardsync_spilled_bytes_total", "counter", "shard"),
+        ("shardsync_values_converted_total", "counter", "shard,how"),
+        ("shardsync_field_ttls_dropped_total", "counter", "shard"),
+        (
+            "shardsync_stream_consumers_dropped_total",
+            "counter",
+            "shard",
+        ),
+        ("shardsync_heartbeat_lag_seconds", "gauge", "shard,stage"),
+        ("shardsync_target_connected", "gauge", "target"),
+        ("shardsync_commands_applied_total", "counter", "target"),
+        ("shardsync_target_written_bytes_total", "counter", "target"),
+        ("shardsync_target_inflight_commands", "gauge", "target"),
+        ("shardsync_target_queued_batches", "gauge", "target"),
+        ("shardsync_keys_skipped_total", "counter", "target"),
+        ("shardsync_target_errors_total", "counter", "target,code"),
+        ("shardsync_target_reconnects_total", "counter", "target"),
+        (
+            "shardsync_target_resent_commands_total",
+            "counter",
+            "target",
+        ),
+        (
+            "shardsync_target_resent_non_idempotent_total",
+            "counter",
+            "target",
+        ),
+        ("shardsync_target_overflow_batches", "gauge", "target"),
+        ("shardsync_target_overflow_disk_bytes", "gauge", "target"),
+        (
+            "shardsync_target_overflow_spilled_bytes_total",
+            "counter",
+            "target",
+        ),
+        ("shardsync_target_redirects_total", "counter", "target,kind"),
+        (
+            "shardsync_target_restores_rebuilt_total",
+            "counter",
+            "target",
+        ),
+    ];
+
+    #[test]
+    fn every_contract_metric_keeps_its_name_type_and_labels() {
+        let got = shapes(&render(&one_of_each()));
+        for (name, kind, labels) in CONTRACT {
+            let want = (name.to_string(), kind.to_string(), labels.to_string());
+            assert!(got.contains(&want), "missing {want:?}; got {got:#?}");
+        }
+    }
+
+    #[test]
+    fn labelled_counters_share_one_family() {
+        let text = render(&one_of_each());
+        assert_eq!(
+            text.matches("# TYPE shardsync_values_converted_total")
+                .count(),
+            1
+        );
+        for how in ["restamped", "rebuilt", "in_parts"] {
+            assert!(
+                text.contains(&format!(
+                    "shardsync_values_converted_total{{how=\"{how}\",shard=\"src:6379\"}} 0"
+                )) || text.contains(&format!(
+                    "shardsync_values_converted_total{{shard=\"src:6379\",how=\"{how}\"}} 0"
+                )),
+                "{how}: {text}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_counter_bumped_by_its_event_is_exported() {
+        let status = one_of_each();
+        let shard = status.groups()[0].shards[0].clone();
+        shard_worker::events::CommandsFiltered { n: 3 }.emit(&shard.counters);
+        let text = render(&status);
+        assert!(
+            text.contains("shardsync_commands_filtered_total{shard=\"src:6379\"} 3"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn resident_memory_is_read() {
+        assert!(resident_memory_bytes() > 1024 * 1024);
+    }
 }

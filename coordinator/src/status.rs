@@ -179,24 +179,24 @@ impl TaskStatus {
                     source: s.source.clone(),
                     target: w.target.clone(),
                     state: w.shard_state(s).as_str(),
-                    offset: s.source_offset.load(Ordering::Relaxed),
+                    offset: s.counters.source_offset.get(),
                     applied_offset: s.applied().unwrap_or(0),
                     lag_ms: s.lag_ms(),
                     full_sync: FullSyncJson {
-                        keys: s.full_sync_keys.load(Ordering::Relaxed),
-                        bytes: s.full_sync_bytes.load(Ordering::Relaxed),
-                        total_bytes: s.full_sync_total_bytes.load(Ordering::Relaxed),
+                        keys: s.counters.full_sync_keys.get(),
+                        bytes: s.counters.full_sync_bytes.get(),
+                        total_bytes: s.counters.full_sync_total_bytes.get(),
                     },
                     heartbeat: HeartbeatJson {
                         stream_lag_ms,
                         applied_lag_ms,
                     },
                     values: ValuesJson {
-                        restamped: s.values_restamped.load(Ordering::Relaxed),
-                        rebuilt: s.values_rebuilt.load(Ordering::Relaxed),
-                        in_parts: s.big_values.load(Ordering::Relaxed),
-                        field_ttls_dropped: s.field_ttls_dropped.load(Ordering::Relaxed),
-                        consumers_dropped: s.consumers_dropped.load(Ordering::Relaxed),
+                        restamped: s.counters.values_restamped.get(),
+                        rebuilt: s.counters.values_rebuilt.get(),
+                        in_parts: s.counters.big_values.get(),
+                        field_ttls_dropped: s.counters.field_ttls_dropped.get(),
+                        consumers_dropped: s.counters.consumers_dropped.get(),
                     },
                 });
             }
@@ -204,7 +204,7 @@ impl TaskStatus {
                 targets.push(TargetJson {
                     target: t.target.clone(),
                     connected: t.connected.load(Ordering::Relaxed),
-                    commands_applied: t.commands_applied.load(Ordering::Relaxed),
+                    commands_applied: t.counters.commands_applied.get(),
                     errors: t.error_counts().iter().map(|(_, n)| n).sum(),
                 });
             }

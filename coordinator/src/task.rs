@@ -33,7 +33,7 @@ use shard_worker::source::{IntakeOptions, SourceArgs, SourceMsg, SourceWorker};
 use shard_worker::write::{
     Backoff, RetryPolicy, Writer, WriterArgs, WriterMsg, DEFAULT_QUEUE, DEFAULT_WINDOW,
 };
-use shard_worker::{Endpoint, Recovery, WorkerError};
+use shard_worker::{events, Endpoint, Recovery, WorkerError};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::checkpoint::{Checkpoint, CheckpointStore};
@@ -370,8 +370,8 @@ async fn spawn_writer(
             stats: handle.stats.clone(),
             retry: state.retry.clone(),
             window: DEFAULT_WINDOW,
-            target_caps: state.options.target_caps,
-            tmp_scope: format!("{}w{}", state.options.tmp_scope, handle.index),
+            target_caps: state.options.replay.target_caps,
+            tmp_scope: format!("{}w{}", state.options.replay.tmp_scope, handle.index),
         },
         myself.get_cell(),
     )
@@ -439,9 +439,10 @@ async fn spawn_source(
             router,
             stats: state.shards[shard].clone(),
             resume,
-            options: IntakeOptions {
-                tmp_scope: format!("{}s{shard}", state.options.tmp_scope),
-                ..state.options.clone()
+            options: {
+                let mut options = state.options.clone();
+                options.replay.tmp_scope = format!("{}s{shard}", options.replay.tmp_scope);
+                options
             },
             listening_port: state.listening_port,
         },
@@ -456,8 +457,8 @@ async fn spawn_source(
 /// Where a shard is, to tell whether it moved since an outage began.
 fn progress_marker(stats: &ShardStats) -> (u64, u64) {
     (
-        stats.commands_received.load(Ordering::Relaxed),
-        stats.full_syncs_loaded.load(Ordering::Relaxed),
+        stats.counters.commands_received.get(),
+        stats.counters.full_syncs_loaded.get(),
     )
 }
 
@@ -484,7 +485,7 @@ fn source_failed(
         );
     }
     stats.set_state(ShardState::Reconnecting);
-    stats.source_reconnects.fetch_add(1, Ordering::Relaxed);
+    events::SourceConnectionLost.emit(&stats.counters);
     let marker = progress_marker(&stats);
     let outage = &mut state.outages[shard];
     if outage.as_ref().is_some_and(|o| o.marker != marker) {
@@ -509,13 +510,13 @@ fn source_failed(
     }
     match outage.backoff.next_delay(&state.retry) {
         Some(delay) => {
-            tracing::warn!(
-                source = %stats.source,
-                error = %message,
-                retry_in_ms = delay.as_millis() as u64,
-                full_resync = full,
-                "source connection failed; retrying"
-            );
+            events::SourceRetry {
+                source: &stats.source,
+                error: &message,
+                retry_in: delay,
+                full_resync: full,
+            }
+            .emit();
             myself.send_after(delay, move || TaskMsg::Respawn { shard, full });
         }
         None => {

@@ -22,10 +22,16 @@
 //!   land.
 //! - [`heartbeat`]: the heartbeat key lag is measured with.
 //! - [`rebuild`], [`compat`]: values and commands for older targets.
+//! - [`replay`]: the replay rules: [`replay::Replay::step`] turns each
+//!   command of a stream into actions (send to a database / slot / every
+//!   node, rewrite, acknowledge, report), and the same rules place each
+//!   snapshot value; pure, so that every rule is tested with bytes in and
+//!   actions out.
 //!
 //! Data flows through these in this order: bytes from a source become RDB
-//! items or commands; items become RESTOREs; commands are classified by the
-//! command table and routed by slot; the results are RESP bytes for a target.
+//! items or commands; the replay rules decide, with the command table,
+//! filters, `split` and `rebuild`, what each becomes on the target; the
+//! results are RESP bytes for a target's writer.
 
 pub mod cluster;
 pub mod command;
@@ -34,6 +40,7 @@ pub mod filter;
 pub mod heartbeat;
 pub mod rdb;
 pub mod rebuild;
+pub mod replay;
 pub mod resp;
 pub mod restore;
 pub mod slot;

@@ -208,6 +208,72 @@ pub struct Loss {
     pub consumers: u64,
 }
 
+/// The key a value is rebuilt under, and how.
+#[derive(Clone, Copy, Debug)]
+pub struct Key<'a> {
+    pub key: &'a [u8],
+    /// Absolute expiry, Unix ms.
+    pub expire_ms: Option<i64>,
+    pub existing: Existing,
+    /// What the target's version can take.
+    pub caps: TargetCaps,
+}
+
+/// A whole value rebuilt as ordinary commands (in one MULTI/EXEC), and
+/// what it could not carry.
+#[derive(Debug)]
+pub struct Rebuilt {
+    pub key: Bytes,
+    pub commands: Commands,
+    pub loss: Loss,
+}
+
+/// The value a RESTORE carries, rebuilt as ordinary commands for a target
+/// that cannot read its payload. The one way a RESTORE is rebuilt, whether
+/// it came from the stream or a target refused it. `Ok(None)` for a module
+/// value, which only its module could rebuild; `Err` when the payload does
+/// not decode.
+pub fn rebuild_restore(
+    args: &crate::restore::RestoreArgs,
+    caps: TargetCaps,
+    tmp: impl FnOnce() -> Vec<u8>,
+    now_ms: i64,
+) -> Result<Option<Rebuilt>, String> {
+    let value = crate::restore::decode_payload(&args.payload)?;
+    if matches!(value, Value::Module { .. }) {
+        return Ok(None);
+    }
+    let existing = if args.replace {
+        Existing::Replace
+    } else {
+        Existing::Keep
+    };
+    let target = Key {
+        key: &args.key,
+        expire_ms: args.expire_ms,
+        existing,
+        caps,
+    };
+    Ok(Some(rebuild_value(target, &value, tmp, now_ms)))
+}
+
+/// A whole decoded value rebuilt as ordinary commands (see
+/// [`Rebuild::whole`]).
+pub fn rebuild_value(
+    target: Key<'_>,
+    value: &Value,
+    tmp: impl FnOnce() -> Vec<u8>,
+    now_ms: i64,
+) -> Rebuilt {
+    let mut commands = Commands::new();
+    let loss = Rebuild::whole(target, value, tmp, now_ms, &mut commands);
+    Rebuilt {
+        key: Bytes::copy_from_slice(target.key),
+        commands,
+        loss,
+    }
+}
+
 /// One value being rebuilt.
 pub struct Rebuild {
     key: Bytes,
@@ -227,17 +293,19 @@ pub struct Rebuild {
 impl Rebuild {
     /// Writes a whole value. `tmp` gives a temporary name in the key's slot
     /// (used under `Existing::Keep`); `now_ms` decides what has expired.
-    #[allow(clippy::too_many_arguments)]
     pub fn whole(
-        key: &[u8],
+        target: Key<'_>,
         value: &Value,
-        expire_ms: Option<i64>,
-        existing: Existing,
-        caps: TargetCaps,
         tmp: impl FnOnce() -> Vec<u8>,
         now_ms: i64,
         out: &mut Commands,
     ) -> Loss {
+        let Key {
+            key,
+            expire_ms,
+            existing,
+            caps,
+        } = target;
         if matches!(value, Value::Module { .. }) {
             // Only its module can make sense of it: nothing to write.
             return Loss::default();
@@ -298,22 +366,15 @@ impl Rebuild {
 
     /// Starts a value that comes in parts, built under `tmp` (a name in the
     /// key's slot that nothing else uses).
-    pub fn begin(
-        key: &[u8],
-        tmp: Vec<u8>,
-        expire_ms: Option<i64>,
-        existing: Existing,
-        caps: TargetCaps,
-        out: &mut Commands,
-    ) -> Rebuild {
+    pub fn begin(target: Key<'_>, tmp: Vec<u8>, out: &mut Commands) -> Rebuild {
         out.command(&[b"DEL", &tmp]);
         Rebuild {
-            key: Bytes::copy_from_slice(key),
+            key: Bytes::copy_from_slice(target.key),
             dest: tmp.clone(),
             tmp: Some(tmp),
-            expire_ms,
-            existing,
-            caps,
+            expire_ms: target.expire_ms,
+            existing: target.existing,
+            caps: target.caps,
             created: false,
             written: 0,
             loss: Loss::default(),

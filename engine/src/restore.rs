@@ -7,7 +7,8 @@
 
 use bytes::BytesMut;
 
-use crate::rdb::{Entry, CRC64};
+use crate::rdb::{Entry, ValueKind, CRC64};
+use crate::rebuild::TargetCaps;
 use crate::resp::encode;
 
 /// How RESTORE treats a key that already exists on the target.
@@ -110,6 +111,33 @@ pub fn restore_compat(t: u8, from: u16, target: u16) -> Option<bool> {
     (min <= target).then_some(true)
 }
 
+/// How a value reaches the target.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Carry {
+    /// RESTORE of the payload as is.
+    Restore,
+    /// RESTORE of the payload stamped with the target's RDB version (the
+    /// encoding is one the target reads).
+    Restamp,
+    /// Ordinary commands ([`crate::rebuild`]).
+    Rebuild,
+}
+
+/// How a value of RDB type `t`, serialized at RDB version `version` (a
+/// snapshot's entry, or a replicated RESTORE's payload), reaches a target
+/// with `caps`; `force_rewrite` rebuilds whatever can be rebuilt. Module
+/// values only ever go as RESTORE: only their module could rebuild one.
+pub fn carry(t: u8, version: u16, caps: TargetCaps, force_rewrite: bool) -> Carry {
+    let is_module = ValueKind::of_rdb_type(t) == Some(ValueKind::Module);
+    let force = force_rewrite && !is_module;
+    match restore_compat(t, version, caps.rdb_version()) {
+        Some(false) if !force => Carry::Restore,
+        Some(true) if !force => Carry::Restamp,
+        None if is_module => Carry::Restore,
+        _ => Carry::Rebuild,
+    }
+}
+
 /// The parts of a `RESTORE key ttl payload [REPLACE] [ABSTTL] [IDLETIME s]
 /// [FREQ f]` command.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -197,6 +225,20 @@ mod tests {
         assert_eq!(restore_compat(TYPE_STREAM_LISTPACKS_3, 11, 10), None);
         assert_eq!(restore_compat(TYPE_LIST_QUICKLIST_2, 12, 11), Some(true));
         assert_eq!(restore_compat(TYPE_HASH_LISTPACK_EX, 12, 11), None);
+    }
+
+    #[test]
+    fn carry_by_type_version_and_force() {
+        use crate::rdb::consts::*;
+        let v62 = TargetCaps::new(6, 2);
+        let v70 = TargetCaps::new(7, 0);
+        assert_eq!(carry(TYPE_HASH_LISTPACK, 10, v70, false), Carry::Restore);
+        assert_eq!(carry(TYPE_STRING, 10, v62, false), Carry::Restamp);
+        assert_eq!(carry(TYPE_HASH_LISTPACK, 10, v62, false), Carry::Rebuild);
+        assert_eq!(carry(TYPE_STRING, 10, v70, true), Carry::Rebuild);
+        // Module values: RESTORE whatever the versions or the option.
+        assert_eq!(carry(TYPE_MODULE_2, 10, v70, true), Carry::Restore);
+        assert_eq!(carry(TYPE_MODULE_2, 11, v62, true), Carry::Restamp);
     }
 
     #[test]

@@ -262,6 +262,29 @@ pub fn colocated_name(anchor: u16, scope: &str, n: u64) -> Vec<u8> {
     .into_bytes()
 }
 
+/// Temporary key names for one user (a shard's intake, a writer): each
+/// fresh, in the slot asked for.
+#[derive(Clone, Debug)]
+pub struct TmpNames {
+    scope: String,
+    used: u64,
+}
+
+impl TmpNames {
+    pub fn new(scope: impl Into<String>) -> TmpNames {
+        TmpNames {
+            scope: scope.into(),
+            used: 0,
+        }
+    }
+
+    /// A name in `slot` that nobody used before.
+    pub fn next(&mut self, slot: u16) -> Vec<u8> {
+        self.used += 1;
+        colocated_name(slot, &self.scope, self.used)
+    }
+}
+
 /// `cmd` with the arguments at `positions` replaced by `names`.
 pub fn with_args_replaced(cmd: &Command, positions: &[usize], names: &[Vec<u8>]) -> Command {
     let args: Vec<&[u8]> = cmd

@@ -1,14 +1,20 @@
-//! Telemetry: one struct per event; `emit` writes one structured log line
-//! and updates the counter that goes with it. Labels are the shard (source
-//! `host:port`) and the target node, never a key.
+//! Telemetry: one struct per event. `emit` writes its log line (if any)
+//! and bumps its counter (declared once in `progress.rs`, exported by the
+//! coordinator without naming it). Labels are the shard (source
+//! `host:port`) and the target node, never a key; events on the hot path
+//! are emitted per batch, not per command.
+//!
+//! Gauges that describe a state (queue depths, bytes waiting in a spill,
+//! the full sync's progress) are set where the state changes; everything
+//! that counts what happened goes through an event here.
 
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
+use engine::rebuild::Loss;
 use engine::resp::parse_command;
 
-use crate::progress::{ShardStats, WriterStats};
+use crate::progress::{ShardCounters, WriterCounters, WriterStats};
 
 /// Keeps a flood of identical warnings (say, a million WRONGTYPE replies)
 /// from drowning the log: at most `BURST` lines per `WINDOW`, then a count
@@ -61,13 +67,434 @@ pub fn describe_command(encoded: &[u8]) -> (String, String) {
     match parse_command(&mut buf) {
         Ok(Some(cmd)) => {
             let name = String::from_utf8_lossy(cmd.name()).to_uppercase();
-            let key = cmd
-                .get(1)
-                .map(|k| String::from_utf8_lossy(&k[..k.len().min(80)]).into_owned())
-                .unwrap_or_default();
+            let key = cmd.get(1).map(key_text).unwrap_or_default();
             (name, key)
         }
         _ => ("?".into(), String::new()),
+    }
+}
+
+fn key_text(key: &[u8]) -> String {
+    String::from_utf8_lossy(&key[..key.len().min(80)]).into_owned()
+}
+
+// ---------------------------------------------------------------- source
+
+/// A full sync began.
+pub struct FullSyncStarted<'a> {
+    pub source: &'a str,
+    pub replid: &'a str,
+    pub offset: u64,
+    pub transfer: &'a str,
+}
+
+impl FullSyncStarted<'_> {
+    pub fn emit(self, counters: &ShardCounters) {
+        counters.full_syncs.add(1);
+        tracing::info!(
+            source = self.source,
+            replid = self.replid,
+            offset = self.offset,
+            transfer = self.transfer,
+            "full sync started"
+        );
+    }
+}
+
+/// The whole RDB was read, handed to the writers and applied.
+pub struct FullSyncLoaded<'a> {
+    pub source: &'a str,
+    pub keys: u64,
+    pub bytes: u64,
+    pub elapsed: Duration,
+}
+
+impl FullSyncLoaded<'_> {
+    pub fn emit(self, counters: &ShardCounters) {
+        counters.full_syncs_loaded.add(1);
+        tracing::info!(
+            source = self.source,
+            keys = self.keys,
+            bytes = self.bytes,
+            secs = format!("{:.2}", self.elapsed.as_secs_f64()),
+            "RDB read; replaying the stream"
+        );
+    }
+}
+
+/// The source accepted a partial resync.
+pub struct PartialResync<'a> {
+    pub source: &'a str,
+    pub replid: &'a str,
+    pub offset: u64,
+}
+
+impl PartialResync<'_> {
+    pub fn emit(self, counters: &ShardCounters) {
+        counters.partial_syncs.add(1);
+        tracing::info!(
+            source = self.source,
+            replid = self.replid,
+            offset = self.offset,
+            "partial resync accepted; continuing the stream"
+        );
+    }
+}
+
+/// The link to a source master was lost (or could not be made).
+pub struct SourceConnectionLost;
+
+impl SourceConnectionLost {
+    pub fn emit(self, counters: &ShardCounters) {
+        counters.source_reconnects.add(1);
+    }
+}
+
+/// The link to a source master will be tried again after `retry_in`.
+pub struct SourceRetry<'a> {
+    pub source: &'a str,
+    pub error: &'a str,
+    pub retry_in: Duration,
+    pub full_resync: bool,
+}
+
+impl SourceRetry<'_> {
+    pub fn emit(self) {
+        tracing::warn!(
+            source = self.source,
+            error = self.error,
+            retry_in_ms = self.retry_in.as_millis() as u64,
+            full_resync = self.full_resync,
+            "source connection failed; retrying"
+        );
+    }
+}
+
+/// Commands read from the stream.
+pub struct CommandsReceived {
+    pub n: u64,
+}
+
+impl CommandsReceived {
+    pub fn emit(self, counters: &ShardCounters) {
+        counters.commands_received.add(self.n);
+    }
+}
+
+/// Commands dropped by design (other databases, PUBLISH, our heartbeat,
+/// keys left out).
+pub struct CommandsFiltered {
+    pub n: u64,
+}
+
+impl CommandsFiltered {
+    pub fn emit(self, counters: &ShardCounters) {
+        counters.commands_filtered.add(self.n);
+    }
+}
+
+/// A command from the source that cannot be replayed on the target.
+pub struct CommandNotReplayed<'a> {
+    pub source: &'a str,
+    pub command: &'a str,
+    pub reason: &'a str,
+}
+
+impl CommandNotReplayed<'_> {
+    pub fn emit(self, counters: &ShardCounters, limiter: &mut LogLimiter) {
+        counters.commands_unsupported.add(1);
+        if let Some(suppressed) = limiter.allow() {
+            tracing::error!(
+                source = self.source,
+                command = self.command,
+                reason = self.reason,
+                suppressed,
+                "command not replayed"
+            );
+        }
+    }
+}
+
+/// The source emptied databases (FLUSHALL / FLUSHDB), and so does the
+/// target. Always logged.
+pub struct SourceFlushed<'a> {
+    pub source: &'a str,
+    pub command: &'a str,
+    pub target_dbs: &'a str,
+}
+
+impl SourceFlushed<'_> {
+    pub fn emit(self, counters: &ShardCounters) {
+        counters.source_flushes.add(1);
+        tracing::warn!(
+            source = self.source,
+            command = self.command,
+            target_dbs = self.target_dbs,
+            "source ran a flush; replaying it on the target"
+        );
+    }
+}
+
+/// A multi-key command split into per-slot parts.
+pub struct CommandSplit;
+
+impl CommandSplit {
+    pub fn emit(self, counters: &ShardCounters) {
+        counters.commands_split.add(1);
+    }
+}
+
+/// A cross-slot command replaced by an equivalent.
+pub struct CommandRewritten;
+
+impl CommandRewritten {
+    pub fn emit(self, counters: &ShardCounters) {
+        counters.commands_rewritten.add(1);
+    }
+}
+
+/// A transaction whose keys span slots, applied per slot.
+pub struct TransactionSplit;
+
+impl TransactionSplit {
+    pub fn emit(self, counters: &ShardCounters) {
+        counters.transactions_split.add(1);
+    }
+}
+
+/// The intake waited for everything it dispatched to be confirmed.
+pub struct Barrier;
+
+impl Barrier {
+    pub fn emit(self, counters: &ShardCounters) {
+        counters.barriers.add(1);
+    }
+}
+
+/// A DUMP payload restamped with an older target's RDB version.
+pub struct ValueRestamped;
+
+impl ValueRestamped {
+    pub fn emit(self, counters: &ShardCounters) {
+        counters.values_restamped.add(1);
+    }
+}
+
+/// A value rebuilt with ordinary commands; what it lost is reported by
+/// [`FieldTtlsDropped`] and [`ConsumersDropped`].
+pub struct ValueRebuilt<'a> {
+    pub source: &'a str,
+    pub key: &'a [u8],
+    pub loss: Loss,
+}
+
+impl ValueRebuilt<'_> {
+    pub fn emit(self, counters: &ShardCounters, limiter: &mut LogLimiter) {
+        counters.values_rebuilt.add(1);
+        if self.loss.field_ttls > 0 {
+            FieldTtlsDropped {
+                source: self.source,
+                key: self.key,
+                fields: self.loss.field_ttls,
+            }
+            .emit(counters, limiter);
+        }
+        if self.loss.consumers > 0 {
+            ConsumersDropped {
+                source: self.source,
+                key: self.key,
+                consumers: self.loss.consumers,
+            }
+            .emit(counters, limiter);
+        }
+    }
+}
+
+/// Hash fields with a TTL went to a target without field TTLs (before
+/// 7.4): they were written without it.
+pub struct FieldTtlsDropped<'a> {
+    pub source: &'a str,
+    pub key: &'a [u8],
+    pub fields: u64,
+}
+
+impl FieldTtlsDropped<'_> {
+    pub fn emit(self, counters: &ShardCounters, limiter: &mut LogLimiter) {
+        counters.field_ttls_dropped.add(self.fields);
+        if let Some(suppressed) = limiter.allow() {
+            tracing::warn!(
+                source = self.source,
+                key = key_text(self.key),
+                fields = self.fields,
+                suppressed,
+                "hash field TTLs cannot be carried: the target predates Redis 7.4; fields written without TTL"
+            );
+        }
+    }
+}
+
+/// Stream consumers without pending entries went to a target before 6.2,
+/// which cannot create them: left out.
+pub struct ConsumersDropped<'a> {
+    pub source: &'a str,
+    pub key: &'a [u8],
+    pub consumers: u64,
+}
+
+impl ConsumersDropped<'_> {
+    pub fn emit(self, counters: &ShardCounters, limiter: &mut LogLimiter) {
+        counters.consumers_dropped.add(self.consumers);
+        if let Some(suppressed) = limiter.allow() {
+            tracing::warn!(
+                source = self.source,
+                key = key_text(self.key),
+                consumers = self.consumers,
+                suppressed,
+                "stream consumers without pending entries cannot be created before Redis 6.2; left out"
+            );
+        }
+    }
+}
+
+/// A value too big for one RESTORE is written in parts.
+pub struct BigValue<'a> {
+    pub source: &'a str,
+    pub key: &'a [u8],
+    pub kind: &'a str,
+}
+
+impl BigValue<'_> {
+    pub fn emit(self, counters: &ShardCounters) {
+        counters.big_values.add(1);
+        tracing::info!(
+            source = self.source,
+            key = key_text(self.key),
+            kind = self.kind,
+            "big value: writing it in parts"
+        );
+    }
+}
+
+/// The first value of a module type in a snapshot (reported once per type).
+pub struct ModuleValues<'a> {
+    pub source: &'a str,
+    pub module_type: &'a str,
+    pub module_id: u64,
+    pub key: &'a [u8],
+}
+
+impl ModuleValues<'_> {
+    pub fn emit(self) {
+        tracing::info!(
+            source = self.source,
+            module_type = self.module_type,
+            module_id = self.module_id,
+            key = key_text(self.key),
+            "module values are restored as they are: the target needs the same module loaded"
+        );
+    }
+}
+
+// ---------------------------------------------------------------- target
+
+/// A batch is about to be written to the target node: its commands are in
+/// flight until their replies are read.
+pub struct BatchInFlight {
+    pub commands: u64,
+}
+
+impl BatchInFlight {
+    pub fn emit(self, counters: &WriterCounters) {
+        counters.inflight_commands.add(self.commands);
+    }
+}
+
+/// Bytes written to the target node.
+pub struct BytesWritten {
+    pub bytes: u64,
+}
+
+impl BytesWritten {
+    pub fn emit(self, counters: &WriterCounters) {
+        counters.bytes_written.add(self.bytes);
+    }
+}
+
+/// A batch's replies are all in (its commands are no longer in flight).
+pub struct RepliesRead {
+    pub commands: u64,
+}
+
+impl RepliesRead {
+    pub fn emit(self, counters: &WriterCounters) {
+        counters.inflight_commands.sub(self.commands);
+    }
+}
+
+/// A batch was confirmed: its commands ran on the node.
+pub struct BatchConfirmed {
+    pub commands: u64,
+}
+
+impl BatchConfirmed {
+    pub fn emit(self, counters: &WriterCounters) {
+        counters.commands_applied.add(self.commands);
+        counters.batches_applied.add(1);
+    }
+}
+
+/// A RESTORE without REPLACE found the key (`--on-conflict skip`).
+pub struct KeySkipped;
+
+impl KeySkipped {
+    pub fn emit(self, counters: &WriterCounters) {
+        counters.keys_skipped.add(1);
+    }
+}
+
+/// The node said these commands live elsewhere (MOVED) or elsewhere for
+/// now (ASK); they were handed to the right writer.
+pub struct CommandsRedirected {
+    pub ask: bool,
+    pub commands: u64,
+}
+
+impl CommandsRedirected {
+    pub fn emit(self, counters: &WriterCounters) {
+        let counter = if self.ask {
+            &counters.asked
+        } else {
+            &counters.moved
+        };
+        counter.add(self.commands);
+    }
+}
+
+/// A working connection to the target node was lost.
+pub struct TargetConnectionLost;
+
+impl TargetConnectionLost {
+    pub fn emit(self, counters: &WriterCounters) {
+        counters.reconnects.add(1);
+    }
+}
+
+/// Connecting to the target node failed, or its connection was lost; the
+/// writer tries again after `retry_in`.
+pub struct TargetRetry<'a> {
+    pub target: &'a str,
+    pub error: &'a str,
+    pub retry_in: Duration,
+}
+
+impl TargetRetry<'_> {
+    pub fn emit(self) {
+        tracing::warn!(
+            target_node = self.target,
+            error = self.error,
+            retry_in_ms = self.retry_in.as_millis() as u64,
+            "target connection failed; retrying"
+        );
     }
 }
 
@@ -99,106 +526,6 @@ impl TargetCommandFailed<'_> {
     }
 }
 
-/// A command from the source that cannot be replayed on the target.
-pub struct CommandNotReplayed<'a> {
-    pub source: &'a str,
-    pub command: &'a str,
-    pub reason: &'a str,
-}
-
-impl CommandNotReplayed<'_> {
-    pub fn emit(self, stats: &ShardStats, limiter: &mut LogLimiter) {
-        stats.commands_unsupported.fetch_add(1, Ordering::Relaxed);
-        if let Some(suppressed) = limiter.allow() {
-            tracing::error!(
-                source = self.source,
-                command = self.command,
-                reason = self.reason,
-                suppressed,
-                "command not replayed"
-            );
-        }
-    }
-}
-
-/// The source emptied databases (FLUSHALL / FLUSHDB), and so does the
-/// target. Always logged.
-pub struct SourceFlushed<'a> {
-    pub source: &'a str,
-    pub command: &'a str,
-    pub target_dbs: &'a str,
-}
-
-impl SourceFlushed<'_> {
-    pub fn emit(self) {
-        tracing::warn!(
-            source = self.source,
-            command = self.command,
-            target_dbs = self.target_dbs,
-            "source ran a flush; replaying it on the target"
-        );
-    }
-}
-
-/// A full sync began.
-pub struct FullSyncStarted<'a> {
-    pub source: &'a str,
-    pub replid: &'a str,
-    pub offset: u64,
-    pub transfer: &'a str,
-}
-
-impl FullSyncStarted<'_> {
-    pub fn emit(self) {
-        tracing::info!(
-            source = self.source,
-            replid = self.replid,
-            offset = self.offset,
-            transfer = self.transfer,
-            "full sync started"
-        );
-    }
-}
-
-/// The whole RDB was read and handed to the writers.
-pub struct FullSyncRead<'a> {
-    pub source: &'a str,
-    pub keys: u64,
-    pub bytes: u64,
-    pub elapsed: Duration,
-}
-
-impl FullSyncRead<'_> {
-    pub fn emit(self) {
-        tracing::info!(
-            source = self.source,
-            keys = self.keys,
-            bytes = self.bytes,
-            secs = format!("{:.2}", self.elapsed.as_secs_f64()),
-            "RDB read; replaying the stream"
-        );
-    }
-}
-
-/// The source accepted a partial resync.
-pub struct PartialResync<'a> {
-    pub source: &'a str,
-    pub replid: &'a str,
-    pub offset: u64,
-}
-
-impl PartialResync<'_> {
-    pub fn emit(self, stats: &ShardStats) {
-        stats.partial_syncs.fetch_add(1, Ordering::Relaxed);
-        tracing::info!(
-            source = self.source,
-            replid = self.replid,
-            offset = self.offset,
-            "partial resync accepted; continuing the stream"
-        );
-    }
-}
-
 /// Commands sent before a lost connection, with no reply, were sent again.
 pub struct CommandsResent<'a> {
     pub target: &'a str,
@@ -207,13 +534,9 @@ pub struct CommandsResent<'a> {
 }
 
 impl CommandsResent<'_> {
-    pub fn emit(self, stats: &WriterStats) {
-        stats
-            .resent_commands
-            .fetch_add(self.commands, Ordering::Relaxed);
-        stats
-            .resent_non_idempotent
-            .fetch_add(self.non_idempotent, Ordering::Relaxed);
+    pub fn emit(self, counters: &WriterCounters) {
+        counters.resent_commands.add(self.commands);
+        counters.resent_non_idempotent.add(self.non_idempotent);
         if self.non_idempotent > 0 {
             tracing::warn!(
                 target_node = self.target,
@@ -231,51 +554,6 @@ impl CommandsResent<'_> {
     }
 }
 
-fn key_text(key: &[u8]) -> String {
-    String::from_utf8_lossy(&key[..key.len().min(80)]).into_owned()
-}
-
-/// A value too big for one RESTORE is written in parts. Counted by the
-/// caller (`big_values`).
-pub struct BigValue<'a> {
-    pub source: &'a str,
-    pub key: &'a [u8],
-    pub kind: &'a str,
-}
-
-impl BigValue<'_> {
-    pub fn emit(self) {
-        tracing::info!(
-            source = self.source,
-            key = key_text(self.key),
-            kind = self.kind,
-            "big value: writing it in parts"
-        );
-    }
-}
-
-/// Hash fields with a TTL went to a target without field TTLs (before
-/// 7.4): they were written without it. Counted by the caller.
-pub struct FieldTtlsDropped<'a> {
-    pub source: &'a str,
-    pub key: &'a [u8],
-    pub fields: u64,
-}
-
-impl FieldTtlsDropped<'_> {
-    pub fn emit(self, limiter: &mut LogLimiter) {
-        if let Some(suppressed) = limiter.allow() {
-            tracing::warn!(
-                source = self.source,
-                key = key_text(self.key),
-                fields = self.fields,
-                suppressed,
-                "hash field TTLs cannot be carried: the target predates Redis 7.4; fields written without TTL"
-            );
-        }
-    }
-}
-
 /// The target refused a RESTORE payload (a newer Redis wrote it), and the
 /// value was rebuilt with ordinary commands.
 pub struct RestoreRebuilt<'a> {
@@ -285,8 +563,8 @@ pub struct RestoreRebuilt<'a> {
 }
 
 impl RestoreRebuilt<'_> {
-    pub fn emit(self, stats: &WriterStats, limiter: &mut LogLimiter) {
-        stats.restores_rebuilt.fetch_add(1, Ordering::Relaxed);
+    pub fn emit(self, counters: &WriterCounters, limiter: &mut LogLimiter) {
+        counters.restores_rebuilt.add(1);
         if let Some(suppressed) = limiter.allow() {
             tracing::info!(
                 target_node = self.target,

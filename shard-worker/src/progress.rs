@@ -28,6 +28,9 @@ use std::time::Instant;
 
 use tokio::sync::Notify;
 
+use crate::clock::unix_ms;
+use crate::counters::Counter;
+
 /// The lifecycle of a shard, as `/status` names it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
@@ -74,11 +77,11 @@ impl ShardState {
 #[derive(Default, Debug)]
 pub struct SpillGauges {
     /// Bytes waiting in memory.
-    pub memory: AtomicU64,
+    pub memory: Counter,
     /// Bytes waiting in spill files.
-    pub on_disk: AtomicU64,
+    pub on_disk: Counter,
     /// Bytes ever written to spill files.
-    pub total: AtomicU64,
+    pub total: Counter,
 }
 
 /// The link between one shard and one writer.
@@ -94,7 +97,15 @@ struct Link {
     /// for a full-sync batch. Batches of one link confirm in order, so a
     /// plain store is right (and a full-sync batch correctly resets what an
     /// older sync left).
-    confirmed: Mutex<Option<(u64, u32)>>,
+    confirmed: Mutex<Option<StreamPos>>,
+}
+
+/// A position in a replication stream: the offset of the next byte, and
+/// the source database selected there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StreamPos {
+    pub offset: u64,
+    pub db: u32,
 }
 
 /// Where a shard can resume: the source's replication id, the offset of the
@@ -106,6 +117,85 @@ pub struct ResumePoint {
     pub db: u32,
 }
 
+impl ResumePoint {
+    pub fn pos(&self) -> StreamPos {
+        StreamPos {
+            offset: self.offset,
+            db: self.db,
+        }
+    }
+}
+
+crate::counters! {
+    /// The counters of one shard (one source master).
+    pub struct ShardCounters {
+        full_sync_keys: Counter "full_sync_keys_total" =
+            "Keys read from the source's RDB in the current full sync.",
+        full_sync_bytes: Counter "full_sync_bytes_total" = "RDB bytes read in the current full sync.",
+        full_sync_total_bytes: Gauge "full_sync_total_bytes" =
+            "Announced RDB size (0 when the transfer is diskless).",
+        full_syncs: Counter "full_syncs_total" = "Full syncs started.",
+        full_syncs_loaded: Counter "full_syncs_loaded_total" =
+            "Full syncs whose RDB was read to the end and applied.",
+        partial_syncs: Counter "partial_resyncs_total" = "Partial resyncs accepted by the source.",
+        source_offset: Gauge "source_offset_bytes" = "Replication offset read from the source.",
+        commands_received: Counter "commands_received_total" =
+            "Commands read from the replication stream.",
+        commands_filtered: Counter "commands_filtered_total" =
+            "Commands not replayed by design (other databases, PUBLISH).",
+        commands_unsupported: Counter "commands_unsupported_total" =
+            "Commands that could not be replayed (logged as errors).",
+        source_reconnects: Counter "source_reconnects_total" = "Source connections lost and retried.",
+        source_flushes: Counter "source_flushes_total" =
+            "FLUSHALL / FLUSHDB run on the source and replayed on the target.",
+        commands_split: Counter "commands_split_total" =
+            "Multi-key commands split into per-slot parts (cluster targets).",
+        commands_rewritten: Counter "commands_rewritten_total" =
+            "Cross-slot commands replaced by an equivalent (cluster targets).",
+        transactions_split: Counter "transactions_split_total" =
+            "Transactions whose keys span slots, applied per slot.",
+        barriers: Counter "barriers_total" =
+            "Waits for everything dispatched to be confirmed (slot moves, rewrites).",
+        values_restamped: Counter "values_converted_total" {"how" = "restamped"} =
+            "RDB values not sent as a plain RESTORE, by how: restamped (payload stamped with an older target's RDB version), rebuilt (ordinary commands), in_parts (big values, written in bounded parts).",
+        values_rebuilt: Counter "values_converted_total" {"how" = "rebuilt"} =
+            "RDB values (and replicated RESTOREs) rebuilt with ordinary commands.",
+        big_values: Counter "values_converted_total" {"how" = "in_parts"} =
+            "Values big enough to be written in parts.",
+        field_ttls_dropped: Counter "field_ttls_dropped_total" =
+            "Hash fields written without their TTL (the target predates Redis 7.4).",
+        consumers_dropped: Counter "stream_consumers_dropped_total" =
+            "Stream consumers without pending entries left out (the target predates Redis 6.2).",
+    }
+}
+
+crate::counters! {
+    /// The counters of one writer (one target node).
+    pub struct WriterCounters {
+        commands_applied: Counter "commands_applied_total" = "Commands confirmed by the target node.",
+        batches_applied: Counter "target_batches_applied_total" = "Batches confirmed by the target node.",
+        bytes_written: Counter "target_written_bytes_total" = "Bytes written to the target node.",
+        inflight_commands: Gauge "target_inflight_commands" =
+            "Commands written and waiting for their reply.",
+        queued_batches: Gauge "target_queued_batches" = "Batches waiting in the writer's queue.",
+        overflow_batches: Gauge "target_overflow_batches" =
+            "Batches waiting in the writer's overflow (its queue was full).",
+        keys_skipped: Counter "keys_skipped_total" =
+            "Keys kept as the target had them (--on-conflict skip).",
+        restores_rebuilt: Counter "target_restores_rebuilt_total" =
+            "RESTOREs the target node refused (payload from a newer Redis), rebuilt with ordinary commands.",
+        moved: Counter "target_redirects_total" {"kind" = "moved"} =
+            "Commands a target node redirected (MOVED or ASK), by kind.",
+        asked: Counter "target_redirects_total" {"kind" = "ask"} =
+            "Commands a target node redirected for now (ASK).",
+        reconnects: Counter "target_reconnects_total" = "Target connections lost and retried.",
+        resent_commands: Counter "target_resent_commands_total" =
+            "Commands resent after a lost connection.",
+        resent_non_idempotent: Counter "target_resent_non_idempotent_total" =
+            "Resent commands that may have run twice.",
+    }
+}
+
 /// Counters and progress of one shard (one source master).
 pub struct ShardStats {
     /// `host:port` of the source master.
@@ -115,48 +205,14 @@ pub struct ShardStats {
     /// Where everything read was handed to writers: (offset, source db),
     /// published together; `None` while a full sync is being loaded.
     /// Offsets start at 0 on a fresh master, so 0 is a real position.
-    processed: Mutex<Option<(u64, u32)>>,
-    /// Offset of the stream read so far (status shows it).
-    pub source_offset: AtomicU64,
+    processed: Mutex<Option<StreamPos>>,
     /// Replication id of the current sync, and the database selected at
     /// `processed` (together: the resume point).
     replid: Mutex<String>,
     /// The targets already hold this shard's data (a checkpoint of an
     /// earlier run): a full sync must replace what it finds.
     pub ours: AtomicBool,
-    /// Full syncs whose RDB was read to the end.
-    pub full_syncs_loaded: AtomicU64,
-    pub full_sync_keys: AtomicU64,
-    pub full_sync_bytes: AtomicU64,
-    /// Size of the RDB transfer when the source announced it (disk-based
-    /// transfers); 0 when unknown (diskless).
-    pub full_sync_total_bytes: AtomicU64,
-    pub full_syncs: AtomicU64,
-    pub partial_syncs: AtomicU64,
-    pub commands_received: AtomicU64,
-    pub commands_filtered: AtomicU64,
-    pub commands_unsupported: AtomicU64,
-    /// Multi-key commands split into per-slot parts (cluster targets).
-    pub commands_split: AtomicU64,
-    /// Commands rewritten into a slot-respecting equivalent.
-    pub commands_rewritten: AtomicU64,
-    /// Transactions that could not stay whole (keys in several slots).
-    pub transactions_split: AtomicU64,
-    /// Waits for every dispatched batch to be confirmed (slot map changes,
-    /// rewrites).
-    pub barriers: AtomicU64,
-    pub source_reconnects: AtomicU64,
-    /// RDB values whose DUMP payload was restamped with the (older)
-    /// target's RDB version.
-    pub values_restamped: AtomicU64,
-    /// RDB values (and replicated RESTOREs) rebuilt with ordinary commands.
-    pub values_rebuilt: AtomicU64,
-    /// Values big enough to be written in parts.
-    pub big_values: AtomicU64,
-    /// Hash fields written without their TTL (the target predates 7.4).
-    pub field_ttls_dropped: AtomicU64,
-    /// Stream consumers without pending entries left out (target before 6.2).
-    pub consumers_dropped: AtomicU64,
+    pub counters: ShardCounters,
     /// Stream bytes read from the source and not yet parsed.
     pub stream_spill: Arc<SpillGauges>,
     /// (offset, when it was read), to measure how long unapplied data waits.
@@ -182,12 +238,6 @@ struct HeartbeatLag {
     pending: VecDeque<(u64, i64)>,
 }
 
-fn unix_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
-
 /// At most this many lag samples are kept; beyond it the newest is replaced,
 /// so the oldest unapplied time stays exact.
 const MAX_SAMPLES: usize = 8192;
@@ -199,28 +249,9 @@ impl ShardStats {
             state: AtomicU8::new(ShardState::Prechecking as u8),
             links: (0..n_writers).map(|_| Link::default()).collect(),
             processed: Mutex::new(None),
-            source_offset: AtomicU64::new(0),
             replid: Mutex::new(String::new()),
             ours: AtomicBool::new(false),
-            full_syncs_loaded: AtomicU64::new(0),
-            full_sync_keys: AtomicU64::new(0),
-            full_sync_bytes: AtomicU64::new(0),
-            full_sync_total_bytes: AtomicU64::new(0),
-            full_syncs: AtomicU64::new(0),
-            partial_syncs: AtomicU64::new(0),
-            commands_received: AtomicU64::new(0),
-            commands_filtered: AtomicU64::new(0),
-            commands_unsupported: AtomicU64::new(0),
-            commands_split: AtomicU64::new(0),
-            commands_rewritten: AtomicU64::new(0),
-            transactions_split: AtomicU64::new(0),
-            barriers: AtomicU64::new(0),
-            source_reconnects: AtomicU64::new(0),
-            values_restamped: AtomicU64::new(0),
-            values_rebuilt: AtomicU64::new(0),
-            big_values: AtomicU64::new(0),
-            field_ttls_dropped: AtomicU64::new(0),
-            consumers_dropped: AtomicU64::new(0),
+            counters: ShardCounters::default(),
             stream_spill: Arc::new(SpillGauges::default()),
             samples: Mutex::new(VecDeque::new()),
             heartbeat: Mutex::new(HeartbeatLag::default()),
@@ -241,27 +272,32 @@ impl ShardStats {
     pub fn begin_full_sync(&self, replid: &str, offset: u64, total_bytes: u64) {
         *self.replid.lock().expect("replid lock") = replid.to_string();
         *self.processed.lock().expect("processed lock") = None;
-        self.source_offset.store(offset, Ordering::Release);
-        self.full_sync_keys.store(0, Ordering::Relaxed);
-        self.full_sync_bytes.store(0, Ordering::Relaxed);
-        self.full_sync_total_bytes
-            .store(total_bytes, Ordering::Relaxed);
-        self.full_syncs.fetch_add(1, Ordering::Relaxed);
+        let c = &self.counters;
+        c.source_offset.set(offset);
+        c.full_sync_keys.set(0);
+        c.full_sync_bytes.set(0);
+        c.full_sync_total_bytes.set(total_bytes);
         self.samples.lock().expect("samples lock").clear();
         self.set_state(ShardState::FullSync);
     }
 
-    /// The stream continues from `offset` (after a full sync's RDB, or a
-    /// partial resync). Everything dispatched before is fenced off: the
-    /// stream is resumable only once all of it is confirmed.
-    pub fn begin_incremental(&self, replid: &str, offset: u64, db: u32) {
+    /// How far the current full sync has read: keys and RDB bytes.
+    pub fn full_sync_progress(&self, keys: u64, bytes: u64) {
+        self.counters.full_sync_keys.set(keys);
+        self.counters.full_sync_bytes.set(bytes);
+    }
+
+    /// The stream continues at `at` (after a full sync's RDB, or a partial
+    /// resync). Everything dispatched before is fenced off: the stream is
+    /// resumable only once all of it is confirmed.
+    pub fn begin_incremental(&self, replid: &str, at: StreamPos) {
         for link in self.links.iter() {
             link.fence
                 .store(link.dispatched_seq.load(Ordering::SeqCst), Ordering::SeqCst);
         }
         *self.replid.lock().expect("replid lock") = replid.to_string();
-        self.source_offset.store(offset, Ordering::Release);
-        *self.processed.lock().expect("processed lock") = Some((offset, db));
+        self.counters.source_offset.set(at.offset);
+        *self.processed.lock().expect("processed lock") = Some(at);
         self.set_state(ShardState::Incremental);
     }
 
@@ -269,8 +305,8 @@ impl ShardStats {
     /// where the shard resumes (a failed first attempt retries from it).
     pub fn seed(&self, point: &ResumePoint) {
         *self.replid.lock().expect("replid lock") = point.replid.clone();
-        *self.processed.lock().expect("processed lock") = Some((point.offset, point.db));
-        self.source_offset.store(point.offset, Ordering::Release);
+        *self.processed.lock().expect("processed lock") = Some(point.pos());
+        self.counters.source_offset.set(point.offset);
     }
 
     /// Records that a batch was handed to writer `w`.
@@ -278,10 +314,9 @@ impl ShardStats {
         self.links[w].dispatched_seq.fetch_add(1, Ordering::SeqCst);
     }
 
-    /// Called by writer `w` when a batch ending at `end` (offset, source db)
-    /// is confirmed; `None` marks a full-sync batch, which makes nothing
-    /// resumable.
-    pub fn note_confirmed(&self, w: usize, end: Option<(u64, u32)>) {
+    /// Called by writer `w` when a batch ending at `end` is confirmed;
+    /// `None` marks a full-sync batch, which makes nothing resumable.
+    pub fn note_confirmed(&self, w: usize, end: Option<StreamPos>) {
         let link = &self.links[w];
         *link.confirmed.lock().expect("link lock") = end;
         link.confirmed_seq.fetch_add(1, Ordering::SeqCst);
@@ -361,23 +396,23 @@ impl ShardStats {
         self.links.len()
     }
 
-    /// Publishes that everything up to `offset` has been dispatched, with
-    /// `db` selected at that point.
-    pub fn publish_processed(&self, offset: u64, db: u32) {
-        *self.processed.lock().expect("processed lock") = Some((offset, db));
+    /// Publishes that everything up to `at` has been dispatched.
+    pub fn publish_processed(&self, at: StreamPos) {
+        *self.processed.lock().expect("processed lock") = Some(at);
         self.settle_heartbeats();
         let mut samples = self.samples.lock().expect("samples lock");
-        if samples.back().is_none_or(|&(o, _)| o < offset) {
+        if samples.back().is_none_or(|&(o, _)| o < at.offset) {
             if samples.len() >= MAX_SAMPLES {
                 samples.pop_back();
             }
-            samples.push_back((offset, Instant::now()));
+            samples.push_back((at.offset, Instant::now()));
         }
     }
 
-    /// The offset up to which everything read is confirmed by the targets,
-    /// with the source db selected at that offset.
-    fn applied_point(&self) -> Option<(u64, u32)> {
+    /// The position up to which everything read is confirmed by the
+    /// targets. It reads `processed` before the per-link counters, and each
+    /// position under its own short lock.
+    fn applied_point(&self) -> Option<StreamPos> {
         let mut point = (*self.processed.lock().expect("processed lock"))?;
         for link in self.links.iter() {
             let dispatched = link.dispatched_seq.load(Ordering::SeqCst);
@@ -387,7 +422,7 @@ impl ShardStats {
             }
             if confirmed < dispatched {
                 let held = (*link.confirmed.lock().expect("link lock"))?;
-                if held.0 < point.0 {
+                if held.offset < point.offset {
                     point = held;
                 }
             }
@@ -398,7 +433,7 @@ impl ShardStats {
     /// The offset up to which everything read is confirmed by the targets;
     /// `None` while a full sync is not yet wholly applied.
     pub fn applied(&self) -> Option<u64> {
-        self.applied_point().map(|p| p.0)
+        self.applied_point().map(|p| p.offset)
     }
 
     /// Whether every dispatched batch is confirmed.
@@ -411,7 +446,18 @@ impl ShardStats {
     /// The offset we have read and handed over (what the first ACK after a
     /// full sync reports); `None` during a full sync.
     pub fn processed(&self) -> Option<u64> {
-        self.processed.lock().expect("processed lock").map(|p| p.0)
+        self.processed
+            .lock()
+            .expect("processed lock")
+            .map(|p| p.offset)
+    }
+
+    fn point_of(&self, pos: StreamPos) -> ResumePoint {
+        ResumePoint {
+            replid: self.replid.lock().expect("replid lock").clone(),
+            offset: pos.offset,
+            db: pos.db,
+        }
     }
 
     /// Where a restart could continue, if anything is resumable.
@@ -419,9 +465,7 @@ impl ShardStats {
         if self.state() == ShardState::FullSync {
             return None;
         }
-        let (offset, db) = self.applied_point()?;
-        let replid = self.replid.lock().expect("replid lock").clone();
-        Some(ResumePoint { replid, offset, db })
+        Some(self.point_of(self.applied_point()?))
     }
 
     /// Where a new connection continues after a lost one: right after what
@@ -431,9 +475,8 @@ impl ShardStats {
         if self.state() == ShardState::FullSync {
             return None;
         }
-        let (offset, db) = (*self.processed.lock().expect("processed lock"))?;
-        let replid = self.replid.lock().expect("replid lock").clone();
-        Some(ResumePoint { replid, offset, db })
+        let pos = (*self.processed.lock().expect("processed lock"))?;
+        Some(self.point_of(pos))
     }
 
     /// Milliseconds the oldest unapplied command has waited since it was
@@ -456,33 +499,16 @@ impl ShardStats {
     }
 }
 
-/// Counters of one writer (one target node).
+/// Counters and state of one writer (one target node).
 pub struct WriterStats {
     /// `host:port` of the target node.
     pub target: String,
     pub connected: AtomicBool,
-    pub commands_applied: AtomicU64,
-    pub batches_applied: AtomicU64,
-    pub bytes_written: AtomicU64,
-    pub inflight_commands: AtomicU64,
-    /// Batches handed to the writer's queue and not yet taken from it.
-    pub queued_batches: AtomicU64,
+    pub counters: WriterCounters,
     /// Batches that did not fit in the queue, waiting in the overflow.
     pub overflow: Arc<SpillGauges>,
-    pub overflow_batches: AtomicU64,
-    pub keys_skipped: AtomicU64,
-    /// RESTOREs the node refused (payload from a newer Redis) and that were
-    /// rebuilt with ordinary commands.
-    pub restores_rebuilt: AtomicU64,
-    /// Commands the node said live elsewhere (MOVED) or elsewhere for now
-    /// (ASK), handed to the right writer.
-    pub moved: AtomicU64,
-    pub asked: AtomicU64,
-    pub reconnects: AtomicU64,
-    pub resent_commands: AtomicU64,
-    pub resent_non_idempotent: AtomicU64,
     /// Error replies by code (`WRONGTYPE`, `ERR`, ...).
-    pub errors: Mutex<std::collections::BTreeMap<String, u64>>,
+    errors: Mutex<std::collections::BTreeMap<String, u64>>,
 }
 
 impl WriterStats {
@@ -490,20 +516,8 @@ impl WriterStats {
         WriterStats {
             target: target.into(),
             connected: AtomicBool::new(false),
-            commands_applied: AtomicU64::new(0),
-            batches_applied: AtomicU64::new(0),
-            bytes_written: AtomicU64::new(0),
-            inflight_commands: AtomicU64::new(0),
-            queued_batches: AtomicU64::new(0),
+            counters: WriterCounters::default(),
             overflow: Arc::new(SpillGauges::default()),
-            overflow_batches: AtomicU64::new(0),
-            keys_skipped: AtomicU64::new(0),
-            restores_rebuilt: AtomicU64::new(0),
-            moved: AtomicU64::new(0),
-            asked: AtomicU64::new(0),
-            reconnects: AtomicU64::new(0),
-            resent_commands: AtomicU64::new(0),
-            resent_non_idempotent: AtomicU64::new(0),
             errors: Mutex::new(Default::default()),
         }
     }
@@ -531,31 +545,35 @@ impl WriterStats {
 mod tests {
     use super::*;
 
+    fn pos(offset: u64, db: u32) -> StreamPos {
+        StreamPos { offset, db }
+    }
+
     #[test]
     fn applied_waits_for_every_writer() {
         let s = ShardStats::new("src:1", 2);
-        s.begin_incremental("r", 100, 0);
+        s.begin_incremental("r", pos(100, 0));
         assert_eq!(s.applied(), Some(100));
 
         s.note_dispatched(0);
         s.note_dispatched(1);
-        s.publish_processed(150, 0);
+        s.publish_processed(pos(150, 0));
         assert_eq!(
             s.applied(),
             None,
             "nothing since the sync began is confirmed yet"
         );
 
-        s.note_confirmed(0, Some((150, 0)));
+        s.note_confirmed(0, Some(pos(150, 0)));
         assert_eq!(s.applied(), None, "writer 1 still holds the shard back");
-        s.note_confirmed(1, Some((150, 0)));
+        s.note_confirmed(1, Some(pos(150, 0)));
         assert_eq!(s.applied(), Some(150));
 
         // A writer that received nothing new does not hold the shard back.
         s.note_dispatched(0);
-        s.publish_processed(200, 0);
+        s.publish_processed(pos(200, 0));
         assert_eq!(s.applied(), Some(150));
-        s.note_confirmed(0, Some((200, 0)));
+        s.note_confirmed(0, Some(pos(200, 0)));
         assert_eq!(s.applied(), Some(200));
         assert!(s.drained());
     }
@@ -570,7 +588,7 @@ mod tests {
         assert_eq!(s.applied(), None);
         assert_eq!(s.resume_point(), None);
         // The RDB is fully dispatched; one batch is still outstanding.
-        s.begin_incremental("r", 0, 0);
+        s.begin_incremental("r", pos(0, 0));
         assert_eq!(s.applied(), None);
         s.note_confirmed(0, None);
         // A fresh master starts at offset 0, which is a real position.
@@ -588,25 +606,25 @@ mod tests {
     #[test]
     fn lag_is_the_age_of_the_oldest_unapplied_read() {
         let s = ShardStats::new("src:1", 1);
-        s.begin_incremental("r", 10, 0);
+        s.begin_incremental("r", pos(10, 0));
         assert_eq!(s.lag_ms(), 0);
         s.note_dispatched(0);
-        s.publish_processed(20, 0);
+        s.publish_processed(pos(20, 0));
         std::thread::sleep(std::time::Duration::from_millis(30));
         assert!(s.lag_ms() >= 30);
-        s.note_confirmed(0, Some((20, 0)));
+        s.note_confirmed(0, Some(pos(20, 0)));
         assert_eq!(s.lag_ms(), 0);
     }
 
     #[test]
     fn resume_point_carries_the_db_of_the_applied_offset() {
         let s = ShardStats::new("src:1", 1);
-        s.begin_incremental("r", 10, 0);
+        s.begin_incremental("r", pos(10, 0));
         s.note_dispatched(0);
-        s.publish_processed(20, 3);
-        s.note_confirmed(0, Some((20, 3)));
+        s.publish_processed(pos(20, 3));
+        s.note_confirmed(0, Some(pos(20, 3)));
         s.note_dispatched(0);
-        s.publish_processed(30, 5);
+        s.publish_processed(pos(30, 5));
         // The batch up to 30 (db 5) is still outstanding: resume at 20, db 3.
         let p = s.resume_point().unwrap();
         assert_eq!((p.offset, p.db), (20, 3));
@@ -617,13 +635,13 @@ mod tests {
         // The review's scenario: old history at 900, a new sync at 50 whose
         // RESTOREs are still queued when the stream begins.
         let s = ShardStats::new("src:1", 1);
-        s.begin_incremental("old", 10, 0);
+        s.begin_incremental("old", pos(10, 0));
         s.note_dispatched(0);
-        s.publish_processed(900, 0);
-        s.note_confirmed(0, Some((900, 0)));
+        s.publish_processed(pos(900, 0));
+        s.note_confirmed(0, Some(pos(900, 0)));
         s.begin_full_sync("new", 50, 0);
         s.note_dispatched(0);
-        s.begin_incremental("new", 50, 0);
+        s.begin_incremental("new", pos(50, 0));
         assert_eq!(s.applied(), None);
         assert_eq!(s.resume_point(), None);
         s.note_confirmed(0, None);
@@ -646,15 +664,15 @@ mod tests {
     #[test]
     fn a_new_full_sync_forgets_the_old_history() {
         let s = ShardStats::new("src:1", 1);
-        s.begin_incremental("old", 10, 0);
+        s.begin_incremental("old", pos(10, 0));
         s.note_dispatched(0);
-        s.publish_processed(900, 0);
-        s.note_confirmed(0, Some((900, 0)));
+        s.publish_processed(pos(900, 0));
+        s.note_confirmed(0, Some(pos(900, 0)));
         s.begin_full_sync("new", 50, 0);
         s.note_dispatched(0);
         s.note_dispatched(0);
         s.note_confirmed(0, None);
-        s.begin_incremental("new", 50, 0);
+        s.begin_incremental("new", pos(50, 0));
         // One RESTORE batch is outstanding: nothing of "new" is resumable,
         // and the old offset 900 must not be paired with "new".
         assert_eq!(s.resume_point(), None);

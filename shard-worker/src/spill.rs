@@ -14,7 +14,6 @@ use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -112,9 +111,7 @@ impl Spill {
         if state.segments.is_empty() && state.memory_bytes + len <= self.memory_limit {
             state.memory_bytes += len;
             state.memory.push_back(chunk);
-            self.gauges
-                .memory
-                .store(state.memory_bytes as u64, Ordering::Relaxed);
+            self.gauges.memory.set(state.memory_bytes as u64);
         } else {
             let need_new = state
                 .segments
@@ -147,8 +144,8 @@ impl Spill {
                 .and_then(|_| seg.file.write_all(&chunk))
                 .map_err(|e| self.disk_error("writing a spill file", e))?;
             seg.written += len as u64;
-            self.gauges.on_disk.fetch_add(len as u64, Ordering::Relaxed);
-            self.gauges.total.fetch_add(len as u64, Ordering::Relaxed);
+            self.gauges.on_disk.add(len as u64);
+            self.gauges.total.add(len as u64);
         }
         drop(state);
         self.readable.notify_one();
@@ -189,9 +186,7 @@ impl Spill {
         let mut state = self.state.lock().expect("spill lock");
         if let Some(chunk) = state.memory.pop_front() {
             state.memory_bytes -= chunk.len();
-            self.gauges
-                .memory
-                .store(state.memory_bytes as u64, Ordering::Relaxed);
+            self.gauges.memory.set(state.memory_bytes as u64);
             return Ok(Some(chunk));
         }
         while let Some(seg) = state.segments.front_mut() {
@@ -203,7 +198,7 @@ impl Spill {
                     .and_then(|_| seg.file.read_exact(&mut buf))
                     .map_err(|e| self.disk_error("reading a spill file", e))?;
                 seg.read += n as u64;
-                self.gauges.on_disk.fetch_sub(n as u64, Ordering::Relaxed);
+                self.gauges.on_disk.sub(n as u64);
                 return Ok(Some(Bytes::from(buf)));
             }
             // Consumed. The producer writes only to the last segment; once
@@ -225,8 +220,8 @@ impl Drop for Spill {
                 let _ = std::fs::remove_file(&seg.path);
             }
         }
-        self.gauges.on_disk.store(0, Ordering::Relaxed);
-        self.gauges.memory.store(0, Ordering::Relaxed);
+        self.gauges.on_disk.set(0);
+        self.gauges.memory.set(0);
     }
 }
 
@@ -262,7 +257,7 @@ mod tests {
                 expected.drain(..got.len());
             }
         }
-        assert!(stats.total.load(Ordering::Relaxed) > 0);
+        assert!(stats.total.get() > 0);
         spill.finish(WorkerError::Closed {
             addr: "x".into(),
             context: "test",
@@ -276,7 +271,7 @@ mod tests {
             }
         }
         assert_eq!(rest, expected);
-        assert_eq!(stats.on_disk.load(Ordering::Relaxed), 0);
+        assert_eq!(stats.on_disk.get(), 0);
         let left: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
         assert!(left.is_empty(), "consumed spill files are removed");
         drop(spill);

@@ -7,62 +7,54 @@
 //! table describe `MSET k v k v`, `ZUNIONSTORE dst 2 a b WEIGHTS ...` and
 //! `SORT k ... STORE dst` without a special case per command.
 
-/// A set of command flags, as `COMMAND INFO` reports them (the ones we use).
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub struct CmdFlags(u16);
-
-impl CmdFlags {
-    pub const NONE: CmdFlags = CmdFlags(0);
-    pub const WRITE: CmdFlags = CmdFlags(1 << 0);
-    pub const READONLY: CmdFlags = CmdFlags(1 << 1);
-    pub const DENYOOM: CmdFlags = CmdFlags(1 << 2);
-    pub const ADMIN: CmdFlags = CmdFlags(1 << 3);
-    pub const PUBSUB: CmdFlags = CmdFlags(1 << 4);
-    pub const NOSCRIPT: CmdFlags = CmdFlags(1 << 5);
-    pub const BLOCKING: CmdFlags = CmdFlags(1 << 6);
-    pub const MOVABLE_KEYS: CmdFlags = CmdFlags(1 << 7);
-    pub const FAST: CmdFlags = CmdFlags(1 << 8);
-
-    pub const fn union(self, other: CmdFlags) -> CmdFlags {
-        CmdFlags(self.0 | other.0)
-    }
-
-    pub const fn contains(self, other: CmdFlags) -> bool {
-        self.0 & other.0 == other.0
+bitflags::bitflags! {
+    /// A set of command flags, as `COMMAND INFO` reports them (the ones we use).
+    #[derive(Clone, Copy, PartialEq, Eq, Debug)]
+    pub struct CmdFlags: u16 {
+        const WRITE = 1 << 0;
+        const READONLY = 1 << 1;
+        const DENYOOM = 1 << 2;
+        const ADMIN = 1 << 3;
+        const PUBSUB = 1 << 4;
+        const NOSCRIPT = 1 << 5;
+        const BLOCKING = 1 << 6;
+        const MOVABLE_KEYS = 1 << 7;
+        const FAST = 1 << 8;
     }
 }
 
-/// Flags of one key spec: how the command treats the keys it finds.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub struct KeyFlags(u16);
+impl CmdFlags {
+    /// No flag (the generated table's spelling of `empty()`).
+    pub const NONE: CmdFlags = CmdFlags::empty();
+}
+
+bitflags::bitflags! {
+    /// Flags of one key spec: how the command treats the keys it finds.
+    #[derive(Clone, Copy, PartialEq, Eq, Debug)]
+    pub struct KeyFlags: u16 {
+        /// Read only.
+        const RO = 1 << 0;
+        /// Read and write.
+        const RW = 1 << 1;
+        /// Overwritten without being read (a destination).
+        const OW = 1 << 2;
+        /// Deleted.
+        const RM = 1 << 3;
+        const INSERT = 1 << 4;
+        const DELETE = 1 << 5;
+        const UPDATE = 1 << 6;
+        const ACCESS = 1 << 7;
+        /// The argument is not a key name (e.g. a pattern), though it routes like one.
+        const NOT_KEY = 1 << 8;
+        /// The spec may not find every key; the server falls back to custom code.
+        const INCOMPLETE = 1 << 9;
+        const VARIABLE_FLAGS = 1 << 10;
+    }
+}
 
 impl KeyFlags {
-    pub const NONE: KeyFlags = KeyFlags(0);
-    /// Read only.
-    pub const RO: KeyFlags = KeyFlags(1 << 0);
-    /// Read and write.
-    pub const RW: KeyFlags = KeyFlags(1 << 1);
-    /// Overwritten without being read (a destination).
-    pub const OW: KeyFlags = KeyFlags(1 << 2);
-    /// Deleted.
-    pub const RM: KeyFlags = KeyFlags(1 << 3);
-    pub const INSERT: KeyFlags = KeyFlags(1 << 4);
-    pub const DELETE: KeyFlags = KeyFlags(1 << 5);
-    pub const UPDATE: KeyFlags = KeyFlags(1 << 6);
-    pub const ACCESS: KeyFlags = KeyFlags(1 << 7);
-    /// The argument is not a key name (e.g. a pattern), though it routes like one.
-    pub const NOT_KEY: KeyFlags = KeyFlags(1 << 8);
-    /// The spec may not find every key; the server falls back to custom code.
-    pub const INCOMPLETE: KeyFlags = KeyFlags(1 << 9);
-    pub const VARIABLE_FLAGS: KeyFlags = KeyFlags(1 << 10);
-
-    pub const fn union(self, other: KeyFlags) -> KeyFlags {
-        KeyFlags(self.0 | other.0)
-    }
-
-    pub const fn contains(self, other: KeyFlags) -> bool {
-        self.0 & other.0 == other.0
-    }
+    /// No flag (the generated table's spelling of `empty()`).
+    pub const NONE: KeyFlags = KeyFlags::empty();
 }
 
 /// Where the search for a key spec's keys begins.

@@ -30,11 +30,13 @@ fn whole(
 ) -> (Vec<String>, Loss) {
     let mut out = Commands::new();
     let loss = Rebuild::whole(
-        b"k",
+        Key {
+            key: b"k",
+            expire_ms: expire,
+            existing,
+            caps,
+        },
         value,
-        expire,
-        existing,
-        caps,
         || b"tmp".to_vec(),
         NOW,
         &mut out,
@@ -50,11 +52,13 @@ fn list(n: usize) -> Value {
 fn a_whole_value_is_one_transaction_with_the_ttl_last() {
     let mut out = Commands::new();
     Rebuild::whole(
-        b"k",
+        Key {
+            key: b"k",
+            expire_ms: Some(NOW + 5),
+            existing: Existing::Replace,
+            caps: V70,
+        },
         &list(3),
-        Some(NOW + 5),
-        Existing::Replace,
-        V70,
         Vec::new,
         NOW,
         &mut out,
@@ -317,11 +321,13 @@ fn an_empty_stream_is_created_by_a_trimmed_entry() {
 fn parts_build_aside_with_a_safety_ttl_and_rename_at_the_end() {
     let mut out = Commands::new();
     let mut r = Rebuild::begin(
-        b"k",
+        Key {
+            key: b"k",
+            expire_ms: None,
+            existing: Existing::Replace,
+            caps: V70,
+        },
         b"tmp".to_vec(),
-        None,
-        Existing::Replace,
-        V70,
         &mut out,
     );
     r.part(&Value::Set(vec!["a".into(), "b".into()]), NOW, &mut out);
@@ -344,11 +350,13 @@ fn parts_build_aside_with_a_safety_ttl_and_rename_at_the_end() {
     // rename (RENAMENX under Keep).
     let mut out = Commands::new();
     let mut r = Rebuild::begin(
-        b"k",
+        Key {
+            key: b"k",
+            expire_ms: Some(NOW + 3),
+            existing: Existing::Keep,
+            caps: V70,
+        },
         b"tmp".to_vec(),
-        Some(NOW + 3),
-        Existing::Keep,
-        V70,
         &mut out,
     );
     r.part(&Value::String("ab".into()), NOW, &mut out);
@@ -371,11 +379,13 @@ fn parts_build_aside_with_a_safety_ttl_and_rename_at_the_end() {
 fn list_parts_push_only_onto_the_length_they_expect() {
     let mut out = Commands::new();
     let mut r = Rebuild::begin(
-        b"k",
+        Key {
+            key: b"k",
+            expire_ms: None,
+            existing: Existing::Replace,
+            caps: V70,
+        },
         b"tmp".to_vec(),
-        None,
-        Existing::Replace,
-        V70,
         &mut out,
     );
     r.part(&list(600), NOW, &mut out);

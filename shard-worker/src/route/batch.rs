@@ -7,23 +7,9 @@
 
 use bytes::{Bytes, BytesMut};
 
-/// What a command's reply should be, beyond "not an error".
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ExpectKind {
-    /// Any reply that is not an error.
-    Ok,
-    /// A RESTORE without REPLACE: `BUSYKEY` means the target kept its key.
-    KeepExisting,
-    /// FUNCTION LOAD without REPLACE: "already exists" means the target
-    /// kept its library.
-    KeepExistingFunction,
-    /// `MULTI`: a transaction is confirmed as a whole, at its `EXEC`.
-    TxBegin,
-    /// A command inside a transaction (`+QUEUED`).
-    TxQueued,
-    /// `EXEC`: the transaction's replies, errors nested inside.
-    TxEnd,
-}
+use crate::progress::StreamPos;
+
+pub use engine::replay::ExpectKind;
 
 /// One command's place in a batch and what its reply should be.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -43,10 +29,9 @@ pub struct Batch {
     pub db: Option<u32>,
     pub payload: Bytes,
     pub replies: Vec<Expect>,
-    /// Stream position after the last command: replication offset and the
-    /// source db selected there. `None` for full-sync batches, which make
-    /// nothing resumable by themselves.
-    pub end: Option<(u64, u32)>,
+    /// Stream position after the last command. `None` for full-sync
+    /// batches, which make nothing resumable by themselves.
+    pub end: Option<StreamPos>,
 }
 
 impl Batch {
@@ -155,7 +140,7 @@ impl BatchBuilder {
     }
 
     /// Takes the batch built so far.
-    pub fn take(&mut self, shard: usize, end: Option<(u64, u32)>) -> Batch {
+    pub fn take(&mut self, shard: usize, end: Option<StreamPos>) -> Batch {
         let payload = self.buf.split().freeze();
         // The next batch is likely the size of this one: no regrowing.
         let next_replies = Vec::with_capacity(self.replies.len());
@@ -184,7 +169,7 @@ mod tests {
         for (args, kind) in cmds {
             b.push(Some(0), *kind, |buf| encode::command(buf, args));
         }
-        b.take(0, Some((99, 0)))
+        b.take(0, Some(StreamPos { offset: 99, db: 0 }))
     }
 
     #[test]

@@ -21,7 +21,7 @@ pub use cluster::{ClusterRouting, NodeRequest};
 pub use overflow::Overflow;
 
 use crate::error::WorkerError;
-use crate::progress::{ShardStats, WriterStats};
+use crate::progress::{ShardStats, StreamPos, WriterStats};
 
 /// Commands another writer could not apply (MOVED/ASK), handed to the
 /// writer of the node that serves them. `done` fires once they are
@@ -177,7 +177,7 @@ impl Dispatcher {
         w: usize,
         db: Option<u32>,
         kind: ExpectKind,
-        at: Option<(u64, u32)>,
+        at: Option<StreamPos>,
         encode: impl FnOnce(&mut BytesMut),
     ) -> Result<(), WorkerError> {
         if !self.builders[w].accepts_db(db) {
@@ -188,7 +188,7 @@ impl Dispatcher {
     }
 
     /// Hands over every batch that reached its size.
-    pub async fn flush_full(&mut self, at: Option<(u64, u32)>) -> Result<(), WorkerError> {
+    pub async fn flush_full(&mut self, at: Option<StreamPos>) -> Result<(), WorkerError> {
         for w in 0..self.builders.len() {
             let b = &self.builders[w];
             if b.bytes() >= FLUSH_BYTES || b.commands() >= FLUSH_COMMANDS {
@@ -199,7 +199,7 @@ impl Dispatcher {
     }
 
     /// Hands over every non-empty batch, marking them as ending at `at`.
-    pub async fn flush_all(&mut self, at: Option<(u64, u32)>) -> Result<(), WorkerError> {
+    pub async fn flush_all(&mut self, at: Option<StreamPos>) -> Result<(), WorkerError> {
         for w in 0..self.builders.len() {
             if !self.builders[w].is_empty() {
                 self.flush_one(w, at).await?;
@@ -208,7 +208,7 @@ impl Dispatcher {
         Ok(())
     }
 
-    async fn flush_one(&mut self, w: usize, at: Option<(u64, u32)>) -> Result<(), WorkerError> {
+    async fn flush_one(&mut self, w: usize, at: Option<StreamPos>) -> Result<(), WorkerError> {
         let batch = self.builders[w].take(self.shard, at);
         // Counted before it is handed over, so that `processed` can never
         // move past a batch the progress table does not know about.

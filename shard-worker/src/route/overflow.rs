@@ -14,7 +14,6 @@
 //! its queue first (older), then the overflow.
 
 use std::path::Path;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -23,7 +22,7 @@ use tokio::sync::mpsc;
 
 use super::batch::{Batch, Expect, ExpectKind};
 use crate::error::WorkerError;
-use crate::progress::WriterStats;
+use crate::progress::{StreamPos, WriterStats};
 use crate::spill::Spill;
 
 /// How long a full queue may keep a producer waiting before batches go to
@@ -96,12 +95,12 @@ impl Overflow {
     }
 
     fn queued(&self) -> Result<(), SendError> {
-        self.stats.queued_batches.fetch_add(1, Ordering::Relaxed);
+        self.stats.counters.queued_batches.add(1);
         Ok(())
     }
 
     fn push(&self, batch: Batch) -> Result<(), SendError> {
-        self.stats.overflow_batches.fetch_add(1, Ordering::Relaxed);
+        self.stats.counters.overflow_batches.add(1);
         self.spill.push(encode(&batch)).map_err(SendError::Spill)
     }
 
@@ -113,7 +112,7 @@ impl Overflow {
         let mut partial = self.partial.lock().expect("overflow partial lock");
         loop {
             if let Some(batch) = decode(&mut partial) {
-                self.stats.overflow_batches.fetch_sub(1, Ordering::Relaxed);
+                self.stats.counters.overflow_batches.sub(1);
                 return Ok(Some(batch));
             }
             match self.spill.try_next()? {
@@ -173,9 +172,9 @@ fn encode(batch: &Batch) -> Bytes {
     body.put_u8(batch.db.is_some() as u8);
     body.put_u32_le(batch.db.unwrap_or(0));
     body.put_u8(batch.end.is_some() as u8);
-    let (offset, db) = batch.end.unwrap_or((0, 0));
-    body.put_u64_le(offset);
-    body.put_u32_le(db);
+    let end = batch.end.unwrap_or(StreamPos { offset: 0, db: 0 });
+    body.put_u64_le(end.offset);
+    body.put_u32_le(end.db);
     body.put_u32_le(batch.replies.len() as u32);
     for e in &batch.replies {
         body.put_u32_le(e.start);
@@ -217,7 +216,7 @@ fn decode(buf: &mut BytesMut) -> Option<Batch> {
         db: has_db.then_some(db),
         payload: body,
         replies,
-        end: has_end.then_some((offset, end_db)),
+        end: has_end.then_some(StreamPos { offset, db: end_db }),
     })
 }
 
@@ -237,14 +236,27 @@ mod tests {
             resp::command(buf, &["INCR", "x"])
         });
         b.push(None, ExpectKind::TxEnd, |buf| resp::command(buf, &["EXEC"]));
-        let batch = b.take(7, Some((12345, 3)));
+        let batch = b.take(
+            7,
+            Some(StreamPos {
+                offset: 12345,
+                db: 3,
+            }),
+        );
         let mut buf = BytesMut::new();
         buf.extend_from_slice(&encode(&batch));
         buf.extend_from_slice(&encode(&b.take(1, None)));
         let back = decode(&mut buf).unwrap();
         assert_eq!(
             (back.shard, back.db, back.end),
-            (7, Some(3), Some((12345, 3)))
+            (
+                7,
+                Some(3),
+                Some(StreamPos {
+                    offset: 12345,
+                    db: 3
+                })
+            )
         );
         assert_eq!(back.payload, batch.payload);
         assert_eq!(back.replies, batch.replies);
@@ -265,7 +277,7 @@ mod tests {
             b.push(None, ExpectKind::Ok, |buf| {
                 resp::command(buf, &["SET", "k", &i.to_string()])
             });
-            b.take(0, Some((i, 0)))
+            b.take(0, Some(StreamPos { offset: i, db: 0 }))
         };
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_time()
@@ -277,15 +289,18 @@ mod tests {
         // Two fit the queue, eight overflowed (some on disk: 64 bytes of memory).
         let mut got = Vec::new();
         while let Ok(b) = rx.try_recv() {
-            got.push(b.end.unwrap().0);
+            got.push(b.end.unwrap().offset);
         }
         while let Some(b) = overflow.try_pop().unwrap() {
-            got.push(b.end.unwrap().0);
+            got.push(b.end.unwrap().offset);
         }
         assert_eq!(got, (0..10).collect::<Vec<_>>());
         // Drained: the queue is used again.
         assert!(rt.block_on(overflow.send(&tx, batch(10))).is_ok());
-        assert_eq!(rx.try_recv().unwrap().end, Some((10, 0)));
+        assert_eq!(
+            rx.try_recv().unwrap().end,
+            Some(StreamPos { offset: 10, db: 0 })
+        );
         let _ = std::fs::remove_dir_all(dir);
     }
 }

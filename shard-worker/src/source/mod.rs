@@ -11,6 +11,9 @@
 mod handshake;
 mod intake;
 mod rewrite;
+mod snapshot;
+mod stream;
+mod transfer;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,17 +26,16 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 pub use handshake::{handshake, SyncStart};
-pub(crate) use intake::{now_ms, step_kind};
 pub use intake::{IntakeEnd, IntakeOptions, DEFAULT_BIG_KEY_BYTES};
 
 use crate::conn::Conn;
 use crate::endpoint::Endpoint;
 use crate::error::WorkerError;
 use crate::events;
-use crate::progress::{ResumePoint, ShardStats};
+use crate::progress::{ResumePoint, ShardStats, StreamPos};
 use crate::route::{Dispatcher, Router};
 use crate::spill::Spill;
-use intake::Intake;
+use intake::{Intake, IntakeParts};
 
 /// Bytes asked of the socket per read.
 const SOCKET_READ: usize = 256 * 1024;
@@ -120,19 +122,28 @@ impl Actor for SourceWorker {
         state.writer = Some(writer);
 
         let dispatcher = Dispatcher::new(args.shard, args.router, args.stats.clone());
-        let (replid, offset, db, full) = match &start {
-            SyncStart::Full { replid, offset } => (replid.clone(), *offset, 0, true),
+        let (replid, start, full) = match &start {
+            SyncStart::Full { replid, offset } => {
+                let at = StreamPos {
+                    offset: *offset,
+                    db: 0,
+                };
+                (replid.clone(), at, true)
+            }
             SyncStart::Continue { replid, offset } => {
-                let db = args.resume.as_ref().map_or(0, |r| r.db);
+                let at = StreamPos {
+                    offset: *offset,
+                    db: args.resume.as_ref().map_or(0, |r| r.db),
+                };
                 events::PartialResync {
                     source: &state.addr,
                     replid,
                     offset: *offset,
                 }
-                .emit(&args.stats);
-                args.stats.begin_incremental(replid, *offset, db);
+                .emit(&args.stats.counters);
+                args.stats.begin_incremental(replid, at);
                 state.acking = true;
-                (replid.clone(), *offset, db, false)
+                (replid.clone(), at, false)
             }
         };
         let spill = Spill::new(
@@ -147,19 +158,17 @@ impl Actor for SourceWorker {
             state.addr.clone(),
             args.options.read_timeout,
         )));
-        let mut intake = Intake::new(
-            state.addr.clone(),
-            spill,
-            conn.buf,
+        let parts = IntakeParts {
+            addr: state.addr.clone(),
+            input: spill,
+            buf: conn.buf,
             dispatcher,
-            args.stats.clone(),
-            myself.clone(),
-            state.stop.subscribe(),
-            args.options,
-            replid,
-            offset,
-            db,
-        );
+            stats: args.stats.clone(),
+            actor: myself.clone(),
+            stop: state.stop.subscribe(),
+            options: args.options,
+        };
+        let mut intake = Intake::new(parts, replid, start);
         let me = myself.clone();
         state.intake = Some(tokio::spawn(async move {
             let result = async {

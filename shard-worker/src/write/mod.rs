@@ -11,6 +11,9 @@
 //! that is how a task drains.
 
 mod pipeline;
+mod receiver;
+mod resend;
+mod verdict;
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
@@ -20,7 +23,8 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-pub use pipeline::{Backoff, PipelineExit, RetryPolicy, REPLY_TIMEOUT};
+pub use crate::retry::{Backoff, RetryPolicy};
+pub use pipeline::{PipelineExit, REPLY_TIMEOUT};
 
 use crate::conn::Conn;
 use crate::endpoint::Endpoint;
@@ -28,7 +32,8 @@ use crate::error::{Recovery, WorkerError};
 use crate::events::{self, describe_command};
 use crate::progress::{ShardStats, WriterStats};
 use crate::route::{Batch, ClusterRouting, Overflow, Redirected};
-use pipeline::{Awaiting, PipelineCtx, PipelineStart, Work};
+use pipeline::{PipelineCtx, PipelineStart, Work};
+use receiver::Awaiting;
 
 /// Default number of batches written but not yet confirmed.
 pub const DEFAULT_WINDOW: usize = 8;
@@ -102,8 +107,7 @@ impl Actor for Writer {
                 window: args.window,
                 fallback: pipeline::Fallback {
                     caps: std::sync::Mutex::new(args.target_caps),
-                    tmp_scope: args.tmp_scope,
-                    tmp_names: Default::default(),
+                    tmp_names: std::sync::Mutex::new(engine::split::TmpNames::new(args.tmp_scope)),
                 },
             }),
             rx: Some(args.rx),
@@ -213,7 +217,7 @@ fn pipeline_exited(
         state.outage = None;
     }
     let stats = &state.ctx.stats;
-    stats.inflight_commands.store(0, Ordering::Relaxed);
+    stats.counters.inflight_commands.set(0);
     stats.connected.store(false, Ordering::Relaxed);
     match exit.result {
         Ok(()) => {
@@ -227,7 +231,7 @@ fn pipeline_exited(
             Ok(())
         }
         Err(err) => {
-            stats.reconnects.fetch_add(1, Ordering::Relaxed);
+            events::TargetConnectionLost.emit(&stats.counters);
             retry_later(myself, state, err)
         }
     }
@@ -252,12 +256,12 @@ fn retry_later(
             last: err.to_string(),
         }));
     };
-    tracing::warn!(
-        target_node = %state.endpoint,
-        error = %err,
-        retry_in_ms = delay.as_millis() as u64,
-        "target connection failed; retrying"
-    );
+    events::TargetRetry {
+        target: &state.endpoint.addr(),
+        error: &err.to_string(),
+        retry_in: delay,
+    }
+    .emit();
     myself.send_after(delay, || WriterMsg::Connect);
     Ok(())
 }
@@ -282,5 +286,5 @@ fn report_resend(resend: &VecDeque<Work>, stats: &WriterStats, target: &str) {
         commands,
         non_idempotent,
     }
-    .emit(stats);
+    .emit(&stats.counters);
 }

@@ -1,0 +1,177 @@
+//! What to send again, and elsewhere, of a batch: pure functions over its
+//! bytes.
+//!
+//! - [`sub_batch`]: some of a batch's commands as a batch of their own (for
+//!   another node after MOVED, with `ASKING` before each after ASK);
+//! - [`resend_batch`]: what did not run, with refused RESTOREs replaced by
+//!   the commands that rebuild their values ([`rebuild_refused`]), in the
+//!   batch's order.
+
+use std::ops::Range;
+
+use bytes::{Bytes, BytesMut};
+use engine::rebuild::TargetCaps;
+use engine::resp::encode;
+use engine::split::TmpNames;
+
+use crate::route::{Batch, BatchBuilder, ExpectKind};
+
+/// What to send again of `batch`: the commands in `ranges`, and for each
+/// refused RESTORE in `rebuilt`, its replacement, in the batch's order.
+pub(crate) fn resend_batch(
+    batch: &Batch,
+    ranges: &[Range<usize>],
+    rebuilt: Vec<(usize, Batch)>,
+) -> Batch {
+    if rebuilt.is_empty() {
+        return sub_batch(batch, ranges, None);
+    }
+    let mut pieces: Vec<(usize, Batch)> = ranges
+        .iter()
+        .map(|r| (r.start, sub_batch(batch, std::slice::from_ref(r), None)))
+        .collect();
+    pieces.extend(rebuilt);
+    pieces.sort_by_key(|(at, _)| *at);
+    let mut b = BatchBuilder::default();
+    for (_, piece) in &pieces {
+        for i in 0..piece.len() {
+            b.push(None, piece.replies[i].kind, |buf| {
+                buf.extend_from_slice(piece.command_bytes(i))
+            });
+        }
+    }
+    let mut out = b.take(batch.shard, batch.end);
+    out.db = batch.db;
+    out
+}
+
+/// The commands of `batch` in `ranges` (in order), as a batch of their own,
+/// each preceded by `prefix` when given (ASKING). A transaction sent with a
+/// prefix loses its MULTI/EXEC: after ASKING each command runs alone.
+pub(crate) fn sub_batch(batch: &Batch, ranges: &[Range<usize>], prefix: Option<&[u8]>) -> Batch {
+    let mut b = BatchBuilder::default();
+    for range in ranges {
+        for i in range.clone() {
+            let kind = batch.replies[i].kind;
+            if let Some(prefix) = prefix {
+                if matches!(kind, ExpectKind::TxBegin | ExpectKind::TxEnd) {
+                    continue;
+                }
+                b.push(None, ExpectKind::Ok, |buf| encode::command(buf, &[prefix]));
+            }
+            let kind = if prefix.is_some() && kind == ExpectKind::TxQueued {
+                ExpectKind::Ok
+            } else {
+                kind
+            };
+            b.push(None, kind, |buf| {
+                buf.extend_from_slice(batch.command_bytes(i))
+            });
+        }
+    }
+    let mut out = b.take(batch.shard, batch.end);
+    out.db = batch.db;
+    out
+}
+
+/// The commands that rebuild the value of RESTORE `i` of `batch`, which the
+/// target refused, for a node running `caps`, and the key; `None` when it is
+/// not a RESTORE whose payload decodes, or holds a module value (then the
+/// refusal stands).
+pub(crate) fn rebuild_refused(
+    batch: &Batch,
+    i: usize,
+    caps: TargetCaps,
+    tmp: &mut TmpNames,
+    now_ms: i64,
+) -> Option<(Batch, Bytes)> {
+    let mut bytes = BytesMut::from(batch.command_bytes(i));
+    let cmd = engine::resp::parse_command(&mut bytes).ok()??;
+    let args = engine::restore::parse_restore(&cmd, now_ms)?;
+    let name = tmp.next(engine::slot::slot(&args.key));
+    let rebuilt = engine::rebuild::rebuild_restore(&args, caps, || name, now_ms).ok()??;
+    let mut b = BatchBuilder::default();
+    for (step, bytes) in rebuilt.commands.iter() {
+        b.push(None, step.into(), |buf| buf.extend_from_slice(bytes));
+    }
+    let mut out = b.take(batch.shard, batch.end);
+    out.db = batch.db;
+    Some((out, rebuilt.key))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::progress::StreamPos;
+
+    fn batch(cmds: &[(&[&[u8]], ExpectKind)]) -> Batch {
+        let mut b = BatchBuilder::default();
+        for (args, kind) in cmds {
+            b.push(None, *kind, |buf| encode::command(buf, args));
+        }
+        b.take(3, Some(StreamPos { offset: 10, db: 0 }))
+    }
+
+    fn args_of(b: &Batch) -> Vec<String> {
+        (0..b.len())
+            .map(|i| {
+                let mut buf = BytesMut::from(b.command_bytes(i));
+                let cmd = engine::resp::parse_command(&mut buf).unwrap().unwrap();
+                cmd.args()
+                    .map(|a| String::from_utf8_lossy(a).into_owned())
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+            .collect()
+    }
+
+    #[test]
+    fn sub_batches_keep_order_and_can_prefix_asking() {
+        let b = batch(&[
+            (&[b"SET", b"a", b"1"], ExpectKind::Ok),
+            (&[b"SET", b"b", b"2"], ExpectKind::Ok),
+            (&[b"MULTI"], ExpectKind::TxBegin),
+            (&[b"INCR", b"c"], ExpectKind::TxQueued),
+            (&[b"EXEC"], ExpectKind::TxEnd),
+        ]);
+        let s = sub_batch(&b, &[0..1, 2..5], None);
+        assert_eq!(s.len(), 4);
+        assert_eq!(s.command_bytes(0), b.command_bytes(0));
+        assert_eq!(s.replies[1].kind, ExpectKind::TxBegin);
+        assert_eq!(s.shard, 3);
+        assert_eq!(s.end, Some(StreamPos { offset: 10, db: 0 }));
+
+        let asked = sub_batch(&b, std::slice::from_ref(&(2..5)), Some(b"ASKING"));
+        // MULTI/EXEC dropped; ASKING before the one command.
+        assert_eq!(asked.len(), 2);
+        assert_eq!(asked.command_bytes(0), b"*1\r\n$6\r\nASKING\r\n");
+        assert_eq!(asked.command_bytes(1), b.command_bytes(3));
+        assert!(asked.replies.iter().all(|e| e.kind == ExpectKind::Ok));
+    }
+
+    #[test]
+    fn a_refused_restore_is_resent_as_its_rebuild_in_its_place() {
+        let mut payload = BytesMut::from(&[0u8, 1, b'v'][..]);
+        engine::rdb::finish_dump_payload(&mut payload, 11);
+        let b = batch(&[
+            (&[b"SET", b"a", b"1"], ExpectKind::Ok),
+            (
+                &[b"RESTORE", b"k", b"0", &payload, b"REPLACE"],
+                ExpectKind::Ok,
+            ),
+            (&[b"SET", b"z", b"2"], ExpectKind::Ok),
+        ]);
+        let mut tmp = TmpNames::new("w0");
+        let (rebuilt, key) =
+            rebuild_refused(&b, 1, TargetCaps::new(6, 2), &mut tmp, 0).expect("a RESTORE");
+        assert_eq!(&key[..], b"k");
+        assert_eq!(args_of(&rebuilt), ["SET k v"]);
+        // The first SET ran; the RESTORE was refused; the last SET did not
+        // run: the rebuild goes first, in the RESTORE's place.
+        let not_run = std::ops::Range { start: 2, end: 3 };
+        let again = resend_batch(&b, std::slice::from_ref(&not_run), vec![(1, rebuilt)]);
+        assert_eq!(args_of(&again), ["SET k v", "SET z 2"]);
+        assert_eq!(again.end, b.end);
+        assert!(rebuild_refused(&b, 0, TargetCaps::new(6, 2), &mut tmp, 0).is_none());
+    }
+}

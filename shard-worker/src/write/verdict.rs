@@ -1,0 +1,340 @@
+//! What a batch's replies say, decided without IO: each error reply is
+//! classified ([`classify`]), and the replies of one batch, in order, make a
+//! [`Verdict`]: which commands ran, which must go to another node
+//! (MOVED/ASK), which did not run and are resent on the next connection,
+//! and which RESTOREs are replaced by rebuilt commands.
+//!
+//! A transaction is judged whole: its commands ran only once its EXEC reply
+//! is in, a redirect of any of its commands redirects all of it, and a
+//! command of it that did not run means none of it ran.
+
+use std::ops::Range;
+
+use engine::cluster::{parse_redirect, Redirect};
+
+use super::Batch;
+use crate::error::{Recovery, WorkerError};
+use crate::route::ExpectKind;
+
+/// What one error reply means.
+#[derive(Debug)]
+pub(crate) enum Class {
+    /// BUSYKEY to a RESTORE without REPLACE: the target kept its key.
+    KeptExisting,
+    /// FUNCTION LOAD without REPLACE found the library: the target kept it.
+    KeptFunction,
+    /// EXEC refused the transaction because a queued command was refused.
+    ExecAbort,
+    /// The target cannot read a RESTORE payload (a newer server wrote it).
+    RefusedPayload,
+    /// The command did not run here: its slot is served elsewhere.
+    Redirect(Redirect),
+    /// The command did not run, and the connection cannot go on (LOADING,
+    /// READONLY, ...): resend it on the next one.
+    NotRun(WorkerError),
+    /// Waiting cannot help (NOAUTH, NOPERM, OOM).
+    Fatal(WorkerError),
+    /// An error that concerns this command alone (WRONGTYPE, ERR ...):
+    /// counted by `code` and logged; the stream goes on.
+    Failed { code: String },
+}
+
+/// Classifies the error reply `text` to a command that expected `kind`,
+/// from node `addr`.
+pub(crate) fn classify(addr: &str, kind: ExpectKind, text: &str) -> Class {
+    let code = text.split(' ').next().unwrap_or("ERR");
+    match kind {
+        ExpectKind::KeepExisting if code == "BUSYKEY" => return Class::KeptExisting,
+        ExpectKind::KeepExistingFunction if text.contains("already exists") => {
+            return Class::KeptFunction
+        }
+        ExpectKind::TxEnd if code == "EXECABORT" => return Class::ExecAbort,
+        ExpectKind::Ok | ExpectKind::KeepExisting
+            if text.starts_with("ERR DUMP payload version or checksum are wrong")
+                || text.starts_with("ERR Bad data format") =>
+        {
+            return Class::RefusedPayload
+        }
+        _ => {}
+    }
+    if let Some(redirect) = parse_redirect(text) {
+        return Class::Redirect(redirect);
+    }
+    match WorkerError::from_reply(addr, text.as_bytes()) {
+        Some(err) if err.recovery() == Recovery::Fatal => Class::Fatal(err),
+        Some(err) => Class::NotRun(err),
+        None => Class::Failed { code: code.into() },
+    }
+}
+
+/// What became of one command, as the verdict counts it.
+#[derive(Debug)]
+pub(crate) enum Outcome {
+    /// It ran (an error about it alone included).
+    Ran,
+    Redirect(Redirect),
+    /// EXEC's refusal of a transaction.
+    ExecAbort,
+    /// It did not run; resend it.
+    NotRun,
+    /// A refused RESTORE, replaced by these commands (resent like
+    /// [`Outcome::NotRun`]).
+    Rebuilt(Batch),
+}
+
+/// The replies of one batch, in order.
+#[derive(Default, Debug)]
+pub(crate) struct Verdict {
+    /// Refused RESTOREs (by index) and the commands that replace them.
+    pub rebuilt: Vec<(usize, Batch)>,
+    /// Commands (index ranges) to send to another node instead.
+    pub redirects: Vec<(Range<usize>, Redirect)>,
+    /// Commands that did not run (retryable error), as index ranges.
+    pub not_run: Vec<Range<usize>>,
+    /// Commands known to have run: up to the first one that did not, and
+    /// a transaction only once its EXEC reply is in.
+    pub ran: usize,
+    stuck: bool,
+    /// The open transaction's MULTI, and what became of it so far.
+    tx_open: Option<usize>,
+    tx_redirect: Option<Redirect>,
+    tx_not_run: bool,
+}
+
+impl Verdict {
+    /// Reply `i`, to a command of `kind`, said `outcome`.
+    pub fn reply(&mut self, i: usize, kind: ExpectKind, outcome: Outcome) {
+        if kind == ExpectKind::TxBegin {
+            self.tx_open = Some(i);
+            self.tx_redirect = None;
+            self.tx_not_run = false;
+        }
+        let in_tx = self.tx_open.is_some();
+        let did_not_run = match outcome {
+            Outcome::Ran => false,
+            Outcome::Redirect(r) if in_tx => {
+                self.tx_redirect = Some(r);
+                true
+            }
+            Outcome::Redirect(r) => {
+                self.redirects.push((i..i + 1, r));
+                true
+            }
+            Outcome::ExecAbort => self.tx_redirect.is_some() || self.tx_not_run,
+            Outcome::NotRun if in_tx => {
+                self.tx_not_run = true;
+                true
+            }
+            Outcome::NotRun => {
+                self.not_run.push(i..i + 1);
+                true
+            }
+            Outcome::Rebuilt(batch) => {
+                self.rebuilt.push((i, batch));
+                true
+            }
+        };
+        if kind == ExpectKind::TxEnd {
+            if let Some(begin) = self.tx_open.take() {
+                if let Some(r) = self.tx_redirect.take() {
+                    self.redirects.push((begin..i + 1, r));
+                } else if self.tx_not_run {
+                    self.not_run.push(begin..i + 1);
+                }
+                self.tx_not_run = false;
+            }
+        }
+        self.stuck |= did_not_run || self.tx_redirect.is_some() || self.tx_not_run;
+        if !self.stuck && self.tx_open.is_none() {
+            self.ran = i + 1;
+        }
+    }
+
+    /// Whether this connection must end so that what did not run (and the
+    /// rebuilt commands) go out first on the next one.
+    pub fn must_resend(&self) -> bool {
+        !self.not_run.is_empty() || !self.rebuilt.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::BytesMut;
+    use engine::resp::scan_reply;
+    use ExpectKind::{Ok as Plain, TxBegin, TxEnd, TxQueued};
+
+    /// Scans `replies` (RESP bytes) against `kinds` and returns the verdict;
+    /// error replies are classified, and a refused payload counts as not
+    /// run (its rebuild is tested in `resend.rs`).
+    fn judge(kinds: &[ExpectKind], replies: &[u8]) -> Verdict {
+        let mut buf = BytesMut::from(replies);
+        let mut v = Verdict::default();
+        for (i, &kind) in kinds.iter().enumerate() {
+            let scan = scan_reply(&buf).unwrap().expect("a whole reply");
+            let error = scan
+                .error
+                .map(|r| String::from_utf8_lossy(&buf[r]).into_owned());
+            let _ = buf.split_to(scan.len);
+            let outcome = match error.map(|t| classify("t:1", kind, &t)) {
+                None | Some(Class::KeptExisting | Class::KeptFunction | Class::Failed { .. }) => {
+                    Outcome::Ran
+                }
+                Some(Class::ExecAbort) => Outcome::ExecAbort,
+                Some(Class::Redirect(r)) => Outcome::Redirect(r),
+                Some(Class::NotRun(_) | Class::RefusedPayload) => Outcome::NotRun,
+                Some(Class::Fatal(e)) => panic!("fatal: {e}"),
+            };
+            v.reply(i, kind, outcome);
+        }
+        assert!(buf.is_empty(), "every reply read");
+        v
+    }
+
+    type Pairs = Vec<(usize, usize)>;
+
+    /// (redirected, not run) ranges as (start, end) pairs.
+    fn ranges(v: &Verdict) -> (Pairs, Pairs) {
+        (
+            v.redirects.iter().map(|(r, _)| (r.start, r.end)).collect(),
+            v.not_run.iter().map(|r| (r.start, r.end)).collect(),
+        )
+    }
+
+    #[test]
+    fn plain_successes_all_ran() {
+        let v = judge(&[Plain, Plain], b"+OK\r\n:1\r\n");
+        assert_eq!(v.ran, 2);
+        assert!(!v.must_resend());
+    }
+
+    #[test]
+    fn an_error_about_one_command_does_not_stop_the_batch() {
+        let v = judge(
+            &[Plain, Plain],
+            b"-WRONGTYPE Operation against a key holding the wrong kind of value\r\n+OK\r\n",
+        );
+        assert_eq!(v.ran, 2);
+        assert_eq!(ranges(&v), (vec![], vec![]));
+    }
+
+    #[test]
+    fn a_moved_command_is_redirected_and_holds_back_what_ran() {
+        let v = judge(
+            &[Plain, Plain, Plain],
+            b"+OK\r\n-MOVED 3999 127.0.0.1:7001\r\n+OK\r\n",
+        );
+        assert_eq!(ranges(&v), (vec![(1, 2)], vec![]));
+        assert_eq!(v.ran, 1, "known to have run: up to the redirect");
+        assert!(!v.must_resend(), "redirects go to another writer");
+    }
+
+    #[test]
+    fn a_redirect_inside_a_transaction_redirects_all_of_it() {
+        let v = judge(
+            &[Plain, TxBegin, TxQueued, TxQueued, TxEnd],
+            b"+OK\r\n+OK\r\n-MOVED 12 127.0.0.1:7002\r\n+QUEUED\r\n-EXECABORT Transaction discarded because of previous errors.\r\n",
+        );
+        assert_eq!(ranges(&v), (vec![(1, 5)], vec![]));
+        assert_eq!(v.ran, 1);
+    }
+
+    #[test]
+    fn execabort_of_a_transaction_we_caused_counts_as_ran() {
+        // A queued command refused for itself (syntax): the source's own
+        // transaction would have been refused the same way.
+        let v = judge(
+            &[TxBegin, TxQueued, TxEnd],
+            b"+OK\r\n-ERR wrong number of arguments\r\n-EXECABORT Transaction discarded because of previous errors.\r\n",
+        );
+        assert_eq!(ranges(&v), (vec![], vec![]));
+        assert_eq!(v.ran, 3);
+    }
+
+    #[test]
+    fn a_loading_target_did_not_run_the_command() {
+        let v = judge(
+            &[Plain, Plain, Plain],
+            b"+OK\r\n-LOADING Redis is loading the dataset in memory\r\n+OK\r\n",
+        );
+        assert_eq!(ranges(&v), (vec![], vec![(1, 2)]));
+        assert!(v.must_resend());
+        assert_eq!(v.ran, 1);
+    }
+
+    #[test]
+    fn a_command_that_did_not_run_inside_a_transaction_resends_all_of_it() {
+        let v = judge(
+            &[TxBegin, TxQueued, TxEnd, Plain],
+            b"+OK\r\n-READONLY You can't write against a read only replica.\r\n-EXECABORT x\r\n+OK\r\n",
+        );
+        assert_eq!(ranges(&v), (vec![], vec![(0, 3)]));
+        assert_eq!(v.ran, 0);
+    }
+
+    #[test]
+    fn a_transaction_counts_as_run_only_at_its_exec() {
+        let mut v = Verdict::default();
+        v.reply(0, TxBegin, Outcome::Ran);
+        v.reply(1, TxQueued, Outcome::Ran);
+        assert_eq!(v.ran, 0);
+        v.reply(2, TxEnd, Outcome::Ran);
+        assert_eq!(v.ran, 3);
+    }
+
+    #[test]
+    fn classes_of_error_replies() {
+        assert!(matches!(
+            classify(
+                "t:1",
+                ExpectKind::KeepExisting,
+                "BUSYKEY Target key name already exists."
+            ),
+            Class::KeptExisting
+        ));
+        assert!(matches!(
+            classify(
+                "t:1",
+                ExpectKind::Ok,
+                "BUSYKEY Target key name already exists."
+            ),
+            Class::Failed { .. }
+        ));
+        assert!(matches!(
+            classify(
+                "t:1",
+                ExpectKind::KeepExistingFunction,
+                "ERR Library 'lib' already exists"
+            ),
+            Class::KeptFunction
+        ));
+        assert!(matches!(
+            classify(
+                "t:1",
+                ExpectKind::Ok,
+                "ERR DUMP payload version or checksum are wrong"
+            ),
+            Class::RefusedPayload
+        ));
+        assert!(matches!(
+            classify("t:1", ExpectKind::Ok, "ASK 7 127.0.0.1:7003"),
+            Class::Redirect(Redirect::Ask { .. })
+        ));
+        assert!(matches!(
+            classify(
+                "t:1",
+                ExpectKind::Ok,
+                "OOM command not allowed when used memory > 'maxmemory'."
+            ),
+            Class::Fatal(_)
+        ));
+        assert!(matches!(
+            classify("t:1", ExpectKind::Ok, "NOPERM this user has no permissions"),
+            Class::Fatal(_)
+        ));
+        match classify("t:1", ExpectKind::Ok, "WRONGTYPE Operation against a key") {
+            Class::Failed { code } => assert_eq!(code, "WRONGTYPE"),
+            other => panic!("{other:?}"),
+        }
+    }
+}
