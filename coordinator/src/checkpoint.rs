@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use shard_worker::progress::{ResumePoint, ShardState, ShardStats};
 
 /// Format version written in every file.
-const FORMAT: u32 = 1;
+pub const FORMAT: u32 = 1;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum CheckpointState {

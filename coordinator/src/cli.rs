@@ -9,7 +9,7 @@ use crate::config::{LogFormat, OnConflict};
 /// shardsync: one-way Redis-to-Redis synchronization (full copy, then every
 /// write as it happens).
 #[derive(Debug, Parser)]
-#[command(name = "shardsync", version, about, long_about = None)]
+#[command(name = "shardsync", version, long_about = None)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -115,4 +115,21 @@ pub struct VerifyArgs {
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn help_opens_with_a_sentence_for_users() {
+        let help = Cli::command().render_help().to_string();
+        let first = help.lines().next().unwrap_or_default();
+        assert!(
+            first.starts_with("shardsync: one-way Redis-to-Redis"),
+            "{first}"
+        );
+        assert!(!help.contains("The shardsync binary"), "{help}");
+    }
 }

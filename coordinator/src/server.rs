@@ -33,6 +33,65 @@ pub struct ServerInfo {
     /// Heartbeat keys of shardsync tasks (this server being their source),
     /// per database; only looked for in small databases.
     pub heartbeat_keys: BTreeMap<u32, u64>,
+    /// `used_memory` (INFO memory), bytes.
+    pub used_memory: u64,
+    /// `used_memory_dataset` (4.0+): the data without the server's own
+    /// overhead.
+    pub used_memory_dataset: Option<u64>,
+    /// `maxmemory`, bytes; 0 for no limit.
+    pub maxmemory: u64,
+    /// `master_repl_offset`: bytes of replication stream produced so far.
+    pub master_repl_offset: u64,
+    /// `repl_backlog_size`, bytes.
+    pub repl_backlog_size: Option<u64>,
+    /// `CONFIG GET repl-timeout`, seconds.
+    pub repl_timeout: Option<u64>,
+    /// `CONFIG GET client-output-buffer-limit`, its replica class.
+    pub replica_buffer_limit: Option<BufferLimit>,
+}
+
+/// A `client-output-buffer-limit` class: the hard limit, and the soft limit
+/// with the seconds a client may stay over it (0: no limit).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BufferLimit {
+    /// The class name as the server spells it (`slave` or `replica`).
+    pub class: String,
+    pub hard: u64,
+    pub soft: u64,
+    pub soft_secs: u64,
+}
+
+/// The replica class of a `client-output-buffer-limit` value
+/// (`normal 0 0 0 slave 268435456 67108864 60 pubsub ...`).
+pub fn parse_buffer_limit(value: &str) -> Option<BufferLimit> {
+    let words: Vec<&str> = value.split_whitespace().collect();
+    words.chunks(4).find_map(|c| match c {
+        [class, hard, soft, secs] if matches!(*class, "slave" | "replica") => Some(BufferLimit {
+            class: class.to_string(),
+            hard: parse_size(hard)?,
+            soft: parse_size(soft)?,
+            soft_secs: secs.parse().ok()?,
+        }),
+        _ => None,
+    })
+}
+
+/// A size as `CONFIG GET` prints it: bytes, or with a k/kb/m/mb/g/gb unit.
+fn parse_size(text: &str) -> Option<u64> {
+    let lower = text.to_ascii_lowercase();
+    let digits = lower.trim_end_matches(|c: char| c.is_ascii_alphabetic());
+    let n: u64 = digits.parse().ok()?;
+    let unit = match &lower[digits.len()..] {
+        "" | "b" => 1,
+        "k" => 1000,
+        "kb" => 1024,
+        "m" => 1000 * 1000,
+        "mb" => 1024 * 1024,
+        "g" => 1000 * 1000 * 1000,
+        "gb" => 1024 * 1024 * 1024,
+        _ => return None,
+    };
+    Some(n * unit)
 }
 
 impl ServerInfo {
@@ -74,6 +133,12 @@ pub async fn probe(ep: &Endpoint) -> Result<ServerInfo, WorkerError> {
     info.proto_max_bulk_len = config_get(&mut conn, "proto-max-bulk-len")
         .await
         .and_then(|v| v.parse().ok());
+    info.repl_timeout = config_get(&mut conn, "repl-timeout")
+        .await
+        .and_then(|v| v.parse().ok());
+    info.replica_buffer_limit = config_get(&mut conn, "client-output-buffer-limit")
+        .await
+        .and_then(|v| parse_buffer_limit(&v));
     if info.version.0 >= 7 {
         info.function_libraries = match conn.request(&["FUNCTION", "LIST"]).await {
             Ok(Frame::Array(libs)) => Some(libs.len()),
@@ -124,22 +189,19 @@ pub async fn cluster_nodes(
     }
 }
 
-/// The masters of `ep`'s cluster with the slots each serves, or `None`
-/// when `ep` is not a cluster node.
-pub async fn masters(
-    ep: &Endpoint,
-) -> Result<Option<Vec<(Endpoint, Vec<(u16, u16)>)>>, WorkerError> {
-    if !probe(ep).await?.cluster {
-        return Ok(None);
+/// `master_repl_offset` now (to measure how fast the stream grows).
+pub async fn repl_offset(ep: &Endpoint) -> Result<u64, WorkerError> {
+    let mut conn = Conn::open_authenticated(ep).await?;
+    match conn.request(&["INFO", "replication"]).await? {
+        Frame::Bulk(text) => {
+            Ok(parse_info(&conn.addr, &String::from_utf8_lossy(&text)).master_repl_offset)
+        }
+        other => Err(WorkerError::Unexpected {
+            addr: conn.addr.clone(),
+            context: "reading INFO replication",
+            reply: other.to_text(),
+        }),
     }
-    Ok(Some(
-        cluster_nodes(ep)
-            .await?
-            .into_iter()
-            .filter(|n| n.serving_master())
-            .map(|n| (ep.with_addr(n.host.clone(), n.port), n.slots))
-            .collect(),
-    ))
 }
 
 /// `CONFIG GET name`; `None` when refused (ACL, renamed command) or absent.
@@ -169,6 +231,7 @@ pub fn parse_info(addr: &str, text: &str) -> ServerInfo {
             fields.insert(k.to_string(), v.to_string());
         }
     }
+    let number = |name: &str| fields.get(name).and_then(|v| v.trim().parse::<u64>().ok());
     let version_text = fields.get("redis_version").cloned().unwrap_or_default();
     let mut parts = version_text
         .split('.')
@@ -196,6 +259,13 @@ pub fn parse_info(addr: &str, text: &str) -> ServerInfo {
         proto_max_bulk_len: None,
         function_libraries: None,
         heartbeat_keys: BTreeMap::new(),
+        used_memory: number("used_memory").unwrap_or(0),
+        used_memory_dataset: number("used_memory_dataset"),
+        maxmemory: number("maxmemory").unwrap_or(0),
+        master_repl_offset: number("master_repl_offset").unwrap_or(0),
+        repl_backlog_size: number("repl_backlog_size"),
+        repl_timeout: None,
+        replica_buffer_limit: None,
     }
 }
 
@@ -232,5 +302,36 @@ mod tests {
         assert!(!info.cluster);
         assert_eq!(info.keyspace, BTreeMap::from([(0, 12), (3, 2)]));
         assert_eq!(info.maxmemory_policy.as_deref(), Some("noeviction"));
+    }
+
+    #[test]
+    fn parses_memory_and_replication_figures() {
+        let text = "# Memory\r\nused_memory:1048576\r\nused_memory_dataset:5000\r\nmaxmemory:8388608\r\n# Replication\r\nmaster_repl_offset:777\r\nrepl_backlog_size:1048576\r\n";
+        let info = parse_info("h:1", text);
+        assert_eq!(info.used_memory, 1048576);
+        assert_eq!(info.used_memory_dataset, Some(5000));
+        assert_eq!(info.maxmemory, 8388608);
+        assert_eq!(info.master_repl_offset, 777);
+        assert_eq!(info.repl_backlog_size, Some(1048576));
+    }
+
+    #[test]
+    fn parses_the_replica_buffer_limit() {
+        let v = "normal 0 0 0 slave 268435456 67108864 60 pubsub 33554432 8388608 60";
+        assert_eq!(
+            parse_buffer_limit(v),
+            Some(BufferLimit {
+                class: "slave".into(),
+                hard: 256 << 20,
+                soft: 64 << 20,
+                soft_secs: 60,
+            })
+        );
+        let v = "normal 0 0 0 replica 512mb 128mb 120 pubsub 32mb 8mb 60";
+        assert_eq!(
+            parse_buffer_limit(v).map(|l| (l.hard, l.soft_secs)),
+            Some((512 << 20, 120))
+        );
+        assert_eq!(parse_buffer_limit("normal 0 0 0"), None);
     }
 }

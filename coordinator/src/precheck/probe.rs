@@ -1,0 +1,307 @@
+//! The precheck's facts, read from the live servers and the checkpoint
+//! directory. Whatever cannot be reached or read becomes a failed check
+//! here; everything else is judged in `checks.rs`.
+
+use std::time::{Duration, Instant};
+
+use engine::slot::SLOTS;
+use shard_worker::Endpoint;
+
+use super::{CheckpointFact, Checks, SourceMaster, Sources, Target, TargetMaster};
+use crate::checkpoint::CheckpointStore;
+use crate::config::TaskConfig;
+use crate::server::{looks_like_a_proxy, probe, repl_offset, ServerInfo};
+use crate::topology::{self, covered_slots, Master, Resolved};
+use crate::url::SourceSpec;
+
+/// The shortest interval the write rate is measured over.
+const RATE_WINDOW: Duration = Duration::from_millis(250);
+
+/// The source masters (or pool backends), probed.
+pub(super) async fn sources(cfg: &TaskConfig, checks: &mut Checks) -> Option<Sources> {
+    let sources = match &cfg.source {
+        SourceSpec::Redis(ep) => redis_source(ep, checks).await?,
+        SourceSpec::Twemproxy { .. } => pool_source(&cfg.source, checks).await?,
+    };
+    Some(sources)
+}
+
+fn master(info: ServerInfo, endpoint: Endpoint, slot: Option<u16>) -> SourceMaster {
+    SourceMaster {
+        info,
+        endpoint,
+        slot,
+        read_at: Instant::now(),
+        write_rate: None,
+    }
+}
+
+/// A `redis://` source: the server itself, or every master of its cluster.
+async fn redis_source(ep: &Endpoint, checks: &mut Checks) -> Option<Sources> {
+    let resolved = match topology::resolve(ep).await {
+        Ok(r) => r,
+        Err(e) => {
+            let mut message = e.to_string();
+            if looks_like_a_proxy(ep).await {
+                message = format!(
+                    "{} answers PING but not INFO: it looks like a proxy (Twemproxy?), and PSYNC does not pass through a proxy; give the pool's config instead: --source twemproxy:///path/to/nutcracker.yml[#pool]",
+                    ep.addr()
+                );
+            }
+            checks.fail("source reachable", message);
+            return None;
+        }
+    };
+    match resolved {
+        Resolved::Server(seed) => {
+            checks.pass(
+                "source reachable",
+                format!(
+                    "{} is Redis {} ({})",
+                    seed.addr, seed.version_text, seed.role
+                ),
+            );
+            let masters = vec![master(seed.clone(), ep.clone(), None)];
+            Some(Sources { seed, masters })
+        }
+        Resolved::Cluster { seed, masters } => {
+            let probed = cluster_masters(&masters, "source reachable", checks).await;
+            checks.pass(
+                "source topology",
+                format!(
+                    "Redis Cluster with {} masters: one shard each",
+                    probed.len()
+                ),
+            );
+            let covered = covered_slots(&masters);
+            if covered < SLOTS as u32 {
+                checks.warn(
+                    "source slots",
+                    format!("the source cluster (seen from {ep}) serves {covered} of {SLOTS} slots; CLUSTER NODES shows no master for the others"),
+                );
+            }
+            let masters = probed
+                .into_iter()
+                .map(|(info, m)| {
+                    let slot = m.slots.first().map(|r| r.0);
+                    master(info, m.endpoint, slot)
+                })
+                .collect();
+            Some(Sources { seed, masters })
+        }
+    }
+}
+
+/// Every master of a cluster, probed; one failed check per unreachable one.
+async fn cluster_masters(
+    masters: &[Master],
+    check: &'static str,
+    checks: &mut Checks,
+) -> Vec<(ServerInfo, Master)> {
+    let mut out = Vec::new();
+    for m in masters {
+        match probe(&m.endpoint).await {
+            Ok(info) => {
+                let slots = covered_slots(std::slice::from_ref(m));
+                checks.pass(
+                    check,
+                    format!(
+                        "{} is Redis {} (cluster master, {slots} slots)",
+                        info.addr, info.version_text
+                    ),
+                );
+                out.push((info, m.clone()));
+            }
+            Err(e) => checks.fail(check, e.to_string()),
+        }
+    }
+    out
+}
+
+/// The backends of a Twemproxy pool, one shard each (each a standalone
+/// master). The first backend stands for the source in checks that need
+/// one, with the whole pool's keyspace.
+async fn pool_source(spec: &SourceSpec, checks: &mut Checks) -> Option<Sources> {
+    let SourceSpec::Twemproxy { config, .. } = spec else {
+        return None;
+    };
+    let pool = match topology::pool(spec)? {
+        Ok(p) => p,
+        Err(e) => {
+            checks.fail("source", e.to_string());
+            return None;
+        }
+    };
+    checks.pass(
+        "source topology",
+        format!(
+            "Twemproxy pool {:?} ({}{}): {} backends, one shard each",
+            pool.name,
+            config.display(),
+            pool.listen
+                .as_ref()
+                .map(|l| format!(", listening on {l}"))
+                .unwrap_or_default(),
+            pool.backends.len()
+        ),
+    );
+    let mut masters = Vec::new();
+    for ep in pool.backends {
+        match probe(&ep).await {
+            Ok(info) if info.cluster => checks.fail(
+                "source reachable",
+                format!(
+                    "{} is a Redis Cluster node, not a Twemproxy backend",
+                    info.addr
+                ),
+            ),
+            Ok(info) => {
+                checks.pass(
+                    "source reachable",
+                    format!(
+                        "{} is Redis {} ({})",
+                        info.addr, info.version_text, info.role
+                    ),
+                );
+                masters.push(master(info, ep, None));
+            }
+            Err(e) => checks.fail("source reachable", e.to_string()),
+        }
+    }
+    if checks.failed() || masters.is_empty() {
+        return None;
+    }
+    let mut ids: Vec<&str> = masters.iter().map(|m| m.info.run_id.as_str()).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    if ids.len() < masters.len() {
+        checks.fail("source topology", "the pool lists one Redis server twice");
+        return None;
+    }
+    let mut seed = masters[0].info.clone();
+    for m in &masters[1..] {
+        for (db, n) in &m.info.keyspace {
+            *seed.keyspace.entry(*db).or_default() += n;
+        }
+    }
+    Some(Sources { seed, masters })
+}
+
+/// Every target, probed, with the checkpoints an earlier run left for it.
+pub(super) async fn targets(
+    cfg: &TaskConfig,
+    store: Option<&CheckpointStore>,
+    sources: &Sources,
+    checks: &mut Checks,
+) -> Vec<Target> {
+    let mut out = Vec::new();
+    for ep in &cfg.targets {
+        let name = ep.addr();
+        let store = match store {
+            Some(s) if cfg.targets.len() > 1 => match s.for_target(&name) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    checks.fail("checkpoint", e.to_string());
+                    continue;
+                }
+            },
+            Some(s) => Some(s.clone()),
+            None => None,
+        };
+        let Some((cluster, masters)) = target_masters(ep, checks).await else {
+            continue;
+        };
+        let found = sources
+            .masters
+            .iter()
+            .map(|m| match store.as_ref().map(|s| s.load(&m.info.addr)) {
+                None | Some(Ok(None)) => CheckpointFact::None,
+                Some(Ok(Some(c))) => CheckpointFact::Found(c),
+                Some(Err(e)) => CheckpointFact::Unreadable(e.to_string()),
+            })
+            .collect();
+        out.push(Target {
+            name,
+            endpoint: ep.clone(),
+            cluster,
+            masters,
+            checkpoints: store,
+            found,
+        });
+    }
+    out
+}
+
+/// A target's masters: the server itself, or every master of its cluster
+/// (which must serve every slot).
+async fn target_masters(ep: &Endpoint, checks: &mut Checks) -> Option<(bool, Vec<TargetMaster>)> {
+    let resolved = match topology::resolve(ep).await {
+        Ok(r) => r,
+        Err(e) => {
+            checks.fail("target reachable", e.to_string());
+            return None;
+        }
+    };
+    match resolved {
+        Resolved::Server(info) => {
+            checks.pass(
+                "target reachable",
+                format!(
+                    "{} is Redis {} ({})",
+                    info.addr, info.version_text, info.role
+                ),
+            );
+            let m = TargetMaster {
+                info,
+                endpoint: ep.clone(),
+                slots: Vec::new(),
+            };
+            Some((false, vec![m]))
+        }
+        Resolved::Cluster { masters, .. } => {
+            let probed = cluster_masters(&masters, "target reachable", checks).await;
+            checks.pass(
+                "target topology",
+                format!(
+                    "Redis Cluster with {} masters: one writer each",
+                    probed.len()
+                ),
+            );
+            let covered = covered_slots(&masters);
+            if covered < SLOTS as u32 {
+                checks.fail(
+                    "target slots",
+                    format!("the target cluster (seen from {ep}) serves {covered} of {SLOTS} slots; CLUSTER NODES shows no master for the others"),
+                );
+            }
+            let masters = probed
+                .into_iter()
+                .map(|(info, m)| TargetMaster {
+                    info,
+                    endpoint: m.endpoint,
+                    slots: m.slots,
+                })
+                .collect();
+            Some((true, masters))
+        }
+    }
+}
+
+/// How fast each source master's replication stream grows: its offset
+/// read again, at least [`RATE_WINDOW`] after the probe.
+pub(super) async fn write_rates(sources: &mut Sources) {
+    let Some(first) = sources.masters.iter().map(|m| m.read_at).min() else {
+        return;
+    };
+    let elapsed = first.elapsed();
+    if elapsed < RATE_WINDOW {
+        tokio::time::sleep(RATE_WINDOW - elapsed).await;
+    }
+    for m in &mut sources.masters {
+        if let Ok(offset) = repl_offset(&m.endpoint).await {
+            let secs = m.read_at.elapsed().as_secs_f64();
+            let grown = offset.saturating_sub(m.info.master_repl_offset);
+            m.write_rate = Some(grown as f64 / secs.max(0.001));
+        }
+    }
+}
