@@ -337,3 +337,39 @@ fn precheck_subcommand_reports_and_exits_by_result() {
     assert_eq!(same.code(), Some(3), "{}", same.log);
     assert!(same.log.contains("is the source itself"), "{}", same.log);
 }
+
+#[test]
+fn a_target_without_room_for_the_data_is_refused_with_both_figures() {
+    let source = RedisServer::config()
+        .arg("enable-debug-command", &["yes"])
+        .start();
+    // About 30 MB of data: 200,000 values of 100 bytes.
+    source.cmd::<()>(&["DEBUG", "POPULATE", "200000", "k", "100"]);
+    let small = RedisServer::config().arg("maxmemory", &["8mb"]).start();
+    let refused = Shardsync::run(
+        BIN,
+        "precheck",
+        &["--source", &source.url(), "--target", &small.url()],
+        SHORT,
+    );
+    assert_eq!(refused.code(), Some(3), "{}", refused.log);
+    let line = refused
+        .log
+        .lines()
+        .find(|l| l.contains("FAIL target memory"))
+        .unwrap_or_else(|| panic!("no memory check:\n{}", refused.log));
+    assert!(
+        line.contains(&small.addr()) && line.contains("maxmemory 8.0 MB"),
+        "{line}"
+    );
+    assert!(line.contains("MB on the source"), "{line}");
+    // The same data with room to spare passes.
+    let roomy = RedisServer::config().arg("maxmemory", &["512mb"]).start();
+    let ok = Shardsync::run(
+        BIN,
+        "precheck",
+        &["--source", &source.url(), "--target", &roomy.url()],
+        SHORT,
+    );
+    assert_eq!(ok.code(), Some(0), "{}", ok.log);
+}
