@@ -24,6 +24,8 @@
 //!
 //! and prints medians and the ratio to native replication.
 //!
+//! `SHARDSYNC_BENCH_BIN=<path>` measures another shardsync binary (an
+//! older build, say) instead of this build's.
 //! `SHARDSYNC_BENCH_PERF=<file>` records a system-wide `perf` profile of
 //! each shardsync full sync into `<file>.<n>`; `SHARDSYNC_BENCH_LOG=1`
 //! prints shardsync's log after each one.
@@ -33,7 +35,13 @@ use std::time::{Duration, Instant};
 use harness::cluster::{key_slot, own_slots, Cluster};
 use harness::{cpu_secs, peak_rss_kb, wait_for, RedisServer, Shardsync};
 
-const BIN: &str = env!("CARGO_BIN_EXE_shardsync");
+const BUILT: &str = env!("CARGO_BIN_EXE_shardsync");
+
+/// The binary measured: this build's, or `SHARDSYNC_BENCH_BIN` (another
+/// build of shardsync, to compare two versions on the same machine).
+fn bin() -> String {
+    std::env::var("SHARDSYNC_BENCH_BIN").unwrap_or_else(|_| BUILT.to_string())
+}
 
 struct Options {
     keys: u64,
@@ -275,7 +283,10 @@ fn shardsync_full(source: &Deployment, keys: u64) -> (Duration, u64, Cpu) {
     let targets_before = servers_cpu(&target.masters());
     let profile = Profile::start();
     let start = Instant::now();
-    let mut sync = Shardsync::sync(BIN, &["--source", &source.url(), "--target", &target.url()]);
+    let mut sync = Shardsync::sync(
+        &bin(),
+        &["--source", &source.url(), "--target", &target.url()],
+    );
     let n_shards = source.masters().len();
     // The markers go in once every source forked its snapshot: they travel
     // in the stream, behind every key.
@@ -392,7 +403,10 @@ fn native_incremental(cluster: bool, n: u64) -> (Duration, f64) {
 fn shardsync_incremental(cluster: bool, n: u64) -> (Duration, f64, u64) {
     let source = Deployment::start(cluster);
     let target = Deployment::start(cluster);
-    let mut sync = Shardsync::sync(BIN, &["--source", &source.url(), "--target", &target.url()]);
+    let mut sync = Shardsync::sync(
+        &bin(),
+        &["--source", &source.url(), "--target", &target.url()],
+    );
     let n_shards = source.masters().len();
     wait_for("shardsync's workers", Duration::from_secs(60), || {
         sync.status()

@@ -9,13 +9,19 @@
 //! command table, planned (`split::plan`: one slot, or per-slot parts),
 //! routed through the shared slot map of a 3-master target, and appended
 //! to the per-writer batches: everything a shard's intake does per command
-//! short of handing batches to the writers. Commands/s.
+//! short of handing batches to the writers. Commands/s, two ways: the
+//! replay rules (`engine::replay::Replay::step`, then its actions carried
+//! out as `source/stream.rs` does: what shardsync runs), and the bare
+//! table lookup + `split::plan` the intake used before the rules became
+//! their own module (the cost floor the rules are measured against).
 
 use std::sync::Arc;
 
 use bytes::BytesMut;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use engine::command;
+use engine::filter::DbFilter;
+use engine::replay::{Action, Dest, Replay, ReplayConfig};
 use engine::resp::{encode, parse_command};
 use engine::split::{self, Plan};
 use shard_worker::progress::WriterStats;
@@ -117,6 +123,43 @@ fn router(c: &mut Criterion) {
             std::hint::black_box(routed)
         })
     });
+    group.bench_function(
+        "replay rules: route 10k writes into a 3-master cluster",
+        |b| {
+            let cfg = ReplayConfig {
+                db_filter: DbFilter::new(vec![0], Default::default()),
+                ..ReplayConfig::default()
+            };
+            b.iter(|| {
+                let mut replay = Replay::new(cfg.clone(), true);
+                let mut actions = Vec::new();
+                let mut buf = BytesMut::from(&bytes[..]);
+                let mut builders: Vec<BatchBuilder> =
+                    (0..3).map(|_| BatchBuilder::default()).collect();
+                let mut routed = 0usize;
+                while let Some(cmd) = parse_command(&mut buf).unwrap() {
+                    replay.step(cmd, || 0, &mut actions).unwrap();
+                    for action in actions.drain(..) {
+                        let Action::Send { to, expect, body } = action else {
+                            continue;
+                        };
+                        let Dest::Slot(slot) = to else {
+                            unreachable!("only keyed commands here")
+                        };
+                        let w = router.writer_for_slot(slot);
+                        builders[w].push(None, expect, |out| out.extend_from_slice(body.bytes()));
+                        routed += 1;
+                    }
+                    for b in &mut builders {
+                        if b.commands() >= 4096 {
+                            std::hint::black_box(b.take(0, None));
+                        }
+                    }
+                }
+                std::hint::black_box(routed)
+            })
+        },
+    );
     group.finish();
     let _ = std::fs::remove_dir_all(&spill);
 }

@@ -8,6 +8,7 @@
 //! per slot, or command by command when one of them must be rewritten.
 
 use bytes::Bytes;
+use smallvec::{smallvec, SmallVec};
 
 use super::rules::not_replayed;
 use super::{Action, Body, Dest, Event, ExpectKind, Replay, Unit, UnitBody};
@@ -42,10 +43,13 @@ fn body_of(unit: UnitBody) -> Body {
     }
 }
 
+/// Commands each in one slot: nearly always one (inline, no allocation).
+type InSlots = SmallVec<[(u16, Body); 1]>;
+
 /// Where a unit lands on a cluster.
 enum Landing {
-    /// In one slot (the command, or a part of it).
-    Slots(Vec<(u16, Body)>),
+    /// Each command in one slot (the command, or its per-slot parts).
+    Slots(InSlots),
     /// Keyless: any one node, or every node.
     Keyless(Dest, Body),
     /// Only a rewrite can carry it (never inside a MULTI).
@@ -55,14 +59,17 @@ enum Landing {
 }
 
 fn land(unit: UnitBody) -> Landing {
-    let (cmd, spec) = match unit {
+    match unit {
         UnitBody::Rebuilt { slot, bytes } => {
-            return Landing::Slots(vec![(slot, Body::Encoded(bytes))])
+            Landing::Slots(smallvec![(slot, Body::Encoded(bytes))])
         }
-        UnitBody::Command { cmd, spec } => (cmd, spec),
-    };
-    match split::plan(spec, &cmd) {
-        Plan::Slot(slot) => Landing::Slots(vec![(slot, Body::Wire(cmd))]),
+        UnitBody::Command { cmd, spec } => land_plan(split::plan(spec, &cmd), cmd),
+    }
+}
+
+fn land_plan(plan: Plan, cmd: crate::resp::Command) -> Landing {
+    match plan {
+        Plan::Slot(slot) => Landing::Slots(smallvec![(slot, Body::Wire(cmd))]),
         Plan::Parts(parts) => Landing::Slots(
             parts
                 .into_iter()
@@ -95,10 +102,16 @@ impl Replay {
     }
 
     fn emit_one(&mut self, unit: Unit, out: &mut Vec<Action>) {
-        if self.cluster {
-            emit_landed(land(unit.body), out);
-        } else {
-            send(out, Dest::Db(unit.tdb), ExpectKind::Ok, body_of(unit.body));
+        if !self.cluster {
+            return send(out, Dest::Db(unit.tdb), ExpectKind::Ok, body_of(unit.body));
+        }
+        match unit.body {
+            // The common case, sent without building a landing.
+            UnitBody::Command { cmd, spec } => match split::plan(spec, &cmd) {
+                Plan::Slot(slot) => send(out, Dest::Slot(slot), ExpectKind::Ok, Body::Wire(cmd)),
+                plan => emit_landed(land_plan(plan, cmd), out),
+            },
+            body => emit_landed(land(body), out),
         }
     }
 
@@ -121,7 +134,7 @@ impl Replay {
 fn emit_tx_cluster(units: Vec<Unit>, out: &mut Vec<Action>) {
     let landed: Vec<Landing> = units.into_iter().map(|u| land(u.body)).collect();
     if !landed.iter().all(|l| matches!(l, Landing::Slots(_))) {
-        out.push(Action::Event(Event::TxSplit));
+        out.push(Action::event(Event::TxSplit));
         for landing in landed {
             emit_landed(landing, out);
         }
@@ -141,7 +154,7 @@ fn emit_tx_cluster(units: Vec<Unit>, out: &mut Vec<Action>) {
         }
     }
     if groups.len() > 1 {
-        out.push(Action::Event(Event::TxSplit));
+        out.push(Action::event(Event::TxSplit));
     }
     for (slot, bodies) in groups {
         let to = Dest::Slot(slot);
@@ -158,7 +171,7 @@ fn emit_landed(landing: Landing, out: &mut Vec<Action>) {
     match landing {
         Landing::Slots(parts) => {
             if parts.len() > 1 {
-                out.push(Action::Event(Event::Split));
+                out.push(Action::event(Event::Split));
             }
             for (slot, body) in parts {
                 send(out, Dest::Slot(slot), ExpectKind::Ok, body);
@@ -166,8 +179,8 @@ fn emit_landed(landing: Landing, out: &mut Vec<Action>) {
         }
         Landing::Keyless(to, body) => send(out, to, ExpectKind::Ok, body),
         Landing::Rewrite(plan, cmd) => {
-            out.push(Action::Event(Event::Rewritten));
-            out.push(Action::Rewrite { plan, cmd });
+            out.push(Action::event(Event::Rewritten));
+            out.push(Action::Rewrite(Box::new((plan, cmd))));
         }
         Landing::Unsupported(cmd, reason) => not_replayed(out, &cmd, reason),
     }

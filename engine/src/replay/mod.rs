@@ -196,11 +196,9 @@ pub enum Action {
         body: Body,
     },
     /// Wait until everything handed over is confirmed, then run a
-    /// cross-slot equivalent of `cmd` over control connections.
-    Rewrite {
-        plan: Plan,
-        cmd: Command,
-    },
+    /// cross-slot equivalent of the command over control connections
+    /// (boxed, as events are: rare, and every action stays small to move).
+    Rewrite(Box<(Plan, Command)>),
     /// The master asked for an acknowledgement.
     GetAck,
     /// Our heartbeat, written on the source at `written_ms` (Unix ms),
@@ -208,7 +206,13 @@ pub enum Action {
     Heartbeat {
         written_ms: i64,
     },
-    Event(Event),
+    Event(Box<Event>),
+}
+
+impl Action {
+    pub(crate) fn event(event: Event) -> Action {
+        Action::Event(Box::new(event))
+    }
 }
 
 /// A stream the rules cannot follow.
@@ -239,8 +243,14 @@ enum UnitBody {
 }
 
 impl Unit {
+    /// A command made by a rule (its table row looked up).
     fn command(tdb: Option<u32>, cmd: Command) -> Unit {
         let spec = command::lookup(&cmd);
+        Unit::of(tdb, cmd, spec)
+    }
+
+    /// A command whose table row is known.
+    fn of(tdb: Option<u32>, cmd: Command, spec: Option<&'static CommandSpec>) -> Unit {
         Unit {
             tdb,
             body: UnitBody::Command { cmd, spec },

@@ -53,13 +53,13 @@ impl Replay {
             if let Some(written_ms) = crate::heartbeat::written_ms(&cmd) {
                 out.push(Action::Heartbeat { written_ms });
             }
-            out.push(Action::Event(Event::Filtered));
+            out.push(Action::event(Event::Filtered));
             return;
         }
         if matches!(role, Role::Data | Role::Script | Role::Move) {
             match self.cfg.key_filter.keep(spec, &cmd) {
                 Kept::All => {}
-                Kept::Nothing => return out.push(Action::Event(Event::Filtered)),
+                Kept::Nothing => return out.push(Action::event(Event::Filtered)),
                 Kept::Part(cmds) => {
                     for c in cmds {
                         self.in_its_db(Unit::command(None, c), out, units);
@@ -92,22 +92,22 @@ impl Replay {
             }
         }
         match role {
-            Role::Publish if !self.cfg.replay_publish => out.push(Action::Event(Event::Filtered)),
+            Role::Publish if !self.cfg.replay_publish => out.push(Action::event(Event::Filtered)),
             // Keyless and global: no database to select.
-            Role::Publish | Role::Function => units.push(Unit::command(None, cmd)),
-            Role::FlushAll => self.flush_all(cmd, out, units),
-            Role::FlushDb => self.flush_db(cmd, out, units),
+            Role::Publish | Role::Function => units.push(Unit::of(None, cmd, spec)),
+            Role::FlushAll => self.flush_all(cmd, spec, out, units),
+            Role::FlushDb => self.flush_db(cmd, spec, out, units),
             Role::SwapDb => {
                 let dbs = [db_arg(&cmd, 1), db_arg(&cmd, 2)];
                 // SWAPDB does not depend on the selected database.
-                self.between_dbs(cmd, &dbs, None, out, units)
+                self.between_dbs(Unit::of(None, cmd, spec), &dbs, out, units)
             }
             Role::Move => {
                 let dbs = [Some(self.db), db_arg(&cmd, 2)];
                 let tdb = self.cfg.db_filter.target_db(self.db);
-                self.between_dbs(cmd, &dbs, tdb, out, units)
+                self.between_dbs(Unit::of(tdb, cmd, spec), &dbs, out, units)
             }
-            _ => self.in_its_db(Unit::command(None, cmd), out, units),
+            _ => self.in_its_db(Unit::of(None, cmd, spec), out, units),
         }
     }
 
@@ -119,17 +119,23 @@ impl Replay {
                 unit.tdb = tdb;
                 units.push(unit);
             }
-            None => out.push(Action::Event(Event::Filtered)),
+            None => out.push(Action::event(Event::Filtered)),
         }
     }
 
     /// FLUSHALL: every database when all are copied as they are (and on a
     /// cluster, whose one database is copied); otherwise FLUSHDB, with the
     /// same ASYNC/SYNC modifier, in each target database we write to.
-    fn flush_all(&self, cmd: Command, out: &mut Vec<Action>, units: &mut Vec<Unit>) {
+    fn flush_all(
+        &self,
+        cmd: Command,
+        spec: Option<&'static CommandSpec>,
+        out: &mut Vec<Action>,
+        units: &mut Vec<Unit>,
+    ) {
         if self.cluster || self.cfg.identity_dbs() {
             out.push(flushed("FLUSHALL", "all".into()));
-            units.push(Unit::command(None, cmd));
+            units.push(Unit::of(None, cmd, spec));
             return;
         }
         let mut tdbs: Vec<u32> = Vec::new();
@@ -151,30 +157,32 @@ impl Replay {
         }
     }
 
-    fn flush_db(&self, cmd: Command, out: &mut Vec<Action>, units: &mut Vec<Unit>) {
+    fn flush_db(
+        &self,
+        cmd: Command,
+        spec: Option<&'static CommandSpec>,
+        out: &mut Vec<Action>,
+        units: &mut Vec<Unit>,
+    ) {
         let Some(tdb) = self.target_db(self.db) else {
-            return out.push(Action::Event(Event::Filtered));
+            return out.push(Action::event(Event::Filtered));
         };
         out.push(flushed(
             "FLUSHDB",
             tdb.map_or("0".into(), |d| d.to_string()),
         ));
-        units.push(Unit {
-            tdb,
-            ..Unit::command(None, cmd)
-        });
+        units.push(Unit::of(tdb, cmd, spec));
     }
 
-    /// SWAPDB / MOVE, which move data between the source databases `dbs`
-    /// (`None`: not a database number; the target will say so). Dropped
-    /// when none of them is copied; replayed as is (in target database
-    /// `tdb`) when every database is copied unchanged to a standalone
-    /// target; otherwise there is no equivalent.
+    /// SWAPDB / MOVE (`unit`, in the target database it would run in),
+    /// which move data between the source databases `dbs` (`None`: not a
+    /// database number; the target will say so). Dropped when none of them
+    /// is copied; replayed as is when every database is copied unchanged to
+    /// a standalone target; otherwise there is no equivalent.
     fn between_dbs(
         &self,
-        cmd: Command,
+        unit: Unit,
         dbs: &[Option<u32>],
-        tdb: Option<u32>,
         out: &mut Vec<Action>,
         units: &mut Vec<Unit>,
     ) {
@@ -182,18 +190,18 @@ impl Replay {
             .iter()
             .any(|db| db.is_none_or(|db| self.cfg.db_filter.target_db(db).is_some()));
         if !touched {
-            return out.push(Action::Event(Event::Filtered));
+            return out.push(Action::event(Event::Filtered));
         }
+        let UnitBody::Command { cmd, .. } = &unit.body else {
+            return units.push(unit);
+        };
         if self.cluster {
-            return not_replayed(out, &cmd, CLUSTER_ONE_DB);
+            return not_replayed(out, cmd, CLUSTER_ONE_DB);
         }
         if !self.cfg.identity_dbs() {
-            return not_replayed(out, &cmd, DBS_FILTERED);
+            return not_replayed(out, cmd, DBS_FILTERED);
         }
-        units.push(Unit {
-            tdb,
-            ..Unit::command(None, cmd)
-        });
+        units.push(unit);
     }
 
     /// A replicated command the target cannot take as is, made acceptable:
@@ -219,7 +227,7 @@ impl Replay {
         match restore::carry(t, version, caps, self.cfg.force_rewrite) {
             Carry::Restore => None,
             Carry::Restamp => {
-                out.push(Action::Event(Event::Restamped));
+                out.push(Action::event(Event::Restamped));
                 let payload = restore::restamp(&args.payload, caps.rdb_version());
                 let mut argv: Vec<&[u8]> = cmd.args().collect();
                 argv[3] = &payload;
@@ -254,12 +262,12 @@ impl Replay {
         out: &mut Vec<Action>,
         units: &mut Vec<Unit>,
     ) {
-        out.push(Action::Event(Event::Rebuilt {
+        out.push(Action::event(Event::Rebuilt {
             key: rebuilt.key.clone(),
             loss: rebuilt.loss,
         }));
         let Some(tdb) = self.target_db(self.db) else {
-            return out.push(Action::Event(Event::Filtered));
+            return out.push(Action::event(Event::Filtered));
         };
         let (buf, marks) = rebuilt.commands.into_parts();
         let all = buf.freeze();
@@ -285,7 +293,7 @@ fn db_arg(cmd: &Command, i: usize) -> Option<u32> {
 }
 
 fn flushed(command: &'static str, target_dbs: String) -> Action {
-    Action::Event(Event::Flushed {
+    Action::event(Event::Flushed {
         command,
         target_dbs,
     })
@@ -296,7 +304,7 @@ pub(super) fn not_replayed(
     cmd: &Command,
     reason: impl Into<Cow<'static, str>>,
 ) {
-    out.push(Action::Event(Event::NotReplayed {
+    out.push(Action::event(Event::NotReplayed {
         command: describe(cmd),
         reason: reason.into(),
     }));

@@ -81,7 +81,8 @@ fn show(action: &Action) -> String {
             };
             format!("{} {expect} {}", show_dest(*to), show_body(body))
         }
-        Action::Rewrite { plan, cmd } => {
+        Action::Rewrite(rewrite) => {
+            let (plan, cmd) = &**rewrite;
             let kind = match plan {
                 Plan::Rename { .. } => "rename",
                 Plan::Copy { .. } => "copy",
@@ -93,7 +94,7 @@ fn show(action: &Action) -> String {
         }
         Action::GetAck => "getack".into(),
         Action::Heartbeat { written_ms } => format!("heartbeat {written_ms}"),
-        Action::Event(e) => match e {
+        Action::Event(e) => match &**e {
             Event::Filtered => "filtered".into(),
             Event::NotReplayed { command, reason } => {
                 format!("not-replayed {} ({reason})", command.trim_end())

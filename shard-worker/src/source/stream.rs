@@ -88,14 +88,17 @@ impl Intake {
                     self.send_with(to, expect, |buf| buf.extend_from_slice(bytes))
                         .await?;
                 }
-                Action::Rewrite { plan, cmd } => self.rewrite(plan, cmd).await?,
+                Action::Rewrite(rewrite) => {
+                    let (plan, cmd) = *rewrite;
+                    self.rewrite(plan, cmd).await?
+                }
                 Action::GetAck => {
                     let _ = self.actor.send_message(SourceMsg::GetAck);
                 }
                 Action::Heartbeat { written_ms } => {
                     self.stats.heartbeat_seen(written_ms, self.offset)
                 }
-                Action::Event(event) => self.report(event),
+                Action::Event(event) => self.report(*event),
             }
         }
         Ok(())
