@@ -38,7 +38,7 @@ fn send(out: &mut Vec<Action>, to: Dest, expect: ExpectKind, body: Body) {
 
 fn body_of(unit: UnitBody) -> Body {
     match unit {
-        UnitBody::Command { cmd, .. } => Body::Wire(cmd),
+        UnitBody::Command { cmd, .. } => Body::Wire(cmd.into_wire()),
         UnitBody::Rebuilt { bytes, .. } => Body::Encoded(bytes),
     }
 }
@@ -69,15 +69,15 @@ fn land(unit: UnitBody) -> Landing {
 
 fn land_plan(plan: Plan, cmd: crate::resp::Command) -> Landing {
     match plan {
-        Plan::Slot(slot) => Landing::Slots(smallvec![(slot, Body::Wire(cmd))]),
+        Plan::Slot(slot) => Landing::Slots(smallvec![(slot, Body::Wire(cmd.into_wire()))]),
         Plan::Parts(parts) => Landing::Slots(
             parts
                 .into_iter()
-                .map(|(slot, part)| (slot, Body::Wire(part)))
+                .map(|(slot, part)| (slot, Body::Wire(part.into_wire())))
                 .collect(),
         ),
-        Plan::AnyNode => Landing::Keyless(Dest::AnyNode, Body::Wire(cmd)),
-        Plan::Everywhere => Landing::Keyless(Dest::Everywhere, Body::Wire(cmd)),
+        Plan::AnyNode => Landing::Keyless(Dest::AnyNode, Body::Wire(cmd.into_wire())),
+        Plan::Everywhere => Landing::Keyless(Dest::Everywhere, Body::Wire(cmd.into_wire())),
         Plan::Unsupported(reason) => Landing::Unsupported(cmd, reason),
         plan @ (Plan::Rename { .. }
         | Plan::Copy { .. }
@@ -90,6 +90,7 @@ impl Replay {
     /// Units of one command outside a transaction: one goes alone; several
     /// (a trimmed or rebuilt command, per-database flushes) make a
     /// transaction of their own, as the source applied them at once.
+    #[inline]
     pub(super) fn emit_alone(&mut self, units: &mut Vec<Unit>, out: &mut Vec<Action>) {
         match units.len() {
             0 => {}
@@ -101,6 +102,7 @@ impl Replay {
         }
     }
 
+    #[inline]
     fn emit_one(&mut self, unit: Unit, out: &mut Vec<Action>) {
         if !self.cluster {
             return send(out, Dest::Db(unit.tdb), ExpectKind::Ok, body_of(unit.body));
@@ -108,7 +110,12 @@ impl Replay {
         match unit.body {
             // The common case, sent without building a landing.
             UnitBody::Command { cmd, spec } => match split::plan(spec, &cmd) {
-                Plan::Slot(slot) => send(out, Dest::Slot(slot), ExpectKind::Ok, Body::Wire(cmd)),
+                Plan::Slot(slot) => send(
+                    out,
+                    Dest::Slot(slot),
+                    ExpectKind::Ok,
+                    Body::Wire(cmd.into_wire()),
+                ),
                 plan => emit_landed(land_plan(plan, cmd), out),
             },
             body => emit_landed(land(body), out),

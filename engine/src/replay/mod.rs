@@ -141,8 +141,10 @@ pub enum Dest {
 /// The bytes of a command to send.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Body {
-    /// A command of the stream, forwarded exactly as the master sent it.
-    Wire(Command),
+    /// A command of the stream, forwarded exactly as the master sent it
+    /// (its bytes only: the argument index is not needed any more, and a
+    /// smaller action is cheaper to move).
+    Wire(Bytes),
     /// A command shardsync encoded (rebuilt values, MULTI/EXEC, SELECT, ...).
     Encoded(Bytes),
 }
@@ -150,7 +152,7 @@ pub enum Body {
 impl Body {
     pub fn bytes(&self) -> &[u8] {
         match self {
-            Body::Wire(cmd) => cmd.wire(),
+            Body::Wire(bytes) => bytes,
             Body::Encoded(bytes) => bytes,
         }
     }
@@ -270,6 +272,7 @@ enum Class {
     Write(Role),
 }
 
+#[inline]
 fn classify(spec: Option<&CommandSpec>, cmd: &Command) -> Class {
     match spec.map_or(Role::Data, |s| s.role) {
         Role::Ping => Class::Chatter,
@@ -296,6 +299,9 @@ pub struct Replay {
     cluster: bool,
     /// Source database selected in the stream.
     db: u32,
+    /// Its target database, as [`Replay::target_db`] gives it (kept with
+    /// `db`: asked for every command, changed only by SELECT).
+    tdb: Option<Option<u32>>,
     /// The open transaction's units, held until EXEC.
     tx: Option<Vec<Unit>>,
     tmp: TmpNames,
@@ -305,14 +311,29 @@ pub struct Replay {
 
 impl Replay {
     pub fn new(cfg: ReplayConfig, cluster: bool) -> Replay {
-        Replay {
+        let mut replay = Replay {
             tmp: TmpNames::new(cfg.tmp_scope.clone()),
             cfg,
             cluster,
             db: 0,
+            tdb: None,
             tx: None,
             scratch: Vec::new(),
-        }
+        };
+        replay.select(0);
+        replay
+    }
+
+    /// Source database `db` is selected from here on.
+    fn select(&mut self, db: u32) {
+        self.db = db;
+        self.tdb = self.target_db(db);
+    }
+
+    /// The target database of the selected source database (see
+    /// [`Replay::target_db`]).
+    fn current_tdb(&self) -> Option<Option<u32>> {
+        self.tdb
     }
 
     pub fn config(&self) -> &ReplayConfig {
@@ -332,7 +353,7 @@ impl Replay {
     /// database before any command, so 0 stands until then; after a partial
     /// resync, the database selected where the stream left off.
     pub fn start_at(&mut self, db: u32) {
-        self.db = db;
+        self.select(db);
         self.tx = None;
     }
 
@@ -369,11 +390,12 @@ impl Replay {
             Class::Chatter => {}
             Class::GetAck => out.push(Action::GetAck),
             Class::Select => {
-                self.db = cmd
+                let db = cmd
                     .get(1)
                     .and_then(|a| std::str::from_utf8(a).ok())
                     .and_then(|s| s.parse::<u32>().ok())
                     .ok_or_else(|| ReplayError::BadSelect(format!("{cmd:?}")))?;
+                self.select(db);
             }
             Class::Multi => self.tx = Some(Vec::new()),
             Class::Exec => {

@@ -40,6 +40,7 @@ enum Adapted {
 impl Replay {
     /// The units for one write (`role`), appended to `units`; what is
     /// dropped or reported goes to `out`.
+    #[inline]
     pub(super) fn write(
         &mut self,
         role: Role,
@@ -113,8 +114,9 @@ impl Replay {
 
     /// `unit` in the target database of the selected source database, or
     /// dropped when that database is not copied.
+    #[inline]
     fn in_its_db(&self, mut unit: Unit, out: &mut Vec<Action>, units: &mut Vec<Unit>) {
-        match self.target_db(self.db) {
+        match self.current_tdb() {
             Some(tdb) => {
                 unit.tdb = tdb;
                 units.push(unit);
@@ -164,7 +166,7 @@ impl Replay {
         out: &mut Vec<Action>,
         units: &mut Vec<Unit>,
     ) {
-        let Some(tdb) = self.target_db(self.db) else {
+        let Some(tdb) = self.current_tdb() else {
             return out.push(Action::event(Event::Filtered));
         };
         out.push(flushed(
@@ -266,7 +268,7 @@ impl Replay {
             key: rebuilt.key.clone(),
             loss: rebuilt.loss,
         }));
-        let Some(tdb) = self.target_db(self.db) else {
+        let Some(tdb) = self.current_tdb() else {
             return out.push(Action::event(Event::Filtered));
         };
         let (buf, marks) = rebuilt.commands.into_parts();

@@ -31,6 +31,11 @@ impl Command {
         &self.wire
     }
 
+    /// The exact bytes of the command, without the argument index.
+    pub fn into_wire(self) -> Bytes {
+        self.wire
+    }
+
     /// How many bytes of the stream the command took.
     pub fn wire_len(&self) -> usize {
         self.wire.len()
