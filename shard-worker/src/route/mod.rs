@@ -112,6 +112,7 @@ impl Router {
     }
 
     /// Whether the cluster map changed since this router last looked.
+    #[inline]
     pub fn stale(&self) -> bool {
         match &self.topology {
             Topology::Single => false,

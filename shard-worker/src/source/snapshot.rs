@@ -225,7 +225,9 @@ impl Intake {
             }
             .emit();
         }
-        self.follow_map().await?;
+        if self.dispatcher.router().stale() {
+            self.follow_map().await?;
+        }
         let existing = snap.existing;
         match carry {
             Carry::Restore => {
@@ -322,7 +324,9 @@ impl Intake {
                 to: None,
             });
         };
-        self.follow_map().await?;
+        if self.dispatcher.router().stale() {
+            self.follow_map().await?;
+        }
         let tmp = self.replay.tmp_names().next(engine::slot::slot(&part.key));
         let target = Key {
             key: &part.key,

@@ -80,10 +80,12 @@ impl Intake {
         for action in actions.drain(..) {
             match action {
                 Action::Send { to, expect, body } => {
-                    if !followed {
+                    // The check is inline: an await per command costs more
+                    // than the map ever changes.
+                    if !followed && self.dispatcher.router().stale() {
                         self.follow_map().await?;
-                        followed = true;
                     }
+                    followed = true;
                     let bytes = body.bytes();
                     self.send_with(to, expect, |buf| buf.extend_from_slice(bytes))
                         .await?;
