@@ -15,7 +15,7 @@ use crate::topology::{self, covered_slots, Master, Resolved};
 use crate::url::SourceSpec;
 
 /// The shortest interval the write rate is measured over.
-const RATE_WINDOW: Duration = Duration::from_millis(250);
+const RATE_WINDOW: Duration = Duration::from_millis(100);
 
 /// The source masters (or pool backends), probed.
 pub(super) async fn sources(cfg: &TaskConfig, checks: &mut Checks) -> Option<Sources> {
