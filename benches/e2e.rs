@@ -104,7 +104,7 @@ impl Deployment {
     }
 
     fn dbsize(&self) -> u64 {
-        self.masters().iter().map(|m| m.dbsize(0)).sum()
+        self.masters().iter().map(|m| m.raw_dbsize(0)).sum()
     }
 
     /// Whether `key` exists, asked of the master that serves it.
@@ -263,7 +263,7 @@ fn native_replicas(source: &Deployment, keys: u64) -> (Duration, u64, Cpu) {
     let start = Instant::now();
     replicate(source, &replicas);
     wait_for("the native replicas", Duration::from_secs(600), || {
-        links_up(&replicas) && replicas.iter().map(|r| r.dbsize(0)).sum::<u64>() == keys
+        links_up(&replicas) && replicas.iter().map(|r| r.raw_dbsize(0)).sum::<u64>() == keys
     });
     let elapsed = start.elapsed();
     let rss = replicas.iter().map(|r| peak_rss_kb(r.pid())).sum();

@@ -26,7 +26,7 @@ fn kept(key: &str) -> bool {
 fn keys(server: &RedisServer) -> BTreeSet<String> {
     let all: Vec<String> = server.cmd(&["KEYS", "*"]);
     all.into_iter()
-        .filter(|k| !harness::compare::is_heartbeat(k.as_bytes()))
+        .filter(|k| !harness::compare::is_internal(k.as_bytes()))
         .collect()
 }
 

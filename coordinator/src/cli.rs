@@ -85,6 +85,10 @@ pub struct SyncArgs {
     /// the source's clock).
     #[arg(long)]
     pub no_heartbeat: bool,
+    /// Do not write applied-position markers on the targets: commands resent
+    /// after a lost target link or a restart may then run twice.
+    #[arg(long)]
+    pub no_exactly_once: bool,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -83,6 +83,9 @@ pub struct FileConfig {
     pub exclude: Vec<String>,
     /// Write the heartbeat key on the sources (default true).
     pub heartbeat: Option<bool>,
+    /// Apply every replayed command exactly once, across lost links and
+    /// restarts (markers on the target; default true).
+    pub exactly_once: Option<bool>,
 }
 
 /// Why a configuration was refused.
@@ -132,6 +135,7 @@ pub struct TaskConfig {
     pub force_rewrite: bool,
     pub key_filter: KeyFilter,
     pub heartbeat: bool,
+    pub exactly_once: bool,
 }
 
 pub const DEFAULT_SPILL_MEMORY: &str = "32MB";
@@ -235,6 +239,7 @@ impl TaskConfig {
             },
             force_rewrite: args.force_rewrite || file.force_rewrite.unwrap_or(false),
             heartbeat: !args.no_heartbeat && file.heartbeat.unwrap_or(true),
+            exactly_once: !args.no_exactly_once && file.exactly_once.unwrap_or(true),
             key_filter: key_filter(
                 if args.includes.is_empty() {
                     &file.include

@@ -48,15 +48,7 @@ pub async fn run(
     };
     // Heartbeats on every source master, under this task's id (one id for
     // all its targets: each target's workers see the same heartbeat).
-    let source_addrs: Vec<String> = plans[0].shards.iter().map(|s| s.endpoint.addr()).collect();
-    let target_addrs: Vec<String> = plans
-        .iter()
-        .flat_map(|p| p.target.endpoints())
-        .map(|e| e.addr())
-        .collect();
-    let heartbeat_id = cfg
-        .heartbeat
-        .then(|| heartbeat::task_id(&source_addrs, &target_addrs));
+    let heartbeat_id = cfg.heartbeat.then(|| plans[0].task_id.clone());
     let heartbeats: Vec<_> = match &heartbeat_id {
         Some(id) => plans[0]
             .shards
@@ -160,6 +152,8 @@ fn task_args(
         status: shared.status.clone(),
         checkpoints: plan.checkpoints,
         done,
+        task_id: plan.task_id,
+        exactly_once: plan.exactly_once,
     }
 }
 

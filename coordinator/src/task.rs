@@ -69,6 +69,10 @@ pub struct TaskArgs {
     pub status: Arc<TaskStatus>,
     pub checkpoints: Option<CheckpointStore>,
     pub done: oneshot::Sender<Outcome>,
+    /// The task's id (its marker keys carry it).
+    pub task_id: String,
+    /// Batches carry markers (exactly-once).
+    pub exactly_once: bool,
 }
 
 pub enum TaskMsg {
@@ -119,6 +123,8 @@ pub struct TaskState {
     initial_resume: Vec<Option<ResumePoint>>,
     max_writers: usize,
     stopping: bool,
+    /// Each shard's marker key, when batches carry markers.
+    marker_keys: Option<Vec<bytes::Bytes>>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -150,13 +156,21 @@ impl Actor for Task {
                 if let Some(point) = &plan.resume {
                     stats.seed(point);
                 }
+                stats.seed_epoch(plan.epoch);
                 stats
             })
             .collect();
         let group = args
             .status
             .add_group(Workers::new(args.name.clone(), shards.clone()));
+        let marker_keys = args.exactly_once.then(|| {
+            args.shards
+                .iter()
+                .map(|s| engine::marker::key(&args.task_id, &s.endpoint.addr(), None).into())
+                .collect()
+        });
         Ok(TaskState {
+            marker_keys,
             shard_eps: args.shards.iter().map(|s| s.endpoint.clone()).collect(),
             initial_resume: args.shards.into_iter().map(|s| s.resume).collect(),
             outages: shards.iter().map(|_| None).collect(),
@@ -372,6 +386,10 @@ async fn spawn_writer(
             window: DEFAULT_WINDOW,
             target_caps: state.options.replay.target_caps,
             tmp_scope: format!("{}w{}", state.options.replay.tmp_scope, handle.index),
+            markers: state
+                .marker_keys
+                .clone()
+                .map(|keys| shard_worker::write::WriterMarkers { keys }),
         },
         myself.get_cell(),
     )
@@ -445,6 +463,12 @@ async fn spawn_source(
                 options
             },
             listening_port: state.listening_port,
+            marking: state
+                .marker_keys
+                .as_ref()
+                .map(|keys| shard_worker::route::Marking {
+                    key: keys[shard].clone(),
+                }),
         },
         myself.get_cell(),
     )

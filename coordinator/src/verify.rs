@@ -5,7 +5,7 @@
 //! compare equal) and its TTL checked; keys the target has beyond the
 //! source's are counted from DBSIZE. Either side may be several nodes: a
 //! cluster source or a Twemproxy pool is read node by node, a cluster
-//! target is read where each key's slot lives. shardsync's heartbeat keys
+//! target is read where each key's slot lives. shardsync's own keys (heartbeats, markers)
 //! are left out. Run it with writes stopped: a live source moves while it
 //! is being read.
 
@@ -144,14 +144,14 @@ pub async fn verify(
             }
             // Keys that expired on the source between SCAN and now are
             // already reported as differences; what remains is what the
-            // target has more (heartbeat keys aside).
+            // target has more (shardsync's own keys aside).
             let extra = target_size.saturating_sub(in_source);
             if extra > 0 {
-                let mut heartbeats = 0;
+                let mut internal = 0;
                 for dst in &mut target.conns {
-                    heartbeats += heartbeat_keys(dst).await?;
+                    internal += internal_keys(dst).await?;
                 }
-                extra.saturating_sub(heartbeats)
+                extra.saturating_sub(internal)
             } else {
                 0
             }
@@ -184,7 +184,7 @@ async fn compare_node(
         let (next, batch) = scan_page(src, &cursor, None).await?;
         let batch: Vec<Vec<u8>> = batch
             .into_iter()
-            .filter(|k| filter.keeps(k) && !engine::heartbeat::is_any(k))
+            .filter(|k| filter.keeps(k) && !engine::marker::is_internal(k))
             .collect();
         for chunk in batch.chunks(BATCH) {
             in_source += chunk.len() as u64;
@@ -210,7 +210,7 @@ async fn extra_kept_keys(
         let (next, batch) = scan_page(dst, &cursor, None).await?;
         let kept: Vec<Vec<&[u8]>> = batch
             .iter()
-            .filter(|k| filter.keeps(k) && !engine::heartbeat::is_any(k))
+            .filter(|k| filter.keeps(k) && !engine::marker::is_internal(k))
             .map(|k| vec![&b"EXISTS"[..], k])
             .collect();
         let mut found = vec![false; kept.len()];
@@ -227,14 +227,17 @@ async fn extra_kept_keys(
     }
 }
 
-/// Heartbeat keys in the selected database.
-async fn heartbeat_keys(conn: &mut Conn) -> Result<u64, WorkerError> {
-    let pattern = format!("*{}*", engine::heartbeat::MARK);
+/// Keys shardsync wrote for itself (heartbeats, markers, temporary names)
+/// in the selected database.
+async fn internal_keys(conn: &mut Conn) -> Result<u64, WorkerError> {
     let mut n = 0;
     let mut cursor = "0".to_string();
     loop {
-        let (next, batch) = scan_page(conn, &cursor, Some(&pattern)).await?;
-        n += batch.len() as u64;
+        let (next, batch) = scan_page(conn, &cursor, Some("*shardsync:*")).await?;
+        n += batch
+            .iter()
+            .filter(|k| engine::marker::is_internal(k))
+            .count() as u64;
         if next == "0" {
             return Ok(n);
         }

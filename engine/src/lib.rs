@@ -21,6 +21,8 @@
 //! - [`filter`]: which databases and keys are synchronized, and where they
 //!   land.
 //! - [`heartbeat`]: the heartbeat key lag is measured with.
+//! - [`marker`]: the applied-position markers written on targets with the
+//!   commands they describe, and the `shardsync:` family of internal keys.
 //! - [`rebuild`], [`compat`]: values and commands for older targets.
 //! - [`replay`]: the replay rules: [`replay::Replay::step`] turns each
 //!   command of a stream into actions (send to a database / slot / every
@@ -38,6 +40,7 @@ pub mod command;
 pub mod compat;
 pub mod filter;
 pub mod heartbeat;
+pub mod marker;
 pub mod rdb;
 pub mod rebuild;
 pub mod replay;

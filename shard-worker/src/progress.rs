@@ -212,6 +212,8 @@ pub struct ShardStats {
     /// The targets already hold this shard's data (a checkpoint of an
     /// earlier run): a full sync must replace what it finds.
     pub ours: AtomicBool,
+    /// The sync epoch markers name: every full sync starts a new one.
+    epoch: AtomicU64,
     pub counters: ShardCounters,
     /// Stream bytes read from the source and not yet parsed.
     pub stream_spill: Arc<SpillGauges>,
@@ -251,6 +253,7 @@ impl ShardStats {
             processed: Mutex::new(None),
             replid: Mutex::new(String::new()),
             ours: AtomicBool::new(false),
+            epoch: AtomicU64::new(0),
             counters: ShardCounters::default(),
             stream_spill: Arc::new(SpillGauges::default()),
             samples: Mutex::new(VecDeque::new()),
@@ -258,6 +261,26 @@ impl ShardStats {
             heartbeat_pending: AtomicBool::new(false),
             confirmed: Notify::new(),
         }
+    }
+
+    /// The current sync epoch (see `engine::marker`).
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    /// Continues from the newest epoch a target's markers name.
+    pub fn seed_epoch(&self, epoch: u64) {
+        self.epoch.fetch_max(epoch, Ordering::AcqRel);
+    }
+
+    /// A full sync begins a new epoch; returns it.
+    pub fn next_epoch(&self) -> u64 {
+        self.epoch.fetch_add(1, Ordering::AcqRel) + 1
+    }
+
+    /// The replication id of the current sync.
+    pub fn replid(&self) -> String {
+        self.replid.lock().expect("replid lock").clone()
     }
 
     pub fn state(&self) -> ShardState {

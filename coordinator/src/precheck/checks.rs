@@ -8,6 +8,7 @@ use super::{CheckpointFact, Checks, SourceMaster, TargetMaster};
 use crate::checkpoint::CheckpointState;
 use crate::config::OnConflict;
 use crate::server::ServerInfo;
+use engine::marker::Marker;
 use shard_worker::progress::ResumePoint;
 
 /// The speed a full sync is assumed to reach when judging settings that
@@ -458,6 +459,72 @@ pub fn big_keys(threshold: usize, targets: &[TargetMaster], checks: &mut Checks)
         ),
     );
     ceiling
+}
+
+/// Where a shard starts, from what an earlier run of the task left.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Start {
+    /// The target holds this shard's data (a full sync replaces it).
+    pub ours: bool,
+    /// Continue with a partial resync from here.
+    pub resume: Option<ResumePoint>,
+    /// The newest sync epoch the target's marker names.
+    pub epoch: u64,
+}
+
+/// Where shard `source` starts. The target's marker wins over the local
+/// checkpoint: it was written in the same transaction as the data, so it
+/// says exactly what the target holds, where a checkpoint may lag behind
+/// what was applied after it. The checkpoint is the fallback (markers off,
+/// or none found).
+pub fn start(
+    source: &str,
+    marker: Option<&Marker>,
+    checkpoint_fact: &CheckpointFact,
+    target_addrs: &[String],
+    checks: &mut Checks,
+) -> Start {
+    match marker {
+        Some(Marker::Applied {
+            epoch,
+            replid,
+            offset,
+            db,
+        }) => {
+            checks.pass(
+                "checkpoint",
+                format!("resuming {source} from offset {offset}, where the target's marker says it is (partial resync)"),
+            );
+            Start {
+                ours: true,
+                resume: Some(ResumePoint {
+                    replid: replid.clone(),
+                    offset: *offset,
+                    db: *db,
+                }),
+                epoch: *epoch,
+            }
+        }
+        Some(Marker::Full { epoch }) => {
+            checks.warn(
+                "checkpoint",
+                format!("an earlier full sync of {source} did not finish (the target's marker says so); starting it over, replacing the keys it wrote"),
+            );
+            Start {
+                ours: true,
+                resume: None,
+                epoch: *epoch,
+            }
+        }
+        None => {
+            let (ours, resume) = checkpoint(source, checkpoint_fact, target_addrs, checks);
+            Start {
+                ours,
+                resume,
+                epoch: 0,
+            }
+        }
+    }
 }
 
 /// What an earlier run's checkpoint of `source` means for this one:

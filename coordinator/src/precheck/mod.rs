@@ -92,6 +92,8 @@ pub struct ShardPlan {
     pub ours: bool,
     /// On a cluster source, a slot the master serves (for its heartbeat).
     pub slot: Option<u16>,
+    /// The newest sync epoch the target's markers name (0: none).
+    pub epoch: u64,
 }
 
 /// A cluster's masters with the slot ranges each serves.
@@ -132,6 +134,11 @@ pub struct Plan {
     pub big_key_bytes: usize,
     /// Where this target's checkpoints live.
     pub checkpoints: Option<CheckpointStore>,
+    /// The task's id (its heartbeat and marker keys carry it).
+    pub task_id: String,
+    /// Batches carry markers (exactly-once): asked for, and the target
+    /// supports it.
+    pub exactly_once: bool,
 }
 
 pub struct Report {
@@ -199,6 +206,18 @@ pub struct Target {
     pub checkpoints: Option<CheckpointStore>,
     /// Per source master, in the order of [`Sources::masters`].
     pub found: Vec<CheckpointFact>,
+    /// Per source master, the newest marker this task left on the target.
+    pub markers: Vec<Option<engine::marker::Marker>>,
+}
+
+/// The task's id: its source masters and every target node.
+fn task_id(sources: &Sources, targets: &[Target]) -> String {
+    let source_addrs: Vec<String> = sources.masters.iter().map(|m| m.endpoint.addr()).collect();
+    let target_addrs: Vec<String> = targets
+        .iter()
+        .flat_map(|t| t.masters.iter().map(|m| m.endpoint.addr()))
+        .collect();
+    crate::heartbeat::task_id(&source_addrs, &target_addrs)
 }
 
 /// Runs every check against the live servers.
@@ -206,9 +225,13 @@ pub async fn run(cfg: &TaskConfig, store: Option<&CheckpointStore>) -> Report {
     let mut checks = Checks::default();
     let mut plans = Vec::new();
     if let Some(mut sources) = probe::sources(cfg, &mut checks).await {
-        let targets = probe::targets(cfg, store, &sources, &mut checks).await;
+        let mut targets = probe::targets(cfg, store, &sources, &mut checks).await;
+        let task_id = task_id(&sources, &targets);
+        if cfg.exactly_once {
+            probe::markers(&task_id, &sources, &mut targets, &mut checks).await;
+        }
         probe::write_rates(&mut sources).await;
-        plans = plan::plans(cfg, &sources, &targets, &mut checks);
+        plans = plan::plans(cfg, &task_id, &sources, &targets, &mut checks);
     }
     if checks.failed() {
         plans.clear();

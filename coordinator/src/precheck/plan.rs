@@ -5,11 +5,37 @@ use shard_worker::Endpoint;
 
 use super::{checks, Checks, Plan, ShardPlan, Sources, Target, TargetPlan};
 use crate::config::{OnConflict, TaskConfig};
+
+/// Whether the target gets markers: asked for, and a standalone target
+/// (a cluster target cannot yet: a transaction there must stay in one
+/// slot).
+fn exactly_once(cfg: &TaskConfig, target: &Target, checks: &mut Checks) -> bool {
+    if !cfg.exactly_once {
+        checks.warn(
+            "exactly once",
+            format!("--no-exactly-once: commands resent to {} after a lost link or a restart may run twice", target.name),
+        );
+        return false;
+    }
+    if target.cluster {
+        checks.warn(
+            "exactly once",
+            format!("{} is a cluster: markers are not written there yet, so commands resent after a lost link or a restart may run twice", target.name),
+        );
+        return false;
+    }
+    checks.pass(
+        "exactly once",
+        format!("every batch to {} carries its position in a marker key (one per source master, database 0): nothing is applied twice", target.name),
+    );
+    true
+}
 use crate::server::ServerInfo;
 
 /// A plan per target; targets whose rules fail have none.
 pub(super) fn plans(
     cfg: &TaskConfig,
+    task_id: &str,
     sources: &Sources,
     targets: &[Target],
     checks: &mut Checks,
@@ -39,7 +65,7 @@ pub(super) fn plans(
             }
             seen.push((&target.name, &m.info));
         }
-        if let Some(plan) = plan_target(cfg, sources, target, checks) {
+        if let Some(plan) = plan_target(cfg, task_id, sources, target, checks) {
             plans.push(plan);
         }
     }
@@ -58,6 +84,7 @@ pub(super) fn plans(
 /// The plan for one target.
 fn plan_target(
     cfg: &TaskConfig,
+    task_id: &str,
     sources: &Sources,
     target: &Target,
     checks: &mut Checks,
@@ -81,13 +108,15 @@ fn plan_target(
         .masters
         .iter()
         .zip(&target.found)
-        .map(|(m, fact)| {
-            let (ours, resume) = checks::checkpoint(&m.info.addr, fact, &target_addrs, checks);
+        .zip(&target.markers)
+        .map(|((m, fact), marker)| {
+            let start = checks::start(&m.info.addr, marker.as_ref(), fact, &target_addrs, checks);
             ShardPlan {
                 endpoint: m.endpoint.clone(),
-                resume,
-                ours,
+                resume: start.resume,
+                ours: start.ours,
                 slot: m.slot,
+                epoch: start.epoch,
             }
         })
         .collect();
@@ -142,5 +171,7 @@ fn plan_target(
         target_caps,
         big_key_bytes,
         checkpoints: target.checkpoints.clone(),
+        task_id: task_id.to_string(),
+        exactly_once: exactly_once(cfg, target, checks),
     })
 }

@@ -8,6 +8,9 @@ use engine::slot::SLOTS;
 use shard_worker::Endpoint;
 
 use super::{CheckpointFact, Checks, SourceMaster, Sources, Target, TargetMaster};
+use shard_worker::conn::Conn;
+use shard_worker::write::{read_markers, WriterMarkers};
+
 use crate::checkpoint::CheckpointStore;
 use crate::config::TaskConfig;
 use crate::server::{looks_like_a_proxy, probe, repl_offset, ServerInfo};
@@ -227,6 +230,7 @@ pub(super) async fn targets(
             masters,
             checkpoints: store,
             found,
+            markers: vec![None; sources.masters.len()],
         });
     }
     out
@@ -283,6 +287,33 @@ async fn target_masters(ep: &Endpoint, checks: &mut Checks) -> Option<(bool, Vec
                 })
                 .collect();
             Some((true, masters))
+        }
+    }
+}
+
+/// The markers this task left on each standalone target, per source
+/// master. A target that cannot be read fails the check (the probe just
+/// reached it).
+pub(super) async fn markers(
+    task_id: &str,
+    sources: &Sources,
+    targets: &mut [Target],
+    checks: &mut Checks,
+) {
+    let keys: Vec<bytes::Bytes> = sources
+        .masters
+        .iter()
+        .map(|m| engine::marker::key(task_id, &m.endpoint.addr(), None).into())
+        .collect();
+    let spec = WriterMarkers { keys };
+    for t in targets.iter_mut().filter(|t| !t.cluster) {
+        let read = async {
+            let mut conn = Conn::open_authenticated(&t.endpoint).await?;
+            read_markers(&mut conn, &spec).await
+        };
+        match read.await {
+            Ok(found) => t.markers = found,
+            Err(e) => checks.fail("target markers", e.to_string()),
         }
     }
 }

@@ -19,7 +19,7 @@ mod reply;
 
 pub use command::{parse_command, Command};
 pub use frame::{parse_frame, Frame};
-pub use reply::{scan_reply, ReplyScan};
+pub use reply::{scan_exec, scan_reply, ExecScan, ReplyScan};
 
 /// Caps applied while framing; beyond them input is rejected as invalid.
 pub mod limits {

@@ -34,6 +34,53 @@ pub fn scan_reply(buf: &[u8]) -> Result<Option<ReplyScan>, RespError> {
     }
 }
 
+/// An EXEC reply, element by element.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ExecScan {
+    /// The transaction ran: the reply's length, and the first error inside
+    /// each element that holds one (element index, error text range).
+    Ran {
+        len: usize,
+        errors: Vec<(usize, Range<usize>)>,
+    },
+    /// Not an array (EXECABORT, an error, a nil reply): as [`scan_reply`]
+    /// sees it.
+    Other(ReplyScan),
+}
+
+/// Scans the EXEC reply at the front of `buf`, noting errors per element;
+/// `Ok(None)` when incomplete.
+pub fn scan_exec(buf: &[u8]) -> Result<Option<ExecScan>, RespError> {
+    if buf.first() != Some(&b'*') {
+        return Ok(scan_reply(buf)?.map(ExecScan::Other));
+    }
+    let Some((count, mut pos)) = read_header_int(buf, 0)? else {
+        return Ok(None);
+    };
+    if count < 0 {
+        return Ok(scan_reply(buf)?.map(ExecScan::Other));
+    }
+    if count as u64 > limits::MAX_ARRAY_LEN {
+        return Err(RespError::TooLarge {
+            what: "array",
+            len: count as u64,
+            limit: limits::MAX_ARRAY_LEN,
+        });
+    }
+    let mut errors = Vec::new();
+    for i in 0..count as usize {
+        let mut error = None;
+        match scan_at(buf, pos, 1, &mut error)? {
+            Some(next) => pos = next,
+            None => return Ok(None),
+        }
+        if let Some(e) = error {
+            errors.push((i, e));
+        }
+    }
+    Ok(Some(ExecScan::Ran { len: pos, errors }))
+}
+
 fn scan_at(
     buf: &[u8],
     start: usize,
@@ -129,6 +176,24 @@ fn scan_at(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn exec_replies_report_each_failed_element() {
+        let buf = b"*4\r\n+OK\r\n-WRONGTYPE bad\r\n:3\r\n-ERR no\r\n+PONG\r\n";
+        let Some(ExecScan::Ran { len, errors }) = scan_exec(buf).unwrap() else {
+            panic!("an array")
+        };
+        assert_eq!(&buf[len..], b"+PONG\r\n");
+        let texts: Vec<(usize, &[u8])> =
+            errors.iter().map(|(i, r)| (*i, &buf[r.clone()])).collect();
+        assert_eq!(texts, [(1, &b"WRONGTYPE bad"[..]), (3, &b"ERR no"[..])]);
+        let abort = b"-EXECABORT Transaction discarded\r\n";
+        assert!(matches!(
+            scan_exec(abort).unwrap(),
+            Some(ExecScan::Other(ReplyScan { error: Some(_), .. }))
+        ));
+        assert_eq!(scan_exec(b"*2\r\n+OK\r\n").unwrap(), None, "incomplete");
+    }
 
     fn scan(input: &[u8]) -> Option<ReplyScan> {
         scan_reply(input).unwrap()

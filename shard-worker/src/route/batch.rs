@@ -32,6 +32,10 @@ pub struct Batch {
     /// Stream position after the last command. `None` for full-sync
     /// batches, which make nothing resumable by themselves.
     pub end: Option<StreamPos>,
+    /// The batch is one transaction of ours: `MULTI`, its commands, the
+    /// SET of its shard's marker, `EXEC` (exactly-once): it runs whole or
+    /// not at all, and the marker says which.
+    pub wrapped: bool,
 }
 
 impl Batch {
@@ -73,6 +77,7 @@ impl Batch {
                 })
                 .collect(),
             end: self.end,
+            wrapped: self.wrapped && k == 0,
         }
     }
 
@@ -92,6 +97,9 @@ pub struct BatchBuilder {
     db: Option<u32>,
     buf: BytesMut,
     replies: Vec<Expect>,
+    /// The batch being built is one of our transactions (see
+    /// [`Batch::wrapped`]).
+    pub(crate) wrapped: bool,
 }
 
 /// Room a batch is built in: a full batch (`FLUSH_BYTES`) plus its last
@@ -104,6 +112,7 @@ impl Default for BatchBuilder {
             db: None,
             buf: BytesMut::with_capacity(BUILD_ROOM),
             replies: Vec::new(),
+            wrapped: false,
         }
     }
 }
@@ -119,6 +128,16 @@ impl BatchBuilder {
 
     pub fn commands(&self) -> usize {
         self.replies.len()
+    }
+
+    /// The database the batch runs in, if one is set.
+    pub fn db(&self) -> Option<u32> {
+        self.db
+    }
+
+    /// Sets the database of a batch whose commands do not name one.
+    pub fn default_db(&mut self, db: u32) {
+        self.db.get_or_insert(db);
     }
 
     /// Whether a command for database `db` can join this batch.
@@ -155,6 +174,7 @@ impl BatchBuilder {
             payload,
             replies: std::mem::replace(&mut self.replies, next_replies),
             end,
+            wrapped: std::mem::take(&mut self.wrapped),
         }
     }
 }

@@ -13,7 +13,9 @@ pub mod overflow;
 
 use std::sync::Arc;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
+use engine::marker::Marker;
+use engine::resp::encode;
 use tokio::sync::{mpsc, oneshot};
 
 pub use batch::{Batch, BatchBuilder, Expect, ExpectKind};
@@ -134,12 +136,32 @@ pub const FLUSH_BYTES: usize = 256 * 1024;
 /// Command count at which a batch is handed over.
 pub const FLUSH_COMMANDS: usize = 4096;
 
+/// Exactly-once on a standalone target: every batch of the stream is one
+/// transaction that also sets the shard's marker (in database 0) to the
+/// position the batch ends at, so the target says exactly how far it got.
+#[derive(Clone, Debug)]
+pub struct Marking {
+    /// The shard's marker key.
+    pub key: Bytes,
+}
+
+/// The database markers live in: one marker per shard on a node, whatever
+/// the databases written (a source master's heartbeat is in its database
+/// 0 too, so both sides' key counts differ by the same one per master).
+pub const MARKER_DB: u32 = 0;
+
+const MULTI: &[u8] = b"*1\r\n$5\r\nMULTI\r\n";
+const EXEC: &[u8] = b"*1\r\n$4\r\nEXEC\r\n";
+
 /// Builds and hands over batches for one shard.
 pub struct Dispatcher {
     shard: usize,
     router: Router,
     builders: Vec<BatchBuilder>,
     stats: Arc<ShardStats>,
+    marking: Option<Marking>,
+    /// The sync the stream's markers name: its epoch and replication id.
+    stream: Option<(u64, String)>,
 }
 
 impl Dispatcher {
@@ -152,7 +174,36 @@ impl Dispatcher {
             router,
             builders,
             stats,
+            marking: None,
+            stream: None,
         }
+    }
+
+    /// Wraps the stream's batches with the shard's marker (exactly-once).
+    pub fn set_marking(&mut self, marking: Marking) {
+        self.marking = Some(marking);
+    }
+
+    /// The stream from here on belongs to sync `epoch` of `replid`.
+    pub fn set_stream(&mut self, epoch: u64, replid: &str) {
+        self.stream = Some((epoch, replid.to_string()));
+    }
+
+    /// Before the first key of full sync `epoch`: every marker of the shard
+    /// says a full sync is being loaded (the target holds this task's data
+    /// from now on, and nothing is resumable).
+    pub async fn mark_full(&mut self, epoch: u64) -> Result<(), WorkerError> {
+        let Some(marking) = self.marking.clone() else {
+            return Ok(());
+        };
+        let value = Marker::Full { epoch }.encode();
+        for w in 0..self.builders.len() {
+            self.push(w, Some(MARKER_DB), ExpectKind::Ok, None, |buf| {
+                encode::command(buf, &[&b"SET"[..], &marking.key, &value])
+            })
+            .await?;
+        }
+        self.flush_all(None).await
     }
 
     pub fn router(&self) -> &Router {
@@ -173,6 +224,11 @@ impl Dispatcher {
     /// Hands the batch over first when the database changes. `at` is the
     /// stream position after the commands already in the batch (`None`
     /// during a full sync).
+    ///
+    /// With a marking, a batch of the stream is one transaction: it opens
+    /// with MULTI, a source transaction's own MULTI/EXEC are left out (the
+    /// batch is atomic already; a source transaction is never split between
+    /// batches), and every command is queued.
     pub async fn push(
         &mut self,
         w: usize,
@@ -184,7 +240,24 @@ impl Dispatcher {
         if !self.builders[w].accepts_db(db) {
             self.flush_one(w, at).await?;
         }
-        self.builders[w].push(db, kind, encode);
+        let b = &mut self.builders[w];
+        if self.marking.is_none() || at.is_none() {
+            b.push(db, kind, encode);
+            return Ok(());
+        }
+        if b.is_empty() {
+            b.push(db, ExpectKind::TxBegin, |buf| buf.extend_from_slice(MULTI));
+            b.wrapped = true;
+        }
+        if matches!(kind, ExpectKind::TxBegin | ExpectKind::TxEnd) {
+            // The source transaction's own MULTI/EXEC are left out, but the
+            // database its MULTI names is the batch's.
+            if let Some(db) = db {
+                b.default_db(db);
+            }
+            return Ok(());
+        }
+        b.push(db, ExpectKind::TxQueued, encode);
         Ok(())
     }
 
@@ -210,6 +283,7 @@ impl Dispatcher {
     }
 
     async fn flush_one(&mut self, w: usize, at: Option<StreamPos>) -> Result<(), WorkerError> {
+        self.seal(w, at);
         let batch = self.builders[w].take(self.shard, at);
         // Counted before it is handed over, so that `processed` can never
         // move past a batch the progress table does not know about.
@@ -226,6 +300,43 @@ impl Dispatcher {
                 },
                 overflow::SendError::Spill(e) => e,
             })
+    }
+
+    /// Ends a wrapped batch: the SET of the shard's marker to `at` (in
+    /// the marker's database, the batch's restored after), then EXEC.
+    fn seal(&mut self, w: usize, at: Option<StreamPos>) {
+        let b = &mut self.builders[w];
+        if !b.wrapped {
+            return;
+        }
+        if let (Some(marking), Some((epoch, replid)), Some(at)) = (&self.marking, &self.stream, at)
+        {
+            let value = Marker::Applied {
+                epoch: *epoch,
+                replid: replid.clone(),
+                offset: at.offset,
+                db: at.db,
+            }
+            .encode();
+            b.default_db(MARKER_DB);
+            let db = b.db().unwrap_or(MARKER_DB);
+            let select = |buf: &mut BytesMut, db: u32| {
+                encode::command(
+                    buf,
+                    &[&b"SELECT"[..], itoa::Buffer::new().format(db).as_bytes()],
+                )
+            };
+            if db != MARKER_DB {
+                b.push(None, ExpectKind::TxQueued, |buf| select(buf, MARKER_DB));
+            }
+            b.push(None, ExpectKind::TxQueued, |buf| {
+                encode::command(buf, &[&b"SET"[..], &marking.key, &value])
+            });
+            if db != MARKER_DB {
+                b.push(None, ExpectKind::TxQueued, |buf| select(buf, db));
+            }
+        }
+        b.push(None, ExpectKind::TxEnd, |buf| buf.extend_from_slice(EXEC));
     }
 
     /// Whether anything is waiting to be handed over.

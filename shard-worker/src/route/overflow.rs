@@ -165,7 +165,7 @@ fn kind_of(code: u8) -> ExpectKind {
 }
 
 /// `[len u32][shard u32][db flag u8, db u32][end flag u8, offset u64, db u32]
-/// [n u32][n x (start u32, kind u8)][payload]`, little-endian.
+/// [wrapped u8][n u32][n x (start u32, kind u8)][payload]`, little-endian.
 fn encode(batch: &Batch) -> Bytes {
     let mut body = BytesMut::with_capacity(batch.payload.len() + batch.replies.len() * 5 + 32);
     body.put_u32_le(batch.shard as u32);
@@ -175,6 +175,7 @@ fn encode(batch: &Batch) -> Bytes {
     let end = batch.end.unwrap_or(StreamPos { offset: 0, db: 0 });
     body.put_u64_le(end.offset);
     body.put_u32_le(end.db);
+    body.put_u8(batch.wrapped as u8);
     body.put_u32_le(batch.replies.len() as u32);
     for e in &batch.replies {
         body.put_u32_le(e.start);
@@ -204,6 +205,7 @@ fn decode(buf: &mut BytesMut) -> Option<Batch> {
     let has_end = body.get_u8() == 1;
     let offset = body.get_u64_le();
     let end_db = body.get_u32_le();
+    let wrapped = body.get_u8() == 1;
     let n = body.get_u32_le() as usize;
     let mut replies = Vec::with_capacity(n);
     for _ in 0..n {
@@ -217,6 +219,7 @@ fn decode(buf: &mut BytesMut) -> Option<Batch> {
         payload: body,
         replies,
         end: has_end.then_some(StreamPos { offset, db: end_db }),
+        wrapped,
     })
 }
 

@@ -56,6 +56,8 @@ pub struct SourceArgs {
     /// Port announced with `REPLCONF listening-port` (shown by the master's
     /// `INFO replication`).
     pub listening_port: u16,
+    /// Exactly-once: the shard's marker on its target.
+    pub marking: Option<crate::route::Marking>,
 }
 
 pub enum SourceMsg {
@@ -121,7 +123,10 @@ impl Actor for SourceWorker {
         let (reader, writer) = conn.stream.into_split();
         state.writer = Some(writer);
 
-        let dispatcher = Dispatcher::new(args.shard, args.router, args.stats.clone());
+        let mut dispatcher = Dispatcher::new(args.shard, args.router, args.stats.clone());
+        if let Some(marking) = args.marking.clone() {
+            dispatcher.set_marking(marking);
+        }
         let (replid, start, full) = match &start {
             SyncStart::Full { replid, offset } => {
                 let at = StreamPos {

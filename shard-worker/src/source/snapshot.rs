@@ -76,6 +76,10 @@ impl Intake {
             },
         }
         .emit(&self.stats.counters);
+        // Recorded on the target before its first key: a restart then
+        // knows the keys are this task's, and that the sync must start over.
+        let epoch = self.stats.next_epoch();
+        self.dispatcher.mark_full(epoch).await?;
         let started = Instant::now();
         let mut snap = Snapshot {
             keys: 0,

@@ -30,6 +30,7 @@ impl Intake {
     /// Reads and replays the command stream until asked to stop.
     pub async fn stream(&mut self) -> Result<IntakeEnd, WorkerError> {
         self.safe = Some(self.here());
+        self.dispatcher.set_stream(self.stats.epoch(), &self.replid);
         let mut actions = Vec::new();
         loop {
             while let Some(cmd) =

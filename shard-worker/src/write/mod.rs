@@ -60,6 +60,16 @@ pub struct WriterArgs {
     pub target_caps: engine::rebuild::TargetCaps,
     /// Keeps this writer's temporary key names apart from others'.
     pub tmp_scope: String,
+    /// Exactly-once: where each shard's marker is on this node.
+    pub markers: Option<WriterMarkers>,
+}
+
+/// Where each shard's marker is found on a writer's node (in
+/// `route::MARKER_DB`).
+#[derive(Clone, Debug)]
+pub struct WriterMarkers {
+    /// Marker key per shard (indexed like the shards).
+    pub keys: Vec<bytes::Bytes>,
 }
 
 pub enum WriterMsg {
@@ -81,6 +91,7 @@ pub struct WriterState {
     retry: RetryPolicy,
     outage: Option<Backoff>,
     pipeline: Option<JoinHandle<()>>,
+    markers: Option<WriterMarkers>,
 }
 
 pub struct Writer;
@@ -117,6 +128,7 @@ impl Actor for Writer {
             retry: args.retry,
             outage: None,
             pipeline: None,
+            markers: args.markers,
         })
     }
 
@@ -174,6 +186,10 @@ async fn connect(
     };
     if state.outage.is_some() {
         tracing::info!(target_node = %state.endpoint, "reconnected to the target");
+    }
+    let mut conn = conn;
+    if let Err(err) = confirm_applied(&mut conn, state).await {
+        return retry_later(myself, state, err);
     }
     let stats = &state.ctx.stats;
     stats.connected.store(true, Ordering::Relaxed);
@@ -266,6 +282,76 @@ fn retry_later(
     Ok(())
 }
 
+/// Exactly-once: before anything is sent again on a new connection, the
+/// node's markers say which of the unconfirmed batches it applied; those are
+/// confirmed, not sent again.
+async fn confirm_applied(conn: &mut Conn, state: &mut WriterState) -> Result<(), WorkerError> {
+    let Some(markers) = &state.markers else {
+        return Ok(());
+    };
+    if state.unconfirmed.is_empty() || !state.awaiting.is_empty() {
+        return Ok(());
+    }
+    let applied = read_markers(conn, markers).await?;
+    let ctx = &state.ctx;
+    let mut keep = VecDeque::with_capacity(state.unconfirmed.len());
+    let mut skipped = 0u64;
+    for (batch, done) in state.unconfirmed.drain(..) {
+        let marker = applied.get(batch.shard).and_then(Option::as_ref);
+        let epoch = ctx.shards[batch.shard].epoch();
+        let committed = match (marker, batch.end) {
+            (
+                Some(engine::marker::Marker::Applied {
+                    epoch: e, offset, ..
+                }),
+                Some(end),
+            ) => batch.wrapped && *e == epoch && *offset >= end.offset,
+            _ => false,
+        };
+        if !committed {
+            keep.push_back((batch, done));
+            continue;
+        }
+        skipped += 1;
+        events::BatchConfirmed {
+            commands: batch.len() as u64,
+        }
+        .emit(&ctx.stats.counters);
+        match done {
+            Some(done) => {
+                let _ = done.send(());
+            }
+            None => ctx.shards[batch.shard].note_confirmed(ctx.writer, batch.end),
+        }
+    }
+    if skipped > 0 {
+        tracing::info!(
+            target_node = %state.endpoint,
+            batches = skipped,
+            "the node's markers show batches applied before the connection was lost; not sending them again"
+        );
+    }
+    state.unconfirmed = keep;
+    Ok(())
+}
+
+/// The marker of each shard on the node (`None` where there is none). The
+/// connection is in database 0 (a new one), where markers are.
+pub async fn read_markers(
+    conn: &mut Conn,
+    markers: &WriterMarkers,
+) -> Result<Vec<Option<engine::marker::Marker>>, WorkerError> {
+    let mut found = Vec::with_capacity(markers.keys.len());
+    for key in &markers.keys {
+        let marker = match conn.request(&[&b"GET"[..], key]).await? {
+            engine::resp::Frame::Bulk(value) => engine::marker::Marker::parse(&value),
+            _ => None,
+        };
+        found.push(marker);
+    }
+    Ok(found)
+}
+
 /// Counts what is about to be sent a second time.
 fn report_resend(resend: &VecDeque<Work>, stats: &WriterStats, target: &str) {
     let mut commands = 0;
@@ -273,6 +359,10 @@ fn report_resend(resend: &VecDeque<Work>, stats: &WriterStats, target: &str) {
     for (batch, _) in resend {
         for i in 0..batch.len() {
             commands += 1;
+            if batch.wrapped {
+                // A transaction the marker showed not applied: it runs once.
+                continue;
+            }
             let (name, _) = describe_command(batch.command_bytes(i));
             let idempotent =
                 engine::command::lookup_name(name.as_bytes()).is_some_and(|spec| spec.idempotent);

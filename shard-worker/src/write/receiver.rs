@@ -7,7 +7,7 @@ use std::collections::VecDeque;
 
 use bytes::{Buf, BytesMut};
 use engine::cluster::Redirect;
-use engine::resp::scan_reply;
+use engine::resp::{scan_exec, scan_reply, ExecScan};
 use tokio::io::AsyncReadExt;
 use tokio::net::tcp::OwnedReadHalf;
 use tokio::sync::{mpsc, oneshot};
@@ -160,13 +160,19 @@ impl<'a> Receiver<'a> {
                 Err(e) => return Err((e, Some((item, 0)))),
             }
         }
-        let mut verdict = Verdict::default();
-        for i in 0..item.batch.replies.len() {
-            let error = match self.next_reply().await {
+        let mut verdict = Verdict::new(item.batch.wrapped);
+        let n = item.batch.replies.len();
+        for i in 0..n {
+            let kind = item.batch.replies[i].kind;
+            let read = if item.batch.wrapped && i + 1 == n {
+                self.exec_reply(&item.batch).await
+            } else {
+                self.next_reply().await
+            };
+            let error = match read {
                 Ok(e) => e,
                 Err(e) => return Err((e, Some((item, verdict.ran)))),
             };
-            let kind = item.batch.replies[i].kind;
             let outcome = match error {
                 None => Outcome::Ran,
                 Some(text) => match self.outcome(&item.batch, i, kind, &text) {
@@ -175,6 +181,12 @@ impl<'a> Receiver<'a> {
                 },
             };
             verdict.reply(i, kind, outcome);
+        }
+        if !verdict.left_out.is_empty() {
+            self.retry_error.get_or_insert(WorkerError::Resend {
+                addr: self.addr.clone(),
+                why: "a batch without the commands the target refused when queued",
+            });
         }
         self.settle(item, verdict).await
     }
@@ -229,6 +241,11 @@ impl<'a> Receiver<'a> {
 
     /// An error about command `i` alone: counted and logged.
     fn failed(&mut self, batch: &Batch, i: usize, code: &str, text: &str) -> Outcome {
+        self.report_failed(batch, i, code, text);
+        Outcome::Refused
+    }
+
+    fn report_failed(&mut self, batch: &Batch, i: usize, code: &str, text: &str) {
         events::TargetCommandFailed {
             target: &self.addr,
             source: &self.ctx.shards[batch.shard].source,
@@ -237,7 +254,6 @@ impl<'a> Receiver<'a> {
             reply: text,
         }
         .emit(&self.ctx.stats, &mut self.log);
-        Outcome::Ran
     }
 
     /// The commands that rebuild RESTORE `i` of `batch`, which the target
@@ -271,9 +287,7 @@ impl<'a> Receiver<'a> {
             // RESTOREs as their rebuilt commands). The batch is confirmed
             // once that remainder is, and batches after it wait their turn
             // behind it.
-            let mut ranges = std::mem::take(&mut verdict.not_run);
-            ranges.extend(verdict.redirects.drain(..).map(|(r, _)| r));
-            ranges.sort_by_key(|r| r.start);
+            let ranges = verdict.take_resend(batch.len());
             let rest = resend_batch(&batch, &ranges, std::mem::take(&mut verdict.rebuilt));
             let (tx, rx) = oneshot::channel();
             self.retry.push((rest, Some(tx)));
@@ -400,33 +414,74 @@ impl<'a> Receiver<'a> {
                 self.buf.advance(scan.len);
                 return Ok(error);
             }
-            if self.buf.capacity() - self.buf.len() < 16 * 1024 {
-                self.buf.reserve(64 * 1024);
+            self.read_more().await?;
+        }
+    }
+
+    /// Reads the EXEC reply of one of our transactions: each command's
+    /// error inside it is reported (it ran, refused for itself), and
+    /// `Some(text)` is returned only when EXEC itself failed.
+    async fn exec_reply(&mut self, batch: &Batch) -> Result<Option<String>, WorkerError> {
+        loop {
+            let scanned = scan_exec(&self.buf).map_err(|source| WorkerError::Protocol {
+                addr: self.addr.clone(),
+                source,
+            })?;
+            match scanned {
+                Some(ExecScan::Ran { len, errors }) => {
+                    let texts: Vec<(usize, String)> = errors
+                        .into_iter()
+                        .map(|(j, r)| (j, String::from_utf8_lossy(&self.buf[r]).into_owned()))
+                        .collect();
+                    self.buf.advance(len);
+                    for (j, text) in texts {
+                        // Element j is the reply of the command queued j-th,
+                        // after the MULTI at index 0; it is judged as if the
+                        // command had run alone (a refused RESTORE payload
+                        // from the stream stops the task there too).
+                        if let Outcome::Redirect(_) | Outcome::NotRun =
+                            self.outcome(batch, j + 1, ExpectKind::Ok, &text)?
+                        {
+                            let code = text.split(' ').next().unwrap_or("ERR").to_string();
+                            self.report_failed(batch, j + 1, &code, &text);
+                        }
+                    }
+                    return Ok(None);
+                }
+                Some(ExecScan::Other(scan)) => {
+                    let error = scan
+                        .error
+                        .map(|r| String::from_utf8_lossy(&self.buf[r]).into_owned());
+                    self.buf.advance(scan.len);
+                    return Ok(error);
+                }
+                None => self.read_more().await?,
             }
-            let read = tokio::time::timeout(REPLY_TIMEOUT, self.rd.read_buf(&mut self.buf)).await;
-            match read {
-                Ok(Ok(0)) => {
-                    return Err(WorkerError::Closed {
-                        addr: self.addr.clone(),
-                        context: "waiting for replies",
-                    })
-                }
-                Ok(Ok(_)) => {}
-                Ok(Err(source)) => {
-                    return Err(WorkerError::Io {
-                        addr: self.addr.clone(),
-                        context: "reading replies",
-                        source,
-                    })
-                }
-                Err(_) => {
-                    return Err(WorkerError::Timeout {
-                        addr: self.addr.clone(),
-                        context: "waiting for replies",
-                        secs: REPLY_TIMEOUT.as_secs(),
-                    })
-                }
-            }
+        }
+    }
+
+    /// Reads more reply bytes.
+    async fn read_more(&mut self) -> Result<(), WorkerError> {
+        if self.buf.capacity() - self.buf.len() < 16 * 1024 {
+            self.buf.reserve(64 * 1024);
+        }
+        let read = tokio::time::timeout(REPLY_TIMEOUT, self.rd.read_buf(&mut self.buf)).await;
+        match read {
+            Ok(Ok(0)) => Err(WorkerError::Closed {
+                addr: self.addr.clone(),
+                context: "waiting for replies",
+            }),
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(source)) => Err(WorkerError::Io {
+                addr: self.addr.clone(),
+                context: "reading replies",
+                source,
+            }),
+            Err(_) => Err(WorkerError::Timeout {
+                addr: self.addr.clone(),
+                context: "waiting for replies",
+                secs: REPLY_TIMEOUT.as_secs(),
+            }),
         }
     }
 }

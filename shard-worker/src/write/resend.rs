@@ -42,7 +42,16 @@ pub(crate) fn resend_batch(
     }
     let mut out = b.take(batch.shard, batch.end);
     out.db = batch.db;
+    out.wrapped = still_wrapped(batch, &out);
     out
+}
+
+/// Whether what is sent again of a wrapped batch is still one of our
+/// transactions (its MULTI and EXEC are in it).
+fn still_wrapped(from: &Batch, out: &Batch) -> bool {
+    from.wrapped
+        && out.replies.first().map(|e| e.kind) == Some(ExpectKind::TxBegin)
+        && out.replies.last().map(|e| e.kind) == Some(ExpectKind::TxEnd)
 }
 
 /// The commands of `batch` in `ranges` (in order), as a batch of their own,
@@ -71,6 +80,7 @@ pub(crate) fn sub_batch(batch: &Batch, ranges: &[Range<usize>], prefix: Option<&
     }
     let mut out = b.take(batch.shard, batch.end);
     out.db = batch.db;
+    out.wrapped = prefix.is_none() && still_wrapped(batch, &out);
     out
 }
 

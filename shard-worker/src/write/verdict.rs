@@ -70,8 +70,11 @@ pub(crate) fn classify(addr: &str, kind: ExpectKind, text: &str) -> Class {
 /// What became of one command, as the verdict counts it.
 #[derive(Debug)]
 pub(crate) enum Outcome {
-    /// It ran (an error about it alone included).
+    /// It ran.
     Ran,
+    /// It was refused for itself (WRONGTYPE, a syntax error: counted and
+    /// logged); in a transaction, refused when queued.
+    Refused,
     Redirect(Redirect),
     /// EXEC's refusal of a transaction.
     ExecAbort,
@@ -85,6 +88,14 @@ pub(crate) enum Outcome {
 /// The replies of one batch, in order.
 #[derive(Default, Debug)]
 pub(crate) struct Verdict {
+    /// The batch is one of our transactions (`Batch::wrapped`).
+    wrapped: bool,
+    /// Of a wrapped batch whose EXEC was refused because the target refused
+    /// some of its commands when they were queued: those commands, to be
+    /// left out when the rest is sent again.
+    pub left_out: Vec<usize>,
+    /// Commands of the open transaction refused when queued.
+    tx_refused: Vec<usize>,
     /// Refused RESTOREs (by index) and the commands that replace them.
     pub rebuilt: Vec<(usize, Batch)>,
     /// Commands (index ranges) to send to another node instead.
@@ -102,6 +113,15 @@ pub(crate) struct Verdict {
 }
 
 impl Verdict {
+    /// The verdict of a batch; `wrapped` when it is one of our
+    /// transactions.
+    pub fn new(wrapped: bool) -> Verdict {
+        Verdict {
+            wrapped,
+            ..Verdict::default()
+        }
+    }
+
     /// Reply `i`, to a command of `kind`, said `outcome`.
     #[inline]
     pub fn reply(&mut self, i: usize, kind: ExpectKind, outcome: Outcome) {
@@ -118,10 +138,28 @@ impl Verdict {
             self.tx_open = Some(i);
             self.tx_redirect = None;
             self.tx_not_run = false;
+            self.tx_refused.clear();
         }
         let in_tx = self.tx_open.is_some();
         let did_not_run = match outcome {
             Outcome::Ran => false,
+            Outcome::Refused => {
+                if in_tx {
+                    self.tx_refused.push(i);
+                }
+                false
+            }
+            // Our own transaction refused for some of its commands: the
+            // others must run (as they would have without the transaction).
+            Outcome::ExecAbort
+                if self.wrapped
+                    && self.tx_redirect.is_none()
+                    && !self.tx_not_run
+                    && !self.tx_refused.is_empty() =>
+            {
+                self.left_out = std::mem::take(&mut self.tx_refused);
+                true
+            }
             Outcome::Redirect(r) if in_tx => {
                 self.tx_redirect = Some(r);
                 true
@@ -163,7 +201,29 @@ impl Verdict {
     /// Whether this connection must end so that what did not run (and the
     /// rebuilt commands) go out first on the next one.
     pub fn must_resend(&self) -> bool {
-        !self.not_run.is_empty() || !self.rebuilt.is_empty()
+        !self.not_run.is_empty() || !self.rebuilt.is_empty() || !self.left_out.is_empty()
+    }
+
+    /// What to send again of a batch of `len` commands: the commands that
+    /// did not run, and of a transaction refused for some of its commands,
+    /// all the others. Index ranges, in order.
+    pub fn take_resend(&mut self, len: usize) -> Vec<Range<usize>> {
+        let mut ranges = std::mem::take(&mut self.not_run);
+        ranges.extend(self.redirects.drain(..).map(|(r, _)| r));
+        if !self.left_out.is_empty() {
+            let mut from = 0;
+            for &i in &self.left_out {
+                if i > from {
+                    ranges.push(from..i);
+                }
+                from = i + 1;
+            }
+            if from < len {
+                ranges.push(from..len);
+            }
+        }
+        ranges.sort_by_key(|r| r.start);
+        ranges
     }
 }
 
@@ -178,8 +238,12 @@ mod tests {
     /// error replies are classified, and a refused payload counts as not
     /// run (its rebuild is tested in `resend.rs`).
     fn judge(kinds: &[ExpectKind], replies: &[u8]) -> Verdict {
+        judge_as(false, kinds, replies)
+    }
+
+    fn judge_as(wrapped: bool, kinds: &[ExpectKind], replies: &[u8]) -> Verdict {
         let mut buf = BytesMut::from(replies);
-        let mut v = Verdict::default();
+        let mut v = Verdict::new(wrapped);
         for (i, &kind) in kinds.iter().enumerate() {
             let scan = scan_reply(&buf).unwrap().expect("a whole reply");
             let error = scan
@@ -187,9 +251,8 @@ mod tests {
                 .map(|r| String::from_utf8_lossy(&buf[r]).into_owned());
             let _ = buf.split_to(scan.len);
             let outcome = match error.map(|t| classify("t:1", kind, &t)) {
-                None | Some(Class::KeptExisting | Class::KeptFunction | Class::Failed { .. }) => {
-                    Outcome::Ran
-                }
+                None | Some(Class::KeptExisting | Class::KeptFunction) => Outcome::Ran,
+                Some(Class::Failed { .. }) => Outcome::Refused,
                 Some(Class::ExecAbort) => Outcome::ExecAbort,
                 Some(Class::Redirect(r)) => Outcome::Redirect(r),
                 Some(Class::NotRun(_) | Class::RefusedPayload) => Outcome::NotRun,
@@ -280,6 +343,24 @@ mod tests {
         );
         assert_eq!(ranges(&v), (vec![], vec![(0, 3)]));
         assert_eq!(v.ran, 0);
+    }
+
+    #[test]
+    fn our_transaction_refused_for_some_commands_is_sent_again_without_them() {
+        // MULTI, SET, a command the target does not know, the marker, EXEC.
+        let kinds = [TxBegin, TxQueued, TxQueued, TxQueued, TxEnd];
+        let replies = b"+OK\r\n+QUEUED\r\n-ERR unknown command 'NEWCMD'\r\n+QUEUED\r\n-EXECABORT Transaction discarded because of previous errors.\r\n";
+        let mut v = judge_as(true, &kinds, replies);
+        assert!(v.must_resend());
+        assert_eq!(v.left_out, [2]);
+        assert_eq!(v.ran, 0, "nothing of it ran");
+        let again: Vec<(usize, usize)> = v.take_resend(5).iter().map(|r| (r.start, r.end)).collect();
+        assert_eq!(again, [(0, 2), (3, 5)]);
+        // The same replies to a source's own transaction: it would have been
+        // refused on the source too, so nothing is sent again.
+        let v = judge_as(false, &kinds, replies);
+        assert!(!v.must_resend());
+        assert_eq!(v.ran, 5);
     }
 
     #[test]

@@ -39,6 +39,20 @@ pub fn is_heartbeat(key: &[u8]) -> bool {
 
 const HEARTBEAT: &[u8] = b"shardsync:heartbeat:";
 
+/// Keys shardsync writes for itself (heartbeats on sources, applied markers
+/// on targets, temporary names): `shardsync:...`, possibly after a
+/// `{hash tag}`. Comparisons leave them out.
+pub fn is_internal(key: &[u8]) -> bool {
+    let rest = match key.strip_prefix(b"{") {
+        Some(tagged) => match tagged.iter().position(|&b| b == b'}') {
+            Some(end) => &tagged[end + 1..],
+            None => return false,
+        },
+        None => key,
+    };
+    rest.starts_with(b"shardsync:")
+}
+
 fn keys(con: &mut redis::Connection) -> BTreeSet<Vec<u8>> {
     let mut out = BTreeSet::new();
     let mut cursor: u64 = 0;
@@ -49,7 +63,7 @@ fn keys(con: &mut redis::Connection) -> BTreeSet<Vec<u8>> {
             .arg(1000)
             .query(con)
             .expect("SCAN");
-        out.extend(batch.into_iter().filter(|k| !is_heartbeat(k)));
+        out.extend(batch.into_iter().filter(|k| !is_internal(k)));
         if next == 0 {
             return out;
         }

@@ -285,14 +285,46 @@ impl RedisServer {
         })
     }
 
-    /// Keys in database `db`; 0 while the server cannot answer (a replica
-    /// loading its dataset answers LOADING).
+    /// Data keys in database `db` (shardsync's own keys left out); 0 while
+    /// the server cannot answer (a replica loading its dataset answers
+    /// LOADING).
     pub fn dbsize(&self, db: u32) -> u64 {
+        self.raw_dbsize(db)
+            .saturating_sub(self.internal_keys(db).len() as u64)
+    }
+
+    /// DBSIZE as the server says it, shardsync's own keys included.
+    pub fn raw_dbsize(&self, db: u32) -> u64 {
         let mut con = self.client();
         let selected: redis::RedisResult<()> = redis::cmd("SELECT").arg(db).query(&mut con);
         selected
             .and_then(|()| redis::cmd("DBSIZE").query(&mut con))
             .unwrap_or(0)
+    }
+
+    /// The keys shardsync wrote for itself in database `db` (heartbeats,
+    /// applied markers, temporary names; see `compare::is_internal`).
+    pub fn internal_keys(&self, db: u32) -> Vec<Vec<u8>> {
+        let mut con = self.client_db(db);
+        let mut out = Vec::new();
+        let mut cursor: u64 = 0;
+        loop {
+            let page: redis::RedisResult<(u64, Vec<Vec<u8>>)> = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg("*shardsync:*")
+                .arg("COUNT")
+                .arg(10_000)
+                .query(&mut con);
+            let Ok((next, keys)) = page else {
+                return out;
+            };
+            out.extend(keys.into_iter().filter(|k| crate::compare::is_internal(k)));
+            if next == 0 {
+                return out;
+            }
+            cursor = next;
+        }
     }
 
     /// CPU seconds (user + system) of the server itself and of its

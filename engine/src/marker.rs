@@ -1,0 +1,191 @@
+//! Applied-position markers: keys shardsync writes on a target node in the
+//! same transaction as the commands they describe, so that the target
+//! itself says how far in a source's stream it got.
+//!
+//! A marker belongs to one task (its id) and one source shard (the source
+//! master's `host:port`); on a cluster target it carries a hash tag (it
+//! must share its transaction's slot). Its value says either that a full
+//! sync is being loaded (written before its first key) or the stream
+//! position of the last batch applied. Every full sync starts a new
+//! *epoch*, so a marker left by an older sync never passes for a newer one.
+//!
+//! Every key shardsync writes for itself (heartbeats, markers, temporary
+//! names) is of one family: `shardsync:` after an optional `{hash tag}`
+//! ([`is_internal`]).
+
+/// What every marker key's name contains.
+pub const MARK: &str = "shardsync:applied:";
+
+/// The marker of task `task` for source shard `shard`, in `slot` when
+/// given (cluster targets).
+pub fn key(task: &str, shard: &str, slot: Option<u16>) -> Vec<u8> {
+    match slot {
+        Some(s) => format!("{{{}}}{MARK}{task}:{shard}", crate::split::slot_tag(s)).into_bytes(),
+        None => format!("{MARK}{task}:{shard}").into_bytes(),
+    }
+}
+
+/// Whether `key` is one shardsync writes for itself: `shardsync:...`,
+/// possibly after a `{hash tag}`.
+pub fn is_internal(key: &[u8]) -> bool {
+    let rest = match key.strip_prefix(b"{") {
+        Some(tagged) => match tagged.iter().position(|&b| b == b'}') {
+            Some(end) => &tagged[end + 1..],
+            None => return false,
+        },
+        None => key,
+    };
+    rest.starts_with(b"shardsync:")
+}
+
+/// What a marker says.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Marker {
+    /// Full sync number `epoch` is being loaded: the target holds this
+    /// task's data, not yet resumable.
+    Full { epoch: u64 },
+    /// Everything of the stream up to `offset` (with source db `db`
+    /// selected there) is applied, in sync `epoch` of replication id
+    /// `replid`.
+    Applied {
+        epoch: u64,
+        replid: String,
+        offset: u64,
+        db: u32,
+    },
+}
+
+/// The format version written first in every value.
+const VERSION: &str = "1";
+
+impl Marker {
+    pub fn epoch(&self) -> u64 {
+        match self {
+            Marker::Full { epoch } | Marker::Applied { epoch, .. } => *epoch,
+        }
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        match self {
+            Marker::Full { epoch } => format!("{VERSION} {epoch} full").into_bytes(),
+            Marker::Applied {
+                epoch,
+                replid,
+                offset,
+                db,
+            } => format!("{VERSION} {epoch} {replid} {offset} {db}").into_bytes(),
+        }
+    }
+
+    /// Reads a marker's value; `None` when it is not one this build writes.
+    pub fn parse(value: &[u8]) -> Option<Marker> {
+        let text = std::str::from_utf8(value).ok()?;
+        let mut words = text.split(' ');
+        if words.next()? != VERSION {
+            return None;
+        }
+        let epoch = words.next()?.parse().ok()?;
+        let marker = match words.next()? {
+            "full" => Marker::Full { epoch },
+            replid => Marker::Applied {
+                epoch,
+                replid: replid.to_string(),
+                offset: words.next()?.parse().ok()?,
+                db: words.next()?.parse().ok()?,
+            },
+        };
+        words.next().is_none().then_some(marker)
+    }
+
+    /// Whether `self` was written after `other`: a later epoch, or in the
+    /// same epoch a position further on (a full sync's marker comes before
+    /// any position of its epoch).
+    pub fn is_newer_than(&self, other: &Marker) -> bool {
+        let rank = |m: &Marker| match m {
+            Marker::Full { epoch } => (*epoch, 0, 0),
+            Marker::Applied { epoch, offset, .. } => (*epoch, 1, *offset),
+        };
+        rank(self) > rank(other)
+    }
+}
+
+/// The newest of several markers of one shard (read from the databases
+/// or nodes it writes to).
+pub fn newest(markers: impl IntoIterator<Item = Marker>) -> Option<Marker> {
+    markers
+        .into_iter()
+        .fold(None, |best: Option<Marker>, m| match best {
+            Some(b) if !m.is_newer_than(&b) => Some(b),
+            _ => Some(m),
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::slot::slot;
+
+    fn applied(epoch: u64, offset: u64) -> Marker {
+        Marker::Applied {
+            epoch,
+            replid: "r".into(),
+            offset,
+            db: 3,
+        }
+    }
+
+    #[test]
+    fn values_round_trip_and_foreign_ones_are_refused() {
+        for m in [Marker::Full { epoch: 4 }, applied(7, 123456)] {
+            assert_eq!(Marker::parse(&m.encode()), Some(m.clone()));
+        }
+        assert_eq!(applied(2, 9).encode(), b"1 2 r 9 3");
+        for bad in [
+            &b"2 1 full"[..],
+            b"1 x full",
+            b"1 1 r 9",
+            b"1 1 r 9 3 extra",
+            b"\xff",
+        ] {
+            assert_eq!(Marker::parse(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn the_newest_marker_is_the_latest_epoch_then_the_furthest_position() {
+        assert_eq!(
+            newest([applied(1, 900), Marker::Full { epoch: 2 }, applied(1, 50)]),
+            Some(Marker::Full { epoch: 2 })
+        );
+        assert_eq!(
+            newest([Marker::Full { epoch: 2 }, applied(2, 10), applied(2, 7)]),
+            Some(applied(2, 10))
+        );
+        assert_eq!(newest([]), None);
+    }
+
+    #[test]
+    fn keys_are_internal_and_land_in_their_slot() {
+        let k = key("t1", "10.0.0.5:6379", None);
+        assert_eq!(k, b"shardsync:applied:t1:10.0.0.5:6379");
+        let tagged = key("t1", "10.0.0.5:6379", Some(4242));
+        assert_eq!(slot(&tagged), 4242);
+        for k in [
+            &k[..],
+            &tagged,
+            b"shardsync:heartbeat:x",
+            b"{ss7}shardsync:tmp:a:1",
+        ] {
+            assert!(is_internal(k), "{}", String::from_utf8_lossy(k));
+        }
+        for k in [
+            &b"user:1"[..],
+            b"{shardsync}x",
+            b"{a}b",
+            b"myshardsync:x",
+            b"{unclosed",
+        ] {
+            assert!(!is_internal(k), "{}", String::from_utf8_lossy(k));
+        }
+    }
+}
