@@ -344,3 +344,168 @@ impl Dispatcher {
         self.builders.iter().all(BatchBuilder::is_empty)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! What the dispatcher hands a writer, with and without markers.
+
+    use super::*;
+    use crate::Endpoint;
+
+    const MARKER: &[u8] = b"shardsync:applied:t:src:1";
+
+    fn dispatcher(marked: bool) -> (Dispatcher, mpsc::Receiver<Batch>) {
+        let dir = std::env::temp_dir().join(format!("shardsync-dispatch-{}", std::process::id()));
+        let stats = Arc::new(WriterStats::new("t:1"));
+        let (tx, rx) = mpsc::channel(64);
+        let (redirect, _) = mpsc::unbounded_channel();
+        let handle = WriterHandle {
+            index: 0,
+            target: "t:1".into(),
+            endpoint: Endpoint::new("127.0.0.1", 1),
+            tx,
+            redirect,
+            overflow: Arc::new(Overflow::new(&dir, "t:1", 1 << 20, stats.clone())),
+            stats,
+        };
+        let shard = Arc::new(ShardStats::new("src:1", 1));
+        let mut d = Dispatcher::new(0, Router::single(handle), shard);
+        if marked {
+            d.set_marking(Marking {
+                key: Bytes::from_static(MARKER),
+            });
+            d.set_stream(2, "r");
+        }
+        (d, rx)
+    }
+
+    fn pos(offset: u64) -> Option<StreamPos> {
+        Some(StreamPos { offset, db: 5 })
+    }
+
+    /// Each command of a batch with its expected reply, one line each.
+    fn lines(b: &Batch) -> Vec<String> {
+        (0..b.len())
+            .map(|i| {
+                let mut buf = BytesMut::from(b.command_bytes(i));
+                let cmd = engine::resp::parse_command(&mut buf).unwrap().unwrap();
+                let args: Vec<String> = cmd
+                    .args()
+                    .map(|a| String::from_utf8_lossy(a).into_owned())
+                    .collect();
+                format!("{:?} {}", b.replies[i].kind, args.join(" "))
+            })
+            .collect()
+    }
+
+    async fn push(d: &mut Dispatcher, db: Option<u32>, kind: ExpectKind, at: u64, args: &[&str]) {
+        d.push(0, db, kind, pos(at), |buf| encode::command(buf, args))
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_marked_batch_is_one_transaction_ending_with_its_marker() {
+        let (mut d, mut rx) = dispatcher(true);
+        push(&mut d, Some(2), ExpectKind::Ok, 10, &["SET", "a", "1"]).await;
+        push(&mut d, Some(2), ExpectKind::Ok, 20, &["INCR", "b"]).await;
+        d.flush_all(pos(30)).await.unwrap();
+        let b = rx.try_recv().unwrap();
+        assert!(b.wrapped);
+        assert_eq!((b.db, b.end), (Some(2), pos(30)));
+        assert_eq!(
+            lines(&b),
+            [
+                "TxBegin MULTI",
+                "TxQueued SET a 1",
+                "TxQueued INCR b",
+                "TxQueued SELECT 0",
+                "TxQueued SET shardsync:applied:t:src:1 1 2 r 30 5",
+                "TxQueued SELECT 2",
+                "TxEnd EXEC",
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_source_transaction_joins_the_batch_in_its_database() {
+        let (mut d, mut rx) = dispatcher(true);
+        push(&mut d, Some(0), ExpectKind::TxBegin, 10, &["MULTI"]).await;
+        push(&mut d, None, ExpectKind::TxQueued, 10, &["INCR", "x"]).await;
+        push(&mut d, None, ExpectKind::TxEnd, 10, &["EXEC"]).await;
+        d.flush_all(pos(40)).await.unwrap();
+        let b = rx.try_recv().unwrap();
+        assert_eq!(b.db, Some(0));
+        assert_eq!(
+            lines(&b),
+            [
+                "TxBegin MULTI",
+                "TxQueued INCR x",
+                "TxQueued SET shardsync:applied:t:src:1 1 2 r 40 5",
+                "TxEnd EXEC",
+            ],
+            "no SELECT around the marker in database 0, no nested MULTI"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_change_of_database_ends_the_batch_at_the_position_before_it() {
+        let (mut d, mut rx) = dispatcher(true);
+        push(&mut d, Some(1), ExpectKind::Ok, 10, &["SET", "a", "1"]).await;
+        push(&mut d, Some(3), ExpectKind::Ok, 10, &["SET", "b", "2"]).await;
+        d.flush_all(pos(20)).await.unwrap();
+        let first = rx.try_recv().unwrap();
+        let second = rx.try_recv().unwrap();
+        assert_eq!((first.db, first.end), (Some(1), pos(10)));
+        assert_eq!((second.db, second.end), (Some(3), pos(20)));
+        assert!(first.wrapped && second.wrapped);
+        assert!(lines(&first)[3].ends_with(" 10 5"), "{:?}", lines(&first));
+    }
+
+    #[tokio::test]
+    async fn keyless_batches_run_in_the_markers_database() {
+        let (mut d, mut rx) = dispatcher(true);
+        push(
+            &mut d,
+            None,
+            ExpectKind::Ok,
+            10,
+            &["FUNCTION", "DELETE", "lib"],
+        )
+        .await;
+        d.flush_all(pos(20)).await.unwrap();
+        let b = rx.try_recv().unwrap();
+        assert_eq!(b.db, Some(MARKER_DB));
+        assert_eq!(lines(&b).len(), 4);
+    }
+
+    #[tokio::test]
+    async fn snapshot_batches_are_not_wrapped_and_a_full_sync_is_marked_first() {
+        let (mut d, mut rx) = dispatcher(true);
+        d.mark_full(3).await.unwrap();
+        d.push(0, Some(0), ExpectKind::Ok, None, |buf| {
+            encode::command(buf, &["RESTORE", "k", "0", "p", "REPLACE"])
+        })
+        .await
+        .unwrap();
+        d.flush_all(None).await.unwrap();
+        let mark = rx.try_recv().unwrap();
+        assert_eq!(lines(&mark), ["Ok SET shardsync:applied:t:src:1 1 3 full"]);
+        assert_eq!(mark.db, Some(MARKER_DB));
+        let restore = rx.try_recv().unwrap();
+        assert!(!mark.wrapped && !restore.wrapped);
+        assert_eq!(lines(&restore), ["Ok RESTORE k 0 p REPLACE"]);
+    }
+
+    #[tokio::test]
+    async fn without_markers_batches_stay_as_they_were() {
+        let (mut d, mut rx) = dispatcher(false);
+        push(&mut d, Some(2), ExpectKind::Ok, 10, &["SET", "a", "1"]).await;
+        d.mark_full(1).await.unwrap();
+        d.flush_all(pos(20)).await.unwrap();
+        let b = rx.try_recv().unwrap();
+        assert!(!b.wrapped);
+        assert_eq!(lines(&b), ["Ok SET a 1"]);
+        assert!(rx.try_recv().is_err(), "no marker batch");
+    }
+}

@@ -354,7 +354,8 @@ mod tests {
         assert!(v.must_resend());
         assert_eq!(v.left_out, [2]);
         assert_eq!(v.ran, 0, "nothing of it ran");
-        let again: Vec<(usize, usize)> = v.take_resend(5).iter().map(|r| (r.start, r.end)).collect();
+        let again: Vec<(usize, usize)> =
+            v.take_resend(5).iter().map(|r| (r.start, r.end)).collect();
         assert_eq!(again, [(0, 2), (3, 5)]);
         // The same replies to a source's own transaction: it would have been
         // refused on the source too, so nothing is sent again.

@@ -11,6 +11,8 @@
 //! - [`data`]: datasets (every type and encoding, bulk strings), written
 //!   into a server or a cluster.
 //! - [`compare`]: a key-by-key comparator independent of `shardsync verify`.
+//! - [`load`]: live writes of commands that show when they are applied
+//!   twice or lost (fault tests).
 //! - [`twemproxy`]: a real `nutcracker` in front of real backends.
 //! - [`wait`]: polling helpers (tests never sleep a fixed time to "let
 //!   things settle").
@@ -18,6 +20,7 @@
 pub mod cluster;
 pub mod compare;
 pub mod data;
+pub mod load;
 pub mod server;
 pub mod shardsync;
 pub mod twemproxy;

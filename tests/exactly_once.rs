@@ -1,0 +1,173 @@
+//! Exactly once: with writes that double when applied twice (INCR, APPEND,
+//! LPUSH, HINCRBY, ...) running throughout, shardsync is killed, its target
+//! links are cut, and it is started again with the same command: the target
+//! ends identical to the source, with no checkpoint directory and no
+//! `--on-conflict`.
+
+use std::time::Duration;
+
+use harness::compare::assert_same;
+use harness::load::Load;
+use harness::{wait_for, RedisServer, Shardsync, SHORT};
+
+const BIN: &str = env!("CARGO_BIN_EXE_shardsync");
+const LONG: Duration = Duration::from_secs(120);
+
+fn metric(sync: &Shardsync, prefix: &str) -> f64 {
+    sync.metric_sum(prefix)
+}
+
+fn sync_full(server: &RedisServer) -> u64 {
+    server
+        .info_field("sync_full")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn kill9(sync: &mut Shardsync) {
+    sync.signal(libc::SIGKILL);
+    let done = sync.wait_exit(SHORT);
+    assert_eq!(done.code(), None, "killed by the signal");
+}
+
+#[test]
+fn kill_9_during_replay_and_a_restart_without_flags_apply_everything_once() {
+    let source = RedisServer::start();
+    let target = RedisServer::start();
+    let args = ["--source", &source.url(), "--target", &target.url()];
+    let mut load = Load::start(&source, 7, 200);
+    for round in 0..3 {
+        let mut sync = Shardsync::sync(BIN, &args);
+        sync.wait_state("incremental", LONG);
+        let before = load.sent();
+        wait_for("writes to be replayed", SHORT, || {
+            load.sent() > before + 2000
+        });
+        if round > 0 {
+            assert!(
+                sync.log().contains("partial resync accepted"),
+                "round {round} did not resume:\n{}",
+                sync.log()
+            );
+            assert_eq!(metric(&sync, "shardsync_full_syncs_total"), 0.0);
+        }
+        kill9(&mut sync);
+        // Writes go on while shardsync is down.
+        let before = load.sent();
+        wait_for("writes while down", SHORT, || load.sent() > before + 1000);
+    }
+    let sync = Shardsync::sync(BIN, &args);
+    sync.wait_state("incremental", LONG);
+    load.stop();
+    sync.wait_caught_up(&source, LONG);
+    assert!(
+        sync.log().contains("partial resync accepted"),
+        "{}",
+        sync.log()
+    );
+    assert_eq!(sync_full(&source), 1, "one full sync in all, the first");
+    assert_same(&source, &target);
+}
+
+#[test]
+fn target_links_cut_under_load_lose_nothing_and_repeat_nothing() {
+    let source = RedisServer::start();
+    let target = RedisServer::start();
+    let sync = Shardsync::sync(BIN, &["--source", &source.url(), "--target", &target.url()]);
+    sync.wait_state("incremental", LONG);
+    let mut load = Load::start(&source, 11, 300);
+    for _ in 0..8 {
+        let before = load.sent();
+        wait_for("writes", SHORT, || load.sent() > before + 1500);
+        // Our writer's connection, cut while batches are in flight.
+        let _: i64 = redis::cmd("CLIENT")
+            .arg("KILL")
+            .arg("SKIPME")
+            .arg("yes")
+            .arg("TYPE")
+            .arg("normal")
+            .query(&mut target.client())
+            .unwrap();
+    }
+    load.stop();
+    sync.wait_caught_up(&source, LONG);
+    assert!(metric(&sync, "shardsync_target_reconnects_total") >= 1.0);
+    assert_eq!(
+        metric(&sync, "shardsync_target_resent_non_idempotent_total"),
+        0.0,
+        "{}",
+        sync.log()
+    );
+    assert_same(&source, &target);
+}
+
+#[test]
+fn kill_9_during_the_full_sync_then_the_same_command_continues() {
+    let source = RedisServer::config()
+        .arg("enable-debug-command", &["yes"])
+        .start();
+    source.cmd::<()>(&["DEBUG", "POPULATE", "300000", "k", "50"]);
+    let target = RedisServer::start();
+    let args = ["--source", &source.url(), "--target", &target.url()];
+    let mut first = Shardsync::sync(BIN, &args);
+    wait_for("keys on the target", LONG, || target.dbsize(0) > 1000);
+    kill9(&mut first);
+    assert!(target.dbsize(0) < 300_000, "killed during the full sync");
+    let mut load = Load::start(&source, 3, 100);
+    // No --on-conflict: the target's marker says the keys are this task's.
+    let second = Shardsync::sync(BIN, &args);
+    second.wait_state("incremental", LONG);
+    assert!(
+        second.log().contains("an earlier full sync of") && second.log().contains("did not finish"),
+        "{}",
+        second.log()
+    );
+    load.stop();
+    second.wait_caught_up(&source, LONG);
+    assert_same(&source, &target);
+}
+
+#[test]
+fn without_exactly_once_no_marker_is_written_and_the_precheck_says_what_that_costs() {
+    let source = RedisServer::start();
+    let target = RedisServer::start();
+    let _: () = source.cmd(&["SET", "a", "1"]);
+    let sync = Shardsync::sync(
+        BIN,
+        &[
+            "--source",
+            &source.url(),
+            "--target",
+            &target.url(),
+            "--no-exactly-once",
+        ],
+    );
+    sync.wait_caught_up(&source, SHORT);
+    assert!(
+        sync.log().contains("--no-exactly-once: commands resent"),
+        "{}",
+        sync.log()
+    );
+    assert!(target.internal_keys(0).is_empty(), "no marker");
+    assert_same(&source, &target);
+
+    // With it, one marker per source master, in database 0 (where the
+    // source keeps its heartbeat: both sides count one key more).
+    let target2 = RedisServer::start();
+    let with = Shardsync::sync(
+        BIN,
+        &["--source", &source.url(), "--target", &target2.url()],
+    );
+    with.wait_caught_up(&source, SHORT);
+    let markers: Vec<String> = target2
+        .internal_keys(0)
+        .into_iter()
+        .map(|k| String::from_utf8_lossy(&k).into_owned())
+        .filter(|k| k.starts_with("shardsync:applied:"))
+        .collect();
+    assert_eq!(markers.len(), 1, "{markers:?}");
+    // The source holds both tasks' heartbeats; the second task copied the
+    // first one's (another task's heartbeat is data to it) and added its
+    // marker.
+    assert_eq!(target2.raw_dbsize(0), source.raw_dbsize(0));
+}

@@ -1,0 +1,144 @@
+//! Live writes for fault tests: a thread that keeps sending a mix of
+//! commands whose effect doubles when applied twice (INCR, APPEND, LPUSH,
+//! HINCRBY, ...) or vanishes when lost, over a small key space so that they
+//! pile up on the same keys. Seeded: the same seed gives the same commands.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use crate::server::RedisServer;
+
+/// A running load; stops (and joins) on [`Load::stop`] or drop.
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    sent: Arc<AtomicU64>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// Small xorshift generator (no dependency, reproducible).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// One pipeline of `n` commands of the mix.
+fn round(rng: &mut Rng, n: usize) -> redis::Pipeline {
+    let mut pipe = redis::pipe();
+    for _ in 0..n {
+        let k = rng.below(40);
+        match rng.below(12) {
+            0 => pipe.cmd("INCR").arg(format!("ctr:{k}")),
+            1 => pipe.cmd("INCRBYFLOAT").arg(format!("flt:{k}")).arg("0.5"),
+            2 => pipe.cmd("APPEND").arg(format!("str:{k}")).arg("ab"),
+            3 => pipe
+                .cmd("LPUSH")
+                .arg(format!("list:{k}"))
+                .arg(rng.below(1000)),
+            4 => pipe.cmd("LPOP").arg(format!("list:{k}")),
+            5 => pipe
+                .cmd("HINCRBY")
+                .arg(format!("hash:{k}"))
+                .arg(rng.below(5))
+                .arg(1),
+            6 => pipe.cmd("SADD").arg(format!("set:{k}")).arg(rng.below(50)),
+            7 => pipe
+                .cmd("ZINCRBY")
+                .arg(format!("zset:{k}"))
+                .arg(1)
+                .arg(rng.below(10)),
+            8 => pipe
+                .cmd("SETRANGE")
+                .arg(format!("str:{k}"))
+                .arg(rng.below(8))
+                .arg("z"),
+            9 => pipe
+                .cmd("RPOPLPUSH")
+                .arg(format!("list:{k}"))
+                .arg(format!("list:{}", rng.below(40))),
+            10 => pipe
+                .cmd("EVAL")
+                .arg("redis.call('INCR', KEYS[1]); return redis.call('LPUSH', KEYS[2], ARGV[1])")
+                .arg(2)
+                .arg(format!("ctr:{k}"))
+                .arg(format!("list:{k}"))
+                .arg(rng.below(100)),
+            _ => pipe
+                .cmd("XADD")
+                .arg(format!("stream:{}", k % 4))
+                .arg("*")
+                .arg("f")
+                .arg(rng.below(100)),
+        };
+        pipe.ignore();
+    }
+    pipe
+}
+
+impl Load {
+    /// Starts writing to `server` in rounds of `batch` pipelined commands,
+    /// with a MULTI/EXEC block after each round.
+    pub fn start(server: &RedisServer, seed: u64, batch: usize) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let sent = Arc::new(AtomicU64::new(0));
+        let (stop2, sent2) = (stop.clone(), sent.clone());
+        let mut con = server.client();
+        let thread = std::thread::spawn(move || {
+            let mut rng = Rng(seed.max(1));
+            while !stop2.load(Ordering::Relaxed) {
+                let _: () = round(&mut rng, batch).query(&mut con).expect("load round");
+                let k = rng.below(40);
+                let _: () = redis::pipe()
+                    .atomic()
+                    .cmd("INCR")
+                    .arg(format!("ctr:{k}"))
+                    .ignore()
+                    .cmd("APPEND")
+                    .arg(format!("str:{k}"))
+                    .arg("tx")
+                    .ignore()
+                    .query(&mut con)
+                    .expect("load transaction");
+                sent2.fetch_add(batch as u64 + 2, Ordering::Relaxed);
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+        });
+        Load {
+            stop,
+            sent,
+            thread: Some(thread),
+        }
+    }
+
+    /// Commands sent so far.
+    pub fn sent(&self) -> u64 {
+        self.sent.load(Ordering::Relaxed)
+    }
+
+    /// Stops writing and waits for the last round to be answered.
+    pub fn stop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            t.join().expect("load thread");
+        }
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
