@@ -25,7 +25,9 @@
 //! and prints medians and the ratio to native replication.
 //!
 //! `SHARDSYNC_BENCH_BIN=<path>` measures another shardsync binary (an
-//! older build, say) instead of this build's.
+//! older build, say) instead of this build's; `SHARDSYNC_BENCH_ARGS` adds
+//! options to its command line (`--no-exactly-once`, to measure what the
+//! markers cost).
 //! `SHARDSYNC_BENCH_PERF=<file>` records a system-wide `perf` profile of
 //! each shardsync full sync into `<file>.<n>`; `SHARDSYNC_BENCH_LOG=1`
 //! prints shardsync's log after each one.
@@ -41,6 +43,17 @@ const BUILT: &str = env!("CARGO_BIN_EXE_shardsync");
 /// build of shardsync, to compare two versions on the same machine).
 fn bin() -> String {
     std::env::var("SHARDSYNC_BENCH_BIN").unwrap_or_else(|_| BUILT.to_string())
+}
+
+/// `shardsync sync` with the bench's source and target, and the options
+/// in `SHARDSYNC_BENCH_ARGS` (say `--no-exactly-once`).
+fn start_sync(source: &Deployment, target: &Deployment) -> Shardsync {
+    let extra = std::env::var("SHARDSYNC_BENCH_ARGS").unwrap_or_default();
+    let source_url = source.url();
+    let target_url = target.url();
+    let mut args = vec!["--source", &source_url, "--target", &target_url];
+    args.extend(extra.split_whitespace());
+    Shardsync::sync(&bin(), &args)
 }
 
 struct Options {
@@ -283,10 +296,7 @@ fn shardsync_full(source: &Deployment, keys: u64) -> (Duration, u64, Cpu) {
     let targets_before = servers_cpu(&target.masters());
     let profile = Profile::start();
     let start = Instant::now();
-    let mut sync = Shardsync::sync(
-        &bin(),
-        &["--source", &source.url(), "--target", &target.url()],
-    );
+    let mut sync = start_sync(source, &target);
     let n_shards = source.masters().len();
     // The markers go in once every source forked its snapshot: they travel
     // in the stream, behind every key.
@@ -403,10 +413,7 @@ fn native_incremental(cluster: bool, n: u64) -> (Duration, f64) {
 fn shardsync_incremental(cluster: bool, n: u64) -> (Duration, f64, u64) {
     let source = Deployment::start(cluster);
     let target = Deployment::start(cluster);
-    let mut sync = Shardsync::sync(
-        &bin(),
-        &["--source", &source.url(), "--target", &target.url()],
-    );
+    let mut sync = start_sync(&source, &target);
     let n_shards = source.masters().len();
     wait_for("shardsync's workers", Duration::from_secs(60), || {
         sync.status()

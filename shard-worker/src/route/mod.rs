@@ -12,6 +12,7 @@ pub mod cluster;
 pub mod overflow;
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use engine::marker::Marker;
@@ -162,7 +163,14 @@ pub struct Dispatcher {
     marking: Option<Marking>,
     /// The sync the stream's markers name: its epoch and replication id.
     stream: Option<(u64, String)>,
+    /// Per writer, the position its last marker was sent with, and when.
+    marked: Vec<Option<(u64, Instant)>>,
 }
+
+/// A quiet stream (nothing but our filtered heartbeat, say) still moves
+/// its markers this often, so that a restart never needs more of the
+/// source's backlog than that.
+pub const MARKER_REFRESH: Duration = Duration::from_secs(5);
 
 impl Dispatcher {
     pub fn new(shard: usize, router: Router, stats: Arc<ShardStats>) -> Dispatcher {
@@ -176,7 +184,37 @@ impl Dispatcher {
             stats,
             marking: None,
             stream: None,
+            marked: Vec::new(),
         }
+    }
+
+    /// Exactly-once on a quiet stream: a writer that got no batch since
+    /// its marker was last moved gets one holding only the marker, at most
+    /// every [`MARKER_REFRESH`]. Call with every batch handed over.
+    pub async fn refresh_markers(&mut self, at: Option<StreamPos>) -> Result<(), WorkerError> {
+        let (Some(_), Some(_), Some(at)) = (&self.marking, &self.stream, at) else {
+            return Ok(());
+        };
+        for w in 0..self.builders.len() {
+            let fresh = self
+                .marked
+                .get(w)
+                .copied()
+                .flatten()
+                .is_some_and(|(offset, when)| {
+                    offset >= at.offset || when.elapsed() < MARKER_REFRESH
+                });
+            if fresh || !self.builders[w].is_empty() {
+                continue;
+            }
+            let b = &mut self.builders[w];
+            b.push(Some(MARKER_DB), ExpectKind::TxBegin, |buf| {
+                buf.extend_from_slice(MULTI)
+            });
+            b.wrapped = true;
+            self.flush_one(w, Some(at)).await?;
+        }
+        Ok(())
     }
 
     /// Wraps the stream's batches with the shard's marker (exactly-once).
@@ -311,6 +349,10 @@ impl Dispatcher {
         }
         if let (Some(marking), Some((epoch, replid)), Some(at)) = (&self.marking, &self.stream, at)
         {
+            if self.marked.len() <= w {
+                self.marked.resize(w + 1, None);
+            }
+            self.marked[w] = Some((at.offset, Instant::now()));
             let value = Marker::Applied {
                 epoch: *epoch,
                 replid: replid.clone(),
@@ -495,6 +537,28 @@ mod tests {
         let restore = rx.try_recv().unwrap();
         assert!(!mark.wrapped && !restore.wrapped);
         assert_eq!(lines(&restore), ["Ok RESTORE k 0 p REPLACE"]);
+    }
+
+    #[tokio::test]
+    async fn a_quiet_stream_moves_its_marker_now_and_then() {
+        let (mut d, mut rx) = dispatcher(true);
+        d.refresh_markers(pos(10)).await.unwrap();
+        let b = rx.try_recv().unwrap();
+        assert_eq!(
+            lines(&b),
+            [
+                "TxBegin MULTI",
+                "TxQueued SET shardsync:applied:t:src:1 1 2 r 10 5",
+                "TxEnd EXEC"
+            ]
+        );
+        // Fresh enough: nothing more for a while, whatever the position.
+        d.refresh_markers(pos(20)).await.unwrap();
+        push(&mut d, Some(0), ExpectKind::Ok, 30, &["SET", "a", "1"]).await;
+        d.flush_all(pos(40)).await.unwrap();
+        d.refresh_markers(pos(40)).await.unwrap();
+        assert_eq!(rx.try_recv().unwrap().len(), 4, "the SET's batch");
+        assert!(rx.try_recv().is_err(), "no marker-only batch after it");
     }
 
     #[tokio::test]

@@ -57,6 +57,7 @@ impl Intake {
                 tokio::task::coop::consume_budget().await;
             }
             self.dispatcher.flush_all(self.safe).await?;
+            self.dispatcher.refresh_markers(self.safe).await?;
             if let Some(at) = self.safe {
                 self.stats.publish_processed(at);
             }
