@@ -142,8 +142,10 @@ async fn sync(args: SyncArgs) -> u8 {
         Ok(s) => s,
         Err(code) => return code,
     };
-    if store.is_none() {
-        tracing::info!("no --checkpoint-dir: a restart will begin with a full sync");
+    if store.is_none() && !cfg.exactly_once {
+        tracing::info!(
+            "no --checkpoint-dir and --no-exactly-once: a restart will begin with a full sync"
+        );
     }
 
     let report = precheck::run(&cfg, store.as_ref()).await;

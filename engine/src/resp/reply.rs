@@ -20,10 +20,17 @@ pub struct ReplyScan {
 
 /// Scans the reply at the front of `buf`; `Ok(None)` when incomplete.
 pub fn scan_reply(buf: &[u8]) -> Result<Option<ReplyScan>, RespError> {
-    // Fast path for the reply almost every write gets.
+    // Fast paths for the replies almost every write gets, alone and inside
+    // a transaction.
     if buf.starts_with(b"+OK\r\n") {
         return Ok(Some(ReplyScan {
             len: 5,
+            error: None,
+        }));
+    }
+    if buf.starts_with(b"+QUEUED\r\n") {
+        return Ok(Some(ReplyScan {
+            len: 9,
             error: None,
         }));
     }
