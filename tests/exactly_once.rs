@@ -113,6 +113,15 @@ fn kill_9_during_the_full_sync_then_the_same_command_continues() {
     wait_for("keys on the target", LONG, || target.dbsize(0) > 1000);
     kill9(&mut first);
     assert!(target.dbsize(0) < 300_000, "killed during the full sync");
+    // Keys the first attempt may have copied, gone from the source while
+    // shardsync is down: they must not survive on the target.
+    let mut con = source.client();
+    for i in 0..2000 {
+        let _: i64 = redis::cmd("DEL")
+            .arg(format!("k:{i}"))
+            .query(&mut con)
+            .unwrap();
+    }
     let mut load = Load::start(&source, 3, 100);
     // No --on-conflict: the target's marker says the keys are this task's.
     let second = Shardsync::sync(BIN, &args);
@@ -124,6 +133,49 @@ fn kill_9_during_the_full_sync_then_the_same_command_continues() {
     );
     load.stop();
     second.wait_caught_up(&source, LONG);
+    assert_same(&source, &target);
+}
+
+#[test]
+fn a_full_resync_after_the_backlog_is_lost_leaves_no_deleted_key() {
+    let source = RedisServer::config()
+        .arg("repl-backlog-size", &["16kb"])
+        .start();
+    let target = RedisServer::start();
+    let mut con = source.client();
+    for i in 0..3000 {
+        let _: () = redis::cmd("SET")
+            .arg(format!("old:{i}"))
+            .arg(i)
+            .query(&mut con)
+            .unwrap();
+    }
+    let args = ["--source", &source.url(), "--target", &target.url()];
+    let mut first = Shardsync::sync(BIN, &args);
+    first.wait_caught_up(&source, SHORT);
+    let done = first.terminate(SHORT);
+    assert_eq!(done.code(), Some(0), "{}", done.log);
+    // While shardsync is away: more writes than the backlog holds, and
+    // deletions of keys the target has.
+    for i in 0..1500 {
+        let _: i64 = redis::cmd("DEL")
+            .arg(format!("old:{i}"))
+            .query(&mut con)
+            .unwrap();
+        let _: () = redis::cmd("SET")
+            .arg(format!("new:{i}"))
+            .arg("x".repeat(100))
+            .query(&mut con)
+            .unwrap();
+    }
+    let second = Shardsync::sync(BIN, &args);
+    second.wait_caught_up(&source, LONG);
+    assert_eq!(sync_full(&source), 2, "the backlog was lost: a full resync");
+    assert!(
+        second.log().contains("emptying the copied databases"),
+        "{}",
+        second.log()
+    );
     assert_same(&source, &target);
 }
 

@@ -125,6 +125,8 @@ pub struct TaskState {
     stopping: bool,
     /// Each shard's marker key, when batches carry markers.
     marker_keys: Option<Vec<bytes::Bytes>>,
+    /// Per shard, what its markers say of the target (fresh task).
+    fresh: Vec<bool>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -171,6 +173,7 @@ impl Actor for Task {
         });
         Ok(TaskState {
             marker_keys,
+            fresh: args.shards.iter().map(|s| s.fresh).collect(),
             shard_eps: args.shards.iter().map(|s| s.endpoint.clone()).collect(),
             initial_resume: args.shards.into_iter().map(|s| s.resume).collect(),
             outages: shards.iter().map(|_| None).collect(),
@@ -466,9 +469,7 @@ async fn spawn_source(
             marking: state
                 .marker_keys
                 .as_ref()
-                .map(|keys| shard_worker::route::Marking {
-                    key: keys[shard].clone(),
-                }),
+                .map(|keys| marking(state, keys, shard)),
         },
         myself.get_cell(),
     )
@@ -476,6 +477,25 @@ async fn spawn_source(
     state.ids.insert(actor.get_id(), Child::Source(shard));
     state.sources[shard] = Some(actor);
     Ok(())
+}
+
+/// How shard `shard`'s batches carry its marker. Only a fresh task with
+/// one source master may empty the copied databases before a full sync
+/// over its earlier copy: otherwise they hold other shards' data too.
+fn marking(state: &TaskState, keys: &[bytes::Bytes], shard: usize) -> shard_worker::route::Marking {
+    let fresh = state.fresh[shard];
+    let alone = state.shards.len() == 1 && state.cluster.is_none();
+    let replay = &state.options.replay;
+    let mut dbs: Vec<u32> = (0..replay.source_databases)
+        .filter_map(|db| replay.db_filter.target_db(db))
+        .collect();
+    dbs.sort_unstable();
+    dbs.dedup();
+    shard_worker::route::Marking {
+        key: keys[shard].clone(),
+        fresh,
+        flush_dbs: (fresh && alone).then_some(dbs),
+    }
 }
 
 /// Where a shard is, to tell whether it moved since an outage began.

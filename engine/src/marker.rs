@@ -43,12 +43,13 @@ pub fn is_internal(key: &[u8]) -> bool {
 pub enum Marker {
     /// Full sync number `epoch` is being loaded: the target holds this
     /// task's data, not yet resumable.
-    Full { epoch: u64 },
+    Full { epoch: u64, fresh: bool },
     /// Everything of the stream up to `offset` (with source db `db`
     /// selected there) is applied, in sync `epoch` of replication id
     /// `replid`.
     Applied {
         epoch: u64,
+        fresh: bool,
         replid: String,
         offset: u64,
         db: u32,
@@ -61,19 +62,31 @@ const VERSION: &str = "1";
 impl Marker {
     pub fn epoch(&self) -> u64 {
         match self {
-            Marker::Full { epoch } | Marker::Applied { epoch, .. } => *epoch,
+            Marker::Full { epoch, .. } | Marker::Applied { epoch, .. } => *epoch,
+        }
+    }
+
+    /// The task began on a target checked empty: what the target holds of
+    /// the copied databases is the task's own.
+    pub fn fresh(&self) -> bool {
+        match self {
+            Marker::Full { fresh, .. } | Marker::Applied { fresh, .. } => *fresh,
         }
     }
 
     pub fn encode(&self) -> Vec<u8> {
+        let flags = |fresh: bool| if fresh { "f" } else { "-" };
         match self {
-            Marker::Full { epoch } => format!("{VERSION} {epoch} full").into_bytes(),
+            Marker::Full { epoch, fresh } => {
+                format!("{VERSION} {epoch} {} full", flags(*fresh)).into_bytes()
+            }
             Marker::Applied {
                 epoch,
+                fresh,
                 replid,
                 offset,
                 db,
-            } => format!("{VERSION} {epoch} {replid} {offset} {db}").into_bytes(),
+            } => format!("{VERSION} {epoch} {} {replid} {offset} {db}", flags(*fresh)).into_bytes(),
         }
     }
 
@@ -85,10 +98,16 @@ impl Marker {
             return None;
         }
         let epoch = words.next()?.parse().ok()?;
+        let fresh = match words.next()? {
+            "f" => true,
+            "-" => false,
+            _ => return None,
+        };
         let marker = match words.next()? {
-            "full" => Marker::Full { epoch },
+            "full" => Marker::Full { epoch, fresh },
             replid => Marker::Applied {
                 epoch,
+                fresh,
                 replid: replid.to_string(),
                 offset: words.next()?.parse().ok()?,
                 db: words.next()?.parse().ok()?,
@@ -102,7 +121,7 @@ impl Marker {
     /// any position of its epoch).
     pub fn is_newer_than(&self, other: &Marker) -> bool {
         let rank = |m: &Marker| match m {
-            Marker::Full { epoch } => (*epoch, 0, 0),
+            Marker::Full { epoch, .. } => (*epoch, 0, 0),
             Marker::Applied { epoch, offset, .. } => (*epoch, 1, *offset),
         };
         rank(self) > rank(other)
@@ -128,23 +147,34 @@ mod tests {
     fn applied(epoch: u64, offset: u64) -> Marker {
         Marker::Applied {
             epoch,
+            fresh: true,
             replid: "r".into(),
             offset,
             db: 3,
         }
     }
 
+    fn full(epoch: u64) -> Marker {
+        Marker::Full {
+            epoch,
+            fresh: false,
+        }
+    }
+
     #[test]
     fn values_round_trip_and_foreign_ones_are_refused() {
-        for m in [Marker::Full { epoch: 4 }, applied(7, 123456)] {
+        for m in [full(4), applied(7, 123456)] {
             assert_eq!(Marker::parse(&m.encode()), Some(m.clone()));
         }
-        assert_eq!(applied(2, 9).encode(), b"1 2 r 9 3");
+        assert_eq!(applied(2, 9).encode(), b"1 2 f r 9 3");
+        assert_eq!(full(2).encode(), b"1 2 - full");
         for bad in [
-            &b"2 1 full"[..],
-            b"1 x full",
-            b"1 1 r 9",
-            b"1 1 r 9 3 extra",
+            &b"2 1 - full"[..],
+            b"1 x - full",
+            b"1 1 full",
+            b"1 1 ? full",
+            b"1 1 - r 9",
+            b"1 1 - r 9 3 extra",
             b"\xff",
         ] {
             assert_eq!(Marker::parse(bad), None, "{bad:?}");
@@ -154,11 +184,11 @@ mod tests {
     #[test]
     fn the_newest_marker_is_the_latest_epoch_then_the_furthest_position() {
         assert_eq!(
-            newest([applied(1, 900), Marker::Full { epoch: 2 }, applied(1, 50)]),
-            Some(Marker::Full { epoch: 2 })
+            newest([applied(1, 900), full(2), applied(1, 50)]),
+            Some(full(2))
         );
         assert_eq!(
-            newest([Marker::Full { epoch: 2 }, applied(2, 10), applied(2, 7)]),
+            newest([full(2), applied(2, 10), applied(2, 7)]),
             Some(applied(2, 10))
         );
         assert_eq!(newest([]), None);

@@ -101,6 +101,22 @@ impl FullSyncStarted<'_> {
     }
 }
 
+/// A full sync replaces the task's earlier copy: the copied databases of
+/// the target are emptied first, so that nothing the source deleted
+/// meanwhile survives.
+pub struct TargetEmptied<'a> {
+    pub source: &'a str,
+}
+
+impl TargetEmptied<'_> {
+    pub fn emit(self) {
+        tracing::warn!(
+            source = self.source,
+            "a new full sync replaces the task's earlier copy: emptying the copied databases of the target first"
+        );
+    }
+}
+
 /// The whole RDB was read, handed to the writers and applied.
 pub struct FullSyncLoaded<'a> {
     pub source: &'a str,

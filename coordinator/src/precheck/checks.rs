@@ -470,6 +470,8 @@ pub struct Start {
     pub resume: Option<ResumePoint>,
     /// The newest sync epoch the target's marker names.
     pub epoch: u64,
+    /// The marker says the task began on a target checked empty.
+    pub fresh: bool,
 }
 
 /// Where shard `source` starts. The target's marker wins over the local
@@ -487,6 +489,7 @@ pub fn start(
     match marker {
         Some(Marker::Applied {
             epoch,
+            fresh,
             replid,
             offset,
             db,
@@ -503,9 +506,10 @@ pub fn start(
                     db: *db,
                 }),
                 epoch: *epoch,
+                fresh: *fresh,
             }
         }
-        Some(Marker::Full { epoch }) => {
+        Some(Marker::Full { epoch, fresh }) => {
             checks.warn(
                 "checkpoint",
                 format!("an earlier full sync of {source} did not finish (the target's marker says so); starting it over, replacing the keys it wrote"),
@@ -514,6 +518,7 @@ pub fn start(
                 ours: true,
                 resume: None,
                 epoch: *epoch,
+                fresh: *fresh,
             }
         }
         None => {
@@ -522,6 +527,7 @@ pub fn start(
                 ours,
                 resume,
                 epoch: 0,
+                fresh: false,
             }
         }
     }

@@ -94,6 +94,9 @@ pub struct ShardPlan {
     pub slot: Option<u16>,
     /// The newest sync epoch the target's markers name (0: none).
     pub epoch: u64,
+    /// The task began on a target checked empty: what the copied
+    /// databases hold is its own (see `route::Marking::fresh`).
+    pub fresh: bool,
 }
 
 /// A cluster's masters with the slot ranges each serves.

@@ -117,10 +117,18 @@ fn plan_target(
                 ours: start.ours,
                 slot: m.slot,
                 epoch: start.epoch,
+                fresh: start.fresh,
             }
         })
         .collect();
     let ours = shards.iter().any(|s| s.ours);
+    // A task that begins now on a target the precheck finds empty.
+    let mut shards = shards;
+    if !ours && cfg.on_conflict == OnConflict::Precheck {
+        for s in &mut shards {
+            s.fresh = true;
+        }
+    }
 
     let source_databases = sources
         .masters

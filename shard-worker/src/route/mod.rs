@@ -144,6 +144,13 @@ pub const FLUSH_COMMANDS: usize = 4096;
 pub struct Marking {
     /// The shard's marker key.
     pub key: Bytes,
+    /// The task began on a target checked empty (kept in every marker).
+    pub fresh: bool,
+    /// When the target's copied databases hold only this shard's data (a
+    /// fresh task with one source master): they are emptied before a full
+    /// sync that replaces an earlier copy, so that keys the source deleted
+    /// meanwhile do not survive.
+    pub flush_dbs: Option<Vec<u32>>,
 }
 
 /// The database markers live in: one marker per shard on a node, whatever
@@ -229,19 +236,42 @@ impl Dispatcher {
 
     /// Before the first key of full sync `epoch`: every marker of the shard
     /// says a full sync is being loaded (the target holds this task's data
-    /// from now on, and nothing is resumable).
-    pub async fn mark_full(&mut self, epoch: u64) -> Result<(), WorkerError> {
+    /// from now on, and nothing is resumable). When it replaces an earlier
+    /// copy (`over_earlier`) and the marking allows, the copied databases
+    /// are emptied first.
+    pub async fn begin_full(
+        &mut self,
+        epoch: u64,
+        over_earlier: bool,
+    ) -> Result<bool, WorkerError> {
         let Some(marking) = self.marking.clone() else {
-            return Ok(());
+            return Ok(false);
         };
-        let value = Marker::Full { epoch }.encode();
+        let mut flushed = false;
+        if let (true, Some(dbs)) = (over_earlier, &marking.flush_dbs) {
+            for w in 0..self.builders.len() {
+                for &db in dbs {
+                    self.push(w, Some(db), ExpectKind::Ok, None, |buf| {
+                        encode::command(buf, &[b"FLUSHDB"])
+                    })
+                    .await?;
+                }
+            }
+            flushed = true;
+        }
+        let value = Marker::Full {
+            epoch,
+            fresh: marking.fresh,
+        }
+        .encode();
         for w in 0..self.builders.len() {
             self.push(w, Some(MARKER_DB), ExpectKind::Ok, None, |buf| {
                 encode::command(buf, &[&b"SET"[..], &marking.key, &value])
             })
             .await?;
         }
-        self.flush_all(None).await
+        self.flush_all(None).await?;
+        Ok(flushed)
     }
 
     pub fn router(&self) -> &Router {
@@ -355,6 +385,7 @@ impl Dispatcher {
             self.marked[w] = Some((at.offset, Instant::now()));
             let value = Marker::Applied {
                 epoch: *epoch,
+                fresh: marking.fresh,
                 replid: replid.clone(),
                 offset: at.offset,
                 db: at.db,
@@ -415,6 +446,8 @@ mod tests {
         if marked {
             d.set_marking(Marking {
                 key: Bytes::from_static(MARKER),
+                fresh: true,
+                flush_dbs: Some(vec![0, 4]),
             });
             d.set_stream(2, "r");
         }
@@ -462,7 +495,7 @@ mod tests {
                 "TxQueued SET a 1",
                 "TxQueued INCR b",
                 "TxQueued SELECT 0",
-                "TxQueued SET shardsync:applied:t:src:1 1 2 r 30 5",
+                "TxQueued SET shardsync:applied:t:src:1 1 2 f r 30 5",
                 "TxQueued SELECT 2",
                 "TxEnd EXEC",
             ]
@@ -483,7 +516,7 @@ mod tests {
             [
                 "TxBegin MULTI",
                 "TxQueued INCR x",
-                "TxQueued SET shardsync:applied:t:src:1 1 2 r 40 5",
+                "TxQueued SET shardsync:applied:t:src:1 1 2 f r 40 5",
                 "TxEnd EXEC",
             ],
             "no SELECT around the marker in database 0, no nested MULTI"
@@ -524,7 +557,7 @@ mod tests {
     #[tokio::test]
     async fn snapshot_batches_are_not_wrapped_and_a_full_sync_is_marked_first() {
         let (mut d, mut rx) = dispatcher(true);
-        d.mark_full(3).await.unwrap();
+        assert!(!d.begin_full(3, false).await.unwrap(), "nothing flushed");
         d.push(0, Some(0), ExpectKind::Ok, None, |buf| {
             encode::command(buf, &["RESTORE", "k", "0", "p", "REPLACE"])
         })
@@ -532,11 +565,34 @@ mod tests {
         .unwrap();
         d.flush_all(None).await.unwrap();
         let mark = rx.try_recv().unwrap();
-        assert_eq!(lines(&mark), ["Ok SET shardsync:applied:t:src:1 1 3 full"]);
+        assert_eq!(
+            lines(&mark),
+            ["Ok SET shardsync:applied:t:src:1 1 3 f full"]
+        );
         assert_eq!(mark.db, Some(MARKER_DB));
         let restore = rx.try_recv().unwrap();
         assert!(!mark.wrapped && !restore.wrapped);
         assert_eq!(lines(&restore), ["Ok RESTORE k 0 p REPLACE"]);
+    }
+
+    #[tokio::test]
+    async fn a_full_sync_over_an_earlier_copy_empties_the_copied_databases_first() {
+        let (mut d, mut rx) = dispatcher(true);
+        assert!(d.begin_full(4, true).await.unwrap());
+        let got: Vec<(Option<u32>, Vec<String>)> = std::iter::from_fn(|| rx.try_recv().ok())
+            .map(|b| (b.db, lines(&b)))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (Some(0), vec!["Ok FLUSHDB".to_string()]),
+                (Some(4), vec!["Ok FLUSHDB".to_string()]),
+                (
+                    Some(0),
+                    vec!["Ok SET shardsync:applied:t:src:1 1 4 f full".to_string()]
+                ),
+            ]
+        );
     }
 
     #[tokio::test]
@@ -548,7 +604,7 @@ mod tests {
             lines(&b),
             [
                 "TxBegin MULTI",
-                "TxQueued SET shardsync:applied:t:src:1 1 2 r 10 5",
+                "TxQueued SET shardsync:applied:t:src:1 1 2 f r 10 5",
                 "TxEnd EXEC"
             ]
         );
@@ -565,7 +621,7 @@ mod tests {
     async fn without_markers_batches_stay_as_they_were() {
         let (mut d, mut rx) = dispatcher(false);
         push(&mut d, Some(2), ExpectKind::Ok, 10, &["SET", "a", "1"]).await;
-        d.mark_full(1).await.unwrap();
+        d.begin_full(1, true).await.unwrap();
         d.flush_all(pos(20)).await.unwrap();
         let b = rx.try_recv().unwrap();
         assert!(!b.wrapped);

@@ -79,7 +79,11 @@ impl Intake {
         // Recorded on the target before its first key: a restart then
         // knows the keys are this task's, and that the sync must start over.
         let epoch = self.stats.next_epoch();
-        self.dispatcher.mark_full(epoch).await?;
+        let over_earlier = self.stats.counters.full_syncs.get() > 1
+            || self.stats.ours.load(std::sync::atomic::Ordering::Relaxed);
+        if self.dispatcher.begin_full(epoch, over_earlier).await? {
+            events::TargetEmptied { source: &self.addr }.emit();
+        }
         let started = Instant::now();
         let mut snap = Snapshot {
             keys: 0,
