@@ -223,3 +223,40 @@ fn without_exactly_once_no_marker_is_written_and_the_precheck_says_what_that_cos
     // marker.
     assert_eq!(target2.raw_dbsize(0), source.raw_dbsize(0));
 }
+
+#[test]
+fn status_and_verify_count_internal_keys_so_that_dbsize_reconciles() {
+    let source = RedisServer::start();
+    let target = RedisServer::start();
+    harness::data::load_strings(&source, 500, "k");
+    let args = ["--source", &source.url(), "--target", &target.url()];
+    let sync = Shardsync::sync(BIN, &args);
+    sync.wait_state("incremental", LONG);
+    wait_for("the heartbeat to come back", SHORT, || {
+        sync.status()
+            .is_some_and(|s| s["internal_keys"]["source"].as_u64() == Some(1))
+    });
+    sync.wait_caught_up(&source, LONG);
+    let status = sync.status().expect("status");
+    let internal = &status["internal_keys"];
+    let (on_source, on_target) = (
+        internal["source"].as_u64().unwrap(),
+        internal["target"].as_u64().unwrap(),
+    );
+    assert_eq!((on_source, on_target), (1, 1), "{status}");
+    assert_eq!(status["shards"][0]["internal_keys"]["target"], 1);
+    // DBSIZE minus shardsync's own keys is the same on both sides.
+    assert_eq!(source.raw_dbsize(0) - on_source, 500);
+    assert_eq!(target.raw_dbsize(0) - on_target, 500);
+    assert_eq!(source.internal_keys(0).len() as u64, on_source);
+    assert_eq!(target.internal_keys(0).len() as u64, on_target);
+    let done = Shardsync::run(BIN, "verify", &args, SHORT);
+    assert_eq!(done.code(), Some(0), "{}", done.log);
+    assert!(
+        done.log.contains(
+            "compared 500 keys: 0 differences (left out: shardsync's own keys, 1 on the source, 1 on the target)"
+        ),
+        "{}",
+        done.log
+    );
+}

@@ -250,8 +250,9 @@ async fn verify(args: VerifyArgs) -> u8 {
             for (db, n) in report.extra_on_target.iter().filter(|(_, n)| **n > 0) {
                 println!("db{db}: {n} keys on the target that the source does not have");
             }
+            let (on_source, on_target) = report.internal_keys;
             println!(
-                "compared {} keys: {} differences",
+                "compared {} keys: {} differences (left out: shardsync's own keys, {on_source} on the source, {on_target} on the target)",
                 report.keys_compared, report.n_differences
             );
             if report.consistent() {

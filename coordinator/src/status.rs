@@ -191,6 +191,10 @@ impl TaskStatus {
                         stream_lag_ms,
                         applied_lag_ms,
                     },
+                    internal_keys: InternalKeysJson {
+                        source: u64::from(s.heartbeat_key_seen()),
+                        target: s.marker_keys.load(Ordering::Relaxed),
+                    },
                     values: ValuesJson {
                         restamped: s.counters.values_restamped.get(),
                         rebuilt: s.counters.values_rebuilt.get(),
@@ -209,8 +213,13 @@ impl TaskStatus {
                 });
             }
         }
+        let internal_keys = InternalKeysJson {
+            source: shards.iter().map(|s| s.internal_keys.source).sum(),
+            target: shards.iter().map(|s| s.internal_keys.target).sum(),
+        };
         StatusJson {
             state: self.state(),
+            internal_keys,
             shards,
             targets,
             uptime_secs: self.started.elapsed().as_secs(),
@@ -222,6 +231,10 @@ impl TaskStatus {
 #[derive(Serialize)]
 pub struct StatusJson {
     pub state: &'static str,
+    /// shardsync's own keys on each side, all shards together: with every
+    /// database copied and no key filter, `DBSIZE` (summed over the
+    /// nodes) minus these is the same on both sides once caught up.
+    pub internal_keys: InternalKeysJson,
     pub shards: Vec<ShardJson>,
     pub targets: Vec<TargetJson>,
     pub uptime_secs: u64,
@@ -244,8 +257,18 @@ pub struct ShardJson {
     /// Lag measured with the heartbeat key (null until one is seen, or when
     /// the source cannot be written to).
     pub heartbeat: HeartbeatJson,
+    /// shardsync's own keys for this shard: its heartbeat on the source,
+    /// its markers on the target.
+    pub internal_keys: InternalKeysJson,
     /// RDB values not sent as a plain RESTORE.
     pub values: ValuesJson,
+}
+
+/// Keys shardsync keeps for itself (the `shardsync:` family), per side.
+#[derive(Serialize, Clone, Copy)]
+pub struct InternalKeysJson {
+    pub source: u64,
+    pub target: u64,
 }
 
 #[derive(Serialize)]

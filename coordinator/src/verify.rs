@@ -28,6 +28,9 @@ pub struct VerifyReport {
     pub n_differences: u64,
     /// Per target db: keys in the target not accounted for by the source.
     pub extra_on_target: BTreeMap<u32, u64>,
+    /// shardsync's own keys (heartbeats, markers, temporary names) in the
+    /// compared databases, left out of the comparison: (source, target).
+    pub internal_keys: (u64, u64),
 }
 
 impl VerifyReport {
@@ -135,6 +138,11 @@ pub async fn verify(
             select(src, sdb).await?;
             in_source += compare_node(src, target, sdb, filter, &mut report, show).await?;
         }
+        let mut internal = 0;
+        for dst in &mut target.conns {
+            internal += internal_keys(dst).await?;
+        }
+        report.internal_keys.1 += internal;
         let extra = if filter.is_all() {
             let mut target_size = 0;
             for dst in &mut target.conns {
@@ -145,16 +153,9 @@ pub async fn verify(
             // Keys that expired on the source between SCAN and now are
             // already reported as differences; what remains is what the
             // target has more (shardsync's own keys aside).
-            let extra = target_size.saturating_sub(in_source);
-            if extra > 0 {
-                let mut internal = 0;
-                for dst in &mut target.conns {
-                    internal += internal_keys(dst).await?;
-                }
-                extra.saturating_sub(internal)
-            } else {
-                0
-            }
+            target_size
+                .saturating_sub(in_source)
+                .saturating_sub(internal)
         } else {
             // The target may hold keys the filter leaves out: count only
             // kept keys the source lacks.
@@ -182,10 +183,11 @@ async fn compare_node(
     let mut in_source = 0u64;
     loop {
         let (next, batch) = scan_page(src, &cursor, None).await?;
-        let batch: Vec<Vec<u8>> = batch
+        let (internal, batch): (Vec<Vec<u8>>, Vec<Vec<u8>>) = batch
             .into_iter()
-            .filter(|k| filter.keeps(k) && !engine::marker::is_internal(k))
-            .collect();
+            .partition(|k| engine::marker::is_internal(k));
+        report.internal_keys.0 += internal.len() as u64;
+        let batch: Vec<Vec<u8>> = batch.into_iter().filter(|k| filter.keeps(k)).collect();
         for chunk in batch.chunks(BATCH) {
             in_source += chunk.len() as u64;
             compare_keys(src, target, sdb, chunk, report, show).await?;

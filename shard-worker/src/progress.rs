@@ -225,6 +225,9 @@ pub struct ShardStats {
     heartbeat_pending: AtomicBool,
     /// Woken whenever a batch of this shard is confirmed.
     confirmed: Notify,
+    /// Marker keys this shard keeps on its target nodes (one per node
+    /// when batches carry markers).
+    pub marker_keys: AtomicU64,
 }
 
 /// How often heartbeats are written.
@@ -260,6 +263,7 @@ impl ShardStats {
             heartbeat: Mutex::new(HeartbeatLag::default()),
             heartbeat_pending: AtomicBool::new(false),
             confirmed: Notify::new(),
+            marker_keys: AtomicU64::new(0),
         }
     }
 
@@ -385,6 +389,16 @@ impl ShardStats {
     /// confirmation of everything before it. A heartbeat overdue (more than
     /// [`HEARTBEAT_PERIOD_MS`] after the last one) makes the lag grow with
     /// the wait. `None` until a heartbeat is seen.
+    /// Whether this shard's heartbeat key has been seen in its stream (it
+    /// then exists on the source, with a short TTL, while the task runs).
+    pub fn heartbeat_key_seen(&self) -> bool {
+        self.heartbeat
+            .lock()
+            .expect("heartbeat lock")
+            .last_seen
+            .is_some()
+    }
+
     pub fn heartbeat_lags(&self) -> (Option<u64>, Option<u64>) {
         self.settle_heartbeats();
         let now = unix_ms();

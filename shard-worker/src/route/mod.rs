@@ -227,6 +227,10 @@ impl Dispatcher {
     /// Wraps the stream's batches with the shard's marker (exactly-once).
     pub fn set_marking(&mut self, marking: Marking) {
         self.marking = Some(marking);
+        self.stats.marker_keys.store(
+            self.builders.len() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
     }
 
     /// The stream from here on belongs to sync `epoch` of `replid`.
