@@ -57,6 +57,10 @@ pub struct SyncArgs {
     /// [default: 720m].
     #[arg(long, value_name = "DURATION")]
     pub retry_timeout: Option<String>,
+    /// A target node that answers nothing for this long is taken as down:
+    /// the connection is dropped and opened again [default: 120s].
+    #[arg(long, value_name = "DURATION")]
+    pub target_timeout: Option<String>,
     /// Log format [default: text].
     #[arg(long, value_enum)]
     pub log_format: Option<LogFormat>,

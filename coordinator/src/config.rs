@@ -65,6 +65,8 @@ pub struct FileConfig {
     pub on_conflict: Option<OnConflict>,
     /// How long network errors are retried, e.g. `"720m"`, `"30s"`.
     pub retry_timeout: Option<String>,
+    /// How long a target node may answer nothing, e.g. `"120s"`.
+    pub target_timeout: Option<String>,
     pub log_format: Option<LogFormat>,
     /// Replay PUBLISH on the target.
     pub replay_publish: Option<bool>,
@@ -106,8 +108,8 @@ pub enum ConfigError {
     Url(#[from] UrlError),
     #[error("--http {0}: expected host:port, e.g. 127.0.0.1:9750")]
     Http(String),
-    #[error("--retry-timeout {0}: expected a duration like 30s, 10m or 12h")]
-    Duration(String),
+    #[error("--{0} {1}: expected a duration like 30s, 10m or 12h")]
+    Duration(&'static str, String),
     #[error("--db-map {0}: expected SRC:DST, two database numbers")]
     DbMap(String),
     #[error("--{0} {1}: expected a size like 64MB, 512KB or 1GB")]
@@ -128,6 +130,8 @@ pub struct TaskConfig {
     pub db_filter: DbFilter,
     pub on_conflict: OnConflict,
     pub retry_timeout: Duration,
+    /// A target node silent this long is reconnected.
+    pub target_timeout: Duration,
     pub log_format: LogFormat,
     pub replay_publish: bool,
     pub spill_memory: usize,
@@ -142,6 +146,20 @@ pub const DEFAULT_SPILL_MEMORY: &str = "32MB";
 pub const DEFAULT_BIG_KEY_THRESHOLD: &str = "64MB";
 pub const DEFAULT_HTTP: &str = "127.0.0.1:9750";
 pub const DEFAULT_RETRY_TIMEOUT: &str = "720m";
+pub const DEFAULT_TARGET_TIMEOUT: &str = "120s";
+
+/// A duration option (`name` for the error), or its default.
+fn duration(
+    name: &'static str,
+    given: Option<String>,
+    default: &str,
+) -> Result<Duration, ConfigError> {
+    let text = given.unwrap_or_else(|| default.to_string());
+    match humantime::parse_duration(&text) {
+        Ok(d) if !d.is_zero() => Ok(d),
+        _ => Err(ConfigError::Duration(name, text)),
+    }
+}
 
 impl FileConfig {
     pub fn load(path: &Path) -> Result<FileConfig, ConfigError> {
@@ -189,13 +207,16 @@ impl TaskConfig {
             .or(file.http)
             .unwrap_or_else(|| DEFAULT_HTTP.to_string());
         let http: SocketAddr = http.parse().map_err(|_| ConfigError::Http(http.clone()))?;
-        let retry = args
-            .retry_timeout
-            .clone()
-            .or(file.retry_timeout)
-            .unwrap_or_else(|| DEFAULT_RETRY_TIMEOUT.to_string());
-        let retry_timeout =
-            humantime::parse_duration(&retry).map_err(|_| ConfigError::Duration(retry.clone()))?;
+        let retry_timeout = duration(
+            "retry-timeout",
+            args.retry_timeout.clone().or(file.retry_timeout),
+            DEFAULT_RETRY_TIMEOUT,
+        )?;
+        let target_timeout = duration(
+            "target-timeout",
+            args.target_timeout.clone().or(file.target_timeout),
+            DEFAULT_TARGET_TIMEOUT,
+        )?;
         let dbs = if !args.dbs.is_empty() {
             args.dbs.clone()
         } else {
@@ -217,6 +238,7 @@ impl TaskConfig {
             db_filter: db_filter(dbs, &maps)?,
             on_conflict: args.on_conflict.or(file.on_conflict).unwrap_or_default(),
             retry_timeout,
+            target_timeout,
             log_format: args.log_format.or(file.log_format).unwrap_or_default(),
             replay_publish: args.replay_publish || file.replay_publish.unwrap_or(false),
             spill_memory: {

@@ -146,6 +146,7 @@ fn task_args(
         options,
         retry: RetryPolicy {
             timeout: cfg.retry_timeout,
+            reply_timeout: cfg.target_timeout,
             ..RetryPolicy::default()
         },
         listening_port: shared.listening_port,

@@ -547,6 +547,9 @@ pub struct CommandsResent<'a> {
     pub target: &'a str,
     pub commands: u64,
     pub non_idempotent: u64,
+    /// Of `commands`, those in batches the node's marker showed not
+    /// applied: they run once.
+    pub marked: u64,
 }
 
 impl CommandsResent<'_> {
@@ -560,11 +563,17 @@ impl CommandsResent<'_> {
                 non_idempotent = self.non_idempotent,
                 "resent commands whose replies were lost; non-idempotent ones may have run twice"
             );
+        } else if self.marked == self.commands && self.commands > 0 {
+            tracing::info!(
+                target_node = self.target,
+                commands = self.commands,
+                "resent commands whose replies were lost; the node's marker shows it did not apply them"
+            );
         } else if self.commands > 0 {
             tracing::info!(
                 target_node = self.target,
                 commands = self.commands,
-                "resent commands whose replies were lost (all idempotent)"
+                "resent commands whose replies were lost (all idempotent or not applied)"
             );
         }
     }

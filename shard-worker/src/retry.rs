@@ -11,6 +11,9 @@ pub struct RetryPolicy {
     pub timeout: Duration,
     pub initial_backoff: Duration,
     pub max_backoff: Duration,
+    /// A connection that answers nothing for this long is dropped and
+    /// opened again (a frozen or half-dead peer).
+    pub reply_timeout: Duration,
 }
 
 impl Default for RetryPolicy {
@@ -19,6 +22,7 @@ impl Default for RetryPolicy {
             timeout: Duration::from_secs(720 * 60),
             initial_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(5),
+            reply_timeout: Duration::from_secs(120),
         }
     }
 }

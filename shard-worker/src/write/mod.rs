@@ -24,7 +24,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 pub use crate::retry::{Backoff, RetryPolicy};
-pub use pipeline::{PipelineExit, REPLY_TIMEOUT};
+pub use pipeline::PipelineExit;
 
 use crate::conn::Conn;
 use crate::endpoint::Endpoint;
@@ -116,6 +116,7 @@ impl Actor for Writer {
                 routing: args.routing,
                 overflow: args.overflow,
                 window: args.window,
+                reply_timeout: args.retry.reply_timeout,
                 fallback: pipeline::Fallback {
                     caps: std::sync::Mutex::new(args.target_caps),
                     tmp_names: std::sync::Mutex::new(engine::split::TmpNames::new(args.tmp_scope)),
@@ -356,11 +357,13 @@ pub async fn read_markers(
 fn report_resend(resend: &VecDeque<Work>, stats: &WriterStats, target: &str) {
     let mut commands = 0;
     let mut non_idempotent = 0;
+    let mut marked = 0;
     for (batch, _) in resend {
         for i in 0..batch.len() {
             commands += 1;
             if batch.wrapped {
                 // A transaction the marker showed not applied: it runs once.
+                marked += 1;
                 continue;
             }
             let (name, _) = describe_command(batch.command_bytes(i));
@@ -375,6 +378,7 @@ fn report_resend(resend: &VecDeque<Work>, stats: &WriterStats, target: &str) {
         target,
         commands,
         non_idempotent,
+        marked,
     }
     .emit(&stats.counters);
 }

@@ -43,10 +43,6 @@ use crate::progress::{ShardStats, WriterStats};
 use crate::route::{Batch, ClusterRouting, Overflow, Redirected};
 use engine::rebuild::TargetCaps;
 
-/// How long replies may keep us waiting before the target is considered
-/// gone (a paused or sleeping target answers well within this).
-pub const REPLY_TIMEOUT: Duration = Duration::from_secs(120);
-
 /// A batch to write, and who to tell when it is confirmed (a redirected
 /// batch tells the writer that redirected it; a batch from the queue tells
 /// its shard's progress counters).
@@ -85,6 +81,9 @@ pub(crate) struct PipelineCtx {
     pub overflow: Arc<Overflow>,
     /// Most batches written but not yet confirmed.
     pub window: usize,
+    /// How long replies may keep us waiting before the target is taken as
+    /// gone (`--target-timeout`).
+    pub reply_timeout: Duration,
     /// For RESTOREs the target refuses: what it can take instead.
     pub fallback: Fallback,
 }

@@ -12,7 +12,7 @@ use tokio::io::AsyncReadExt;
 use tokio::net::tcp::OwnedReadHalf;
 use tokio::sync::{mpsc, oneshot};
 
-use super::pipeline::{InFlight, PipelineCtx, Work, REPLY_TIMEOUT};
+use super::pipeline::{InFlight, PipelineCtx, Work};
 use super::resend::{rebuild_refused, resend_batch, sub_batch};
 use super::verdict::{classify, Class, Outcome, Verdict};
 use crate::clock::unix_ms;
@@ -465,7 +465,8 @@ impl<'a> Receiver<'a> {
         if self.buf.capacity() - self.buf.len() < 16 * 1024 {
             self.buf.reserve(64 * 1024);
         }
-        let read = tokio::time::timeout(REPLY_TIMEOUT, self.rd.read_buf(&mut self.buf)).await;
+        let limit = self.ctx.reply_timeout;
+        let read = tokio::time::timeout(limit, self.rd.read_buf(&mut self.buf)).await;
         match read {
             Ok(Ok(0)) => Err(WorkerError::Closed {
                 addr: self.addr.clone(),
@@ -480,7 +481,7 @@ impl<'a> Receiver<'a> {
             Err(_) => Err(WorkerError::Timeout {
                 addr: self.addr.clone(),
                 context: "waiting for replies",
-                secs: REPLY_TIMEOUT.as_secs(),
+                secs: limit.as_secs(),
             }),
         }
     }

@@ -13,6 +13,8 @@
 //! - [`compare`]: a key-by-key comparator independent of `shardsync verify`.
 //! - [`load`]: live writes of commands that show when they are applied
 //!   twice or lost (fault tests).
+//! - [`proxy`]: a TCP proxy that resets, stalls, or cuts replies in half
+//!   on command (link faults).
 //! - [`twemproxy`]: a real `nutcracker` in front of real backends.
 //! - [`wait`]: polling helpers (tests never sleep a fixed time to "let
 //!   things settle").
@@ -21,6 +23,7 @@ pub mod cluster;
 pub mod compare;
 pub mod data;
 pub mod load;
+pub mod proxy;
 pub mod server;
 pub mod shardsync;
 pub mod twemproxy;

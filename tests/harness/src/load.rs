@@ -1,6 +1,6 @@
 //! Live writes for fault tests: a thread that keeps sending a mix of
 //! commands whose effect doubles when applied twice (INCR, APPEND, LPUSH,
-//! HINCRBY, ...) or vanishes when lost, over a small key space so that they
+//! HINCRBY, LMOVE, BITOP over changing strings, ...) or vanishes when lost, over a small key space so that they
 //! pile up on the same keys. Seeded: the same seed gives the same commands.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -17,17 +17,21 @@ pub struct Load {
 }
 
 /// Small xorshift generator (no dependency, reproducible).
-struct Rng(u64);
+pub struct Rng(pub u64);
 
 impl Rng {
-    fn next(&mut self) -> u64 {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed.max(1))
+    }
+
+    pub fn next(&mut self) -> u64 {
         self.0 ^= self.0 << 13;
         self.0 ^= self.0 >> 7;
         self.0 ^= self.0 << 17;
         self.0
     }
 
-    fn below(&mut self, n: u64) -> u64 {
+    pub fn below(&mut self, n: u64) -> u64 {
         self.next() % n
     }
 }
@@ -37,7 +41,7 @@ fn round(rng: &mut Rng, n: usize) -> redis::Pipeline {
     let mut pipe = redis::pipe();
     for _ in 0..n {
         let k = rng.below(40);
-        match rng.below(12) {
+        match rng.below(16) {
             0 => pipe.cmd("INCR").arg(format!("ctr:{k}")),
             1 => pipe.cmd("INCRBYFLOAT").arg(format!("flt:{k}")).arg("0.5"),
             2 => pipe.cmd("APPEND").arg(format!("str:{k}")).arg("ab"),
@@ -73,6 +77,23 @@ fn round(rng: &mut Rng, n: usize) -> redis::Pipeline {
                 .arg(format!("ctr:{k}"))
                 .arg(format!("list:{k}"))
                 .arg(rng.below(100)),
+            12 => pipe
+                .cmd("PFADD")
+                .arg(format!("hll:{}", k % 8))
+                .arg(rng.below(5000)),
+            13 => pipe
+                .cmd("BITOP")
+                .arg("XOR")
+                .arg(format!("bits:{}", k % 8))
+                .arg(format!("str:{k}"))
+                .arg(format!("str:{}", rng.below(40))),
+            14 => pipe.cmd("SPOP").arg(format!("set:{k}")),
+            15 => pipe
+                .cmd("LMOVE")
+                .arg(format!("list:{k}"))
+                .arg(format!("list:{}", rng.below(40)))
+                .arg("LEFT")
+                .arg("RIGHT"),
             _ => pipe
                 .cmd("XADD")
                 .arg(format!("stream:{}", k % 4))
@@ -118,6 +139,17 @@ impl Load {
             sent,
             thread: Some(thread),
         }
+    }
+
+    /// One source transaction of `n` commands of the mix (MULTI/EXEC), on
+    /// a connection of its own.
+    pub fn transaction(server: &RedisServer, seed: u64, n: usize) {
+        let mut rng = Rng::new(seed);
+        let mut pipe = round(&mut rng, n);
+        let _: () = pipe
+            .atomic()
+            .query(&mut server.client())
+            .expect("big transaction");
     }
 
     /// Commands sent so far.

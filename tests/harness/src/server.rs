@@ -167,6 +167,7 @@ pub struct RedisServer {
     pub password: Option<String>,
     child: Child,
     dir: TempDir,
+    config: ServerConfig,
 }
 
 impl RedisServer {
@@ -184,6 +185,27 @@ impl RedisServer {
         for _attempt in 0..5 {
             let port = config.port.unwrap_or_else(free_port);
             let dir = TempDir::new(&format!("redis-{port}"));
+            let child = Self::spawn(&config, port, &dir);
+            let mut server = RedisServer {
+                port,
+                password: config.password.clone(),
+                child,
+                dir,
+                config: config.clone(),
+            };
+            let up = wait_until(Duration::from_secs(10), || {
+                server.exited() || server.try_client().is_some()
+            });
+            if up && !server.exited() {
+                return server;
+            }
+            // Port taken in the meantime, most likely: try another.
+        }
+        panic!("redis-server did not start after 5 attempts");
+    }
+
+    fn spawn(config: &ServerConfig, port: u16, dir: &TempDir) -> Child {
+        {
             let mut cmd = Command::new(&config.binary);
             cmd.arg("--port")
                 .arg(port.to_string())
@@ -196,24 +218,40 @@ impl RedisServer {
                 .args(&config.args)
                 .stdout(Stdio::null())
                 .stderr(Stdio::null());
-            let child = cmd
-                .spawn()
-                .unwrap_or_else(|e| panic!("cannot run {}: {e}", config.binary.display()));
-            let mut server = RedisServer {
-                port,
-                password: config.password.clone(),
-                child,
-                dir,
-            };
-            let up = wait_until(Duration::from_secs(10), || {
-                server.exited() || server.try_client().is_some()
-            });
-            if up && !server.exited() {
-                return server;
-            }
-            // Port taken in the meantime, most likely: try another.
+            cmd.spawn()
+                .unwrap_or_else(|e| panic!("cannot run {}: {e}", config.binary.display()))
         }
-        panic!("redis-server did not start after 5 attempts");
+    }
+
+    /// Kills the server (`kill -9`) and starts it again on the same port
+    /// and directory (with `appendonly yes` it comes back with its data);
+    /// returns once it answers and has loaded.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.child = Self::spawn(&self.config, self.port, &self.dir);
+        let loaded = wait_until(Duration::from_secs(30), || {
+            !self.exited()
+                && self
+                    .try_client()
+                    .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c).ok())
+                    .is_some()
+        });
+        assert!(loaded, "{} did not come back after a restart", self.addr());
+    }
+
+    /// The last `n` lines of the server's log (for failure messages).
+    pub fn log_tail(&self, n: usize) -> String {
+        let log = std::fs::read_to_string(self.dir().join("redis.log")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+
+    /// Sends `signal` (SIGSTOP / SIGCONT to freeze and thaw it).
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe {
+            libc::kill(self.child.id() as i32, signal);
+        }
     }
 
     fn exited(&mut self) -> bool {

@@ -135,13 +135,19 @@ impl Shardsync {
 
     /// Waits until every shard applied everything `source` has written so far.
     pub fn wait_caught_up(&self, source: &RedisServer, timeout: Duration) {
+        self.wait_caught_up_via(source, &source.addr(), timeout);
+    }
+
+    /// [`Shardsync::wait_caught_up`] for a source reached at `addr` (a
+    /// proxy in front of it).
+    pub fn wait_caught_up_via(&self, source: &RedisServer, addr: &str, timeout: Duration) {
         let target = source.master_repl_offset();
         let ok = wait_until(timeout, || {
             self.status().is_some_and(|s| {
                 s["state"] == "incremental"
                     && s["shards"].as_array().is_some_and(|shards| {
                         shards.iter().any(|sh| {
-                            sh["source"] == source.addr()
+                            sh["source"] == addr
                                 && sh["applied_offset"].as_u64().is_some_and(|a| a >= target)
                         })
                     })
@@ -149,8 +155,7 @@ impl Shardsync {
         });
         assert!(
             ok,
-            "shard {} never applied offset {target}; last status {:?}\n--- log ---\n{}",
-            source.addr(),
+            "shard {addr} never applied offset {target}; last status {:?}\n--- log ---\n{}",
             self.status(),
             self.log()
         );
