@@ -181,7 +181,7 @@ impl Rig {
     }
 
     fn kill_after_source_transaction(&mut self) {
-        let seed = self.rng.next();
+        let seed = self.rng.next_u64();
         Load::transaction(&self.source, seed, 3000);
         std::thread::sleep(self.millis(30));
         self.kill(Point::KillAfterSourceTransaction);
