@@ -70,6 +70,7 @@ mod tests {
             timeout: Duration::from_secs(3600),
             initial_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_millis(350),
+            ..RetryPolicy::default()
         };
         let mut b = Backoff::start(&policy);
         let delays: Vec<u128> = (0..4)
