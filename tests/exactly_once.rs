@@ -260,3 +260,53 @@ fn status_and_verify_count_internal_keys_so_that_dbsize_reconciles() {
         done.log
     );
 }
+
+#[test]
+fn a_cluster_source_full_resync_into_a_shared_target_leaves_no_deleted_key() {
+    use harness::cluster::Cluster;
+    use harness::compare::assert_same_nodes;
+    let source = Cluster::start_with(3, RedisServer::config().arg("repl-backlog-size", &["16kb"]));
+    let target = RedisServer::start();
+    let mut con = source.client();
+    let set = |con: &mut harness::cluster::ClusterClient, key: &str, value: &str| {
+        con.run_on(key.as_bytes(), &[b"SET", key.as_bytes(), value.as_bytes()]);
+    };
+    for i in 0..3000 {
+        set(&mut con, &format!("old:{i}"), &i.to_string());
+    }
+    let args = ["--source", &source.url(0), "--target", &target.url()];
+    let mut first = Shardsync::sync(BIN, &args);
+    for m in source.masters() {
+        first.wait_caught_up(m, LONG);
+    }
+    kill9(&mut first);
+    // While shardsync is away: more writes than any master's backlog
+    // holds, and deletions of keys the target has, on every master.
+    let fat = "x".repeat(100);
+    for i in 0..1500 {
+        let key = format!("old:{i}");
+        con.run_on(key.as_bytes(), &[b"DEL", key.as_bytes()]);
+        set(&mut con, &format!("new:{i}"), &fat);
+    }
+    let syncs_before: u64 = source.masters().iter().map(|m| sync_full(m)).sum();
+    let second = Shardsync::sync(BIN, &args);
+    for m in source.masters() {
+        second.wait_caught_up(m, LONG);
+    }
+    let syncs: u64 = source.masters().iter().map(|m| sync_full(m)).sum();
+    assert_eq!(
+        syncs - syncs_before,
+        3,
+        "every backlog was lost: 3 full resyncs"
+    );
+    assert_eq!(
+        second
+            .log()
+            .matches("deleted the target's keys in this shard's slots")
+            .count(),
+        3,
+        "{}",
+        second.log()
+    );
+    assert_same_nodes(&source.masters(), &[&target]);
+}

@@ -22,8 +22,8 @@ use harness::{wait_for, wait_until, RedisServer, Shardsync, SHORT};
 
 const BIN: &str = env!("CARGO_BIN_EXE_shardsync");
 const LONG: Duration = Duration::from_secs(180);
-/// Keys on the source before the first sync: enough for the full sync to
-/// take a moment, so that kills land inside it.
+/// Keys on the source before the first sync (times the scale): enough for
+/// the full sync to take a moment, so that kills land inside it.
 const PRELOAD: u64 = 150_000;
 
 fn env_u64(name: &str, default: u64) -> u64 {
@@ -69,6 +69,7 @@ struct Rig {
     /// (point, seconds into the test) of every fault.
     faults: Vec<(Point, f64)>,
     started: Instant,
+    preload: u64,
 }
 
 impl Rig {
@@ -148,7 +149,7 @@ impl Rig {
                 std::thread::sleep(self.millis(40));
             }
             _ => {
-                let at = PRELOAD / 10 + self.rng.below(PRELOAD * 7 / 10);
+                let at = self.preload / 10 + self.rng.below(self.preload * 7 / 10);
                 let reached = wait_until(LONG, || self.full_sync_progress().1 >= at);
                 assert!(reached, "{}", self.context());
             }
@@ -278,8 +279,10 @@ impl Rig {
             *counts.entry(*p).or_insert(0) += 1;
         }
         format!(
-            "seed {}: {} faults, {} kills: {:?}",
+            "seed {}: {} keys preloaded, {} commands written meanwhile; {} faults, {} kills: {:?}",
             self.seed,
+            self.preload,
+            self.load.sent(),
             self.faults.len(),
             self.faults
                 .iter()
@@ -298,7 +301,8 @@ fn standalone_kill_9_anywhere_and_link_faults_leave_the_target_identical() {
         .arg("enable-debug-command", &["yes"])
         .arg("repl-backlog-size", &["256mb"])
         .start();
-    source.cmd::<()>(&["DEBUG", "POPULATE", &PRELOAD.to_string(), "pre", "64"]);
+    let preload = PRELOAD * scale as u64;
+    source.cmd::<()>(&["DEBUG", "POPULATE", &preload.to_string(), "pre", "64"]);
     let target = RedisServer::config()
         .arg("appendonly", &["yes"])
         .arg("appendfsync", &["always"])
@@ -317,6 +321,7 @@ fn standalone_kill_9_anywhere_and_link_faults_leave_the_target_identical() {
         sync: None,
         faults: Vec::new(),
         started: Instant::now(),
+        preload,
     };
     eprintln!("fault seed {seed} (SHARDSYNC_FAULT_SEED), scale {scale}");
 

@@ -127,6 +127,8 @@ pub struct TaskState {
     marker_keys: Option<Vec<bytes::Bytes>>,
     /// Per shard, what its markers say of the target (fresh task).
     fresh: Vec<bool>,
+    /// Per shard, the slot ranges its source master serves (cluster source).
+    source_slots: Vec<Vec<(u16, u16)>>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -174,6 +176,7 @@ impl Actor for Task {
         Ok(TaskState {
             marker_keys,
             fresh: args.shards.iter().map(|s| s.fresh).collect(),
+            source_slots: args.shards.iter().map(|s| s.slots.clone()).collect(),
             shard_eps: args.shards.iter().map(|s| s.endpoint.clone()).collect(),
             initial_resume: args.shards.into_iter().map(|s| s.resume).collect(),
             outages: shards.iter().map(|_| None).collect(),
@@ -479,9 +482,11 @@ async fn spawn_source(
     Ok(())
 }
 
-/// How shard `shard`'s batches carry its marker. Only a fresh task with
-/// one source master may empty the copied databases before a full sync
-/// over its earlier copy: otherwise they hold other shards' data too.
+/// How shard `shard`'s batches carry its marker. Before a full sync over
+/// its earlier copy, a fresh task with one source master empties the
+/// copied databases; with a cluster source into a standalone target, each
+/// shard deletes the keys of its own slots instead (the databases hold
+/// other shards' data too).
 fn marking(state: &TaskState, keys: &[bytes::Bytes], shard: usize) -> shard_worker::route::Marking {
     let fresh = state.fresh[shard];
     let alone = state.shards.len() == 1 && state.cluster.is_none();
@@ -491,10 +496,18 @@ fn marking(state: &TaskState, keys: &[bytes::Bytes], shard: usize) -> shard_work
         .collect();
     dbs.sort_unstable();
     dbs.dedup();
+    let slots = &state.source_slots[shard];
+    let sweep = (fresh && !alone && state.cluster.is_none() && !slots.is_empty()).then(|| {
+        shard_worker::route::Sweep {
+            slots: slots.clone(),
+            dbs: dbs.clone(),
+        }
+    });
     shard_worker::route::Marking {
         key: keys[shard].clone(),
         fresh,
         flush_dbs: (fresh && alone).then_some(dbs),
+        sweep,
     }
 }
 

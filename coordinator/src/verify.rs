@@ -182,7 +182,7 @@ async fn compare_node(
     let mut cursor = "0".to_string();
     let mut in_source = 0u64;
     loop {
-        let (next, batch) = scan_page(src, &cursor, None).await?;
+        let (next, batch) = src.scan_page(&cursor, None).await?;
         let (internal, batch): (Vec<Vec<u8>>, Vec<Vec<u8>>) = batch
             .into_iter()
             .partition(|k| engine::marker::is_internal(k));
@@ -209,7 +209,7 @@ async fn extra_kept_keys(
     let mut extra = 0;
     let mut cursor = "0".to_string();
     loop {
-        let (next, batch) = scan_page(dst, &cursor, None).await?;
+        let (next, batch) = dst.scan_page(&cursor, None).await?;
         let kept: Vec<Vec<&[u8]>> = batch
             .iter()
             .filter(|k| filter.keeps(k) && !engine::marker::is_internal(k))
@@ -235,7 +235,7 @@ async fn internal_keys(conn: &mut Conn) -> Result<u64, WorkerError> {
     let mut n = 0;
     let mut cursor = "0".to_string();
     loop {
-        let (next, batch) = scan_page(conn, &cursor, Some("*shardsync:*")).await?;
+        let (next, batch) = conn.scan_page(&cursor, Some("*shardsync:*")).await?;
         n += batch
             .iter()
             .filter(|k| engine::marker::is_internal(k))
@@ -256,40 +256,6 @@ async fn select(conn: &mut Conn, db: u32) -> Result<(), WorkerError> {
         }),
         _ => Ok(()),
     }
-}
-
-/// One SCAN step (1000 keys at a time, `MATCH pattern` when given): the
-/// next cursor and the keys.
-async fn scan_page(
-    conn: &mut Conn,
-    cursor: &str,
-    pattern: Option<&str>,
-) -> Result<(String, Vec<Vec<u8>>), WorkerError> {
-    let mut args = vec!["SCAN", cursor, "COUNT", "1000"];
-    if let Some(p) = pattern {
-        args.extend(["MATCH", p]);
-    }
-    let reply = conn.request(&args).await?;
-    scan_reply(&reply).ok_or_else(|| WorkerError::Unexpected {
-        addr: conn.addr.clone(),
-        context: "scanning keys",
-        reply: reply.to_text(),
-    })
-}
-
-fn scan_reply(reply: &Frame) -> Option<(String, Vec<Vec<u8>>)> {
-    let Frame::Array(parts) = reply else {
-        return None;
-    };
-    let cursor = String::from_utf8_lossy(parts.first()?.as_bytes()?).into_owned();
-    let Frame::Array(keys) = parts.get(1)? else {
-        return None;
-    };
-    let keys = keys
-        .iter()
-        .filter_map(|k| k.as_bytes().map(<[u8]>::to_vec))
-        .collect();
-    Some((cursor, keys))
 }
 
 async fn compare_keys(

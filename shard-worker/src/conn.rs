@@ -112,6 +112,25 @@ impl Conn {
         self.read_frame("waiting for a reply", REPLY_TIMEOUT).await
     }
 
+    /// One SCAN step (1000 keys at a time, `MATCH pattern` when given): the
+    /// next cursor (`"0"` at the end) and the keys.
+    pub async fn scan_page(
+        &mut self,
+        cursor: &str,
+        pattern: Option<&str>,
+    ) -> Result<(String, Vec<Vec<u8>>), WorkerError> {
+        let mut args = vec!["SCAN", cursor, "COUNT", "1000"];
+        if let Some(p) = pattern {
+            args.extend(["MATCH", p]);
+        }
+        let reply = self.request(&args).await?;
+        scan_reply(&reply).ok_or_else(|| WorkerError::Unexpected {
+            addr: self.addr.clone(),
+            context: "scanning keys",
+            reply: reply.to_text(),
+        })
+    }
+
     /// Sends several commands at once and reads their replies, in order.
     pub async fn pipeline<A: AsRef<[u8]>>(
         &mut self,
@@ -183,4 +202,19 @@ impl Conn {
             }),
         }
     }
+}
+
+fn scan_reply(reply: &Frame) -> Option<(String, Vec<Vec<u8>>)> {
+    let Frame::Array(parts) = reply else {
+        return None;
+    };
+    let cursor = String::from_utf8_lossy(parts.first()?.as_bytes()?).into_owned();
+    let Frame::Array(keys) = parts.get(1)? else {
+        return None;
+    };
+    let keys = keys
+        .iter()
+        .filter_map(|k| k.as_bytes().map(<[u8]>::to_vec))
+        .collect();
+    Some((cursor, keys))
 }

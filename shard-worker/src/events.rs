@@ -117,6 +117,25 @@ impl TargetEmptied<'_> {
     }
 }
 
+/// Before a full resync over the task's earlier copy, the target's keys in
+/// this shard's slots were deleted (other shards share the databases).
+pub struct TargetSwept<'a> {
+    pub source: &'a str,
+    pub keys: u64,
+    pub elapsed: Duration,
+}
+
+impl TargetSwept<'_> {
+    pub fn emit(self) {
+        tracing::warn!(
+            source = self.source,
+            keys = self.keys,
+            secs = format!("{:.1}", self.elapsed.as_secs_f64()),
+            "a new full sync replaces the task's earlier copy: deleted the target's keys in this shard's slots first"
+        );
+    }
+}
+
 /// The whole RDB was read, handed to the writers and applied.
 pub struct FullSyncLoaded<'a> {
     pub source: &'a str,

@@ -92,6 +92,8 @@ pub struct ShardPlan {
     pub ours: bool,
     /// On a cluster source, a slot the master serves (for its heartbeat).
     pub slot: Option<u16>,
+    /// On a cluster source, every slot range the master serves.
+    pub slots: Vec<(u16, u16)>,
     /// The newest sync epoch the target's markers name (0: none).
     pub epoch: u64,
     /// The task began on a target checked empty: what the copied
@@ -165,6 +167,8 @@ pub struct SourceMaster {
     pub endpoint: Endpoint,
     /// On a cluster source, a slot the master serves.
     pub slot: Option<u16>,
+    /// On a cluster source, the slot ranges it serves.
+    pub slots: Vec<(u16, u16)>,
     /// When `info` was read (its `master_repl_offset` is of that moment).
     pub read_at: std::time::Instant,
     /// How fast its replication stream grows, bytes/s (`None`: not

@@ -116,6 +116,7 @@ fn plan_target(
                 resume: start.resume,
                 ours: start.ours,
                 slot: m.slot,
+                slots: m.slots.clone(),
                 epoch: start.epoch,
                 fresh: start.fresh,
             }

@@ -29,11 +29,12 @@ pub(super) async fn sources(cfg: &TaskConfig, checks: &mut Checks) -> Option<Sou
     Some(sources)
 }
 
-fn master(info: ServerInfo, endpoint: Endpoint, slot: Option<u16>) -> SourceMaster {
+fn master(info: ServerInfo, endpoint: Endpoint, slots: Vec<(u16, u16)>) -> SourceMaster {
     SourceMaster {
         info,
         endpoint,
-        slot,
+        slot: slots.first().map(|r| r.0),
+        slots,
         read_at: Instant::now(),
         write_rate: None,
     }
@@ -64,7 +65,7 @@ async fn redis_source(ep: &Endpoint, checks: &mut Checks) -> Option<Sources> {
                     seed.addr, seed.version_text, seed.role
                 ),
             );
-            let masters = vec![master(seed.clone(), ep.clone(), None)];
+            let masters = vec![master(seed.clone(), ep.clone(), Vec::new())];
             Some(Sources { seed, masters })
         }
         Resolved::Cluster { seed, masters } => {
@@ -85,10 +86,7 @@ async fn redis_source(ep: &Endpoint, checks: &mut Checks) -> Option<Sources> {
             }
             let masters = probed
                 .into_iter()
-                .map(|(info, m)| {
-                    let slot = m.slots.first().map(|r| r.0);
-                    master(info, m.endpoint, slot)
-                })
+                .map(|(info, m)| master(info, m.endpoint, m.slots))
                 .collect();
             Some(Sources { seed, masters })
         }
@@ -166,7 +164,7 @@ async fn pool_source(spec: &SourceSpec, checks: &mut Checks) -> Option<Sources> 
                         info.addr, info.version_text, info.role
                     ),
                 );
-                masters.push(master(info, ep, None));
+                masters.push(master(info, ep, Vec::new()));
             }
             Err(e) => checks.fail("source reachable", e.to_string()),
         }

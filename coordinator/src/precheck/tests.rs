@@ -37,6 +37,7 @@ fn source(addr: &str, lines: &[&str], rate: Option<f64>) -> SourceMaster {
         info: info(addr, lines),
         endpoint: ep(addr),
         slot: None,
+        slots: Vec::new(),
         read_at: Instant::now(),
         write_rate: rate,
     }

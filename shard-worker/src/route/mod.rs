@@ -151,6 +151,20 @@ pub struct Marking {
     /// sync that replaces an earlier copy, so that keys the source deleted
     /// meanwhile do not survive.
     pub flush_dbs: Option<Vec<u32>>,
+    /// When other shards write to the same target databases (a cluster
+    /// source into a standalone target): before a full sync that replaces
+    /// an earlier copy, the target's keys in these slot ranges (this
+    /// shard's) are deleted instead, database by database.
+    pub sweep: Option<Sweep>,
+}
+
+/// This shard's part of the target, to empty before a full resync.
+#[derive(Clone, Debug)]
+pub struct Sweep {
+    /// The source master's slot ranges.
+    pub slots: Vec<(u16, u16)>,
+    /// The target databases copied.
+    pub dbs: Vec<u32>,
 }
 
 /// The database markers live in: one marker per shard on a node, whatever
@@ -452,6 +466,7 @@ mod tests {
                 key: Bytes::from_static(MARKER),
                 fresh: true,
                 flush_dbs: Some(vec![0, 4]),
+                sweep: None,
             });
             d.set_stream(2, "r");
         }
