@@ -310,3 +310,63 @@ fn a_cluster_source_full_resync_into_a_shared_target_leaves_no_deleted_key() {
     );
     assert_same_nodes(&source.masters(), &[&target]);
 }
+
+#[test]
+fn cluster_to_cluster_kill_9_and_cut_links_apply_everything_once() {
+    use harness::cluster::Cluster;
+    use harness::compare::assert_same_nodes;
+    let source = Cluster::start_with(3, RedisServer::config().arg("repl-backlog-size", &["64mb"]));
+    let target = Cluster::start(3);
+    let args = ["--source", &source.url(0), "--target", &target.url(0)];
+    let mut load = Load::start_cluster(&source, 5, 100);
+    let writes = |load: &Load, n: u64| {
+        let before = load.sent();
+        wait_for("writes", SHORT, || load.sent() > before + n);
+    };
+    for round in 0..3 {
+        let mut sync = Shardsync::sync(BIN, &args);
+        sync.wait_state("incremental", LONG);
+        writes(&load, 1500);
+        if round > 0 {
+            assert_eq!(
+                sync.log().matches("partial resync accepted").count(),
+                3,
+                "round {round}: every shard resumes\n{}",
+                sync.log()
+            );
+            assert_eq!(metric(&sync, "shardsync_full_syncs_total"), 0.0);
+        }
+        // Every target node drops our writers' connections under load.
+        for m in target.masters() {
+            let _: i64 = redis::cmd("CLIENT")
+                .arg("KILL")
+                .arg("SKIPME")
+                .arg("yes")
+                .arg("TYPE")
+                .arg("normal")
+                .query(&mut m.client())
+                .unwrap();
+        }
+        writes(&load, 1500);
+        kill9(&mut sync);
+        writes(&load, 1000);
+    }
+    let sync = Shardsync::sync(BIN, &args);
+    sync.wait_state("incremental", LONG);
+    load.stop();
+    for m in source.masters() {
+        sync.wait_caught_up(m, LONG);
+    }
+    let full: u64 = source.masters().iter().map(|m| sync_full(m)).sum();
+    assert_eq!(
+        full,
+        3,
+        "one full sync per master in all, the first\n{}",
+        sync.log()
+    );
+    assert_eq!(
+        metric(&sync, "shardsync_target_resent_non_idempotent_total"),
+        0.0
+    );
+    assert_same_nodes(&source.masters(), &target.masters());
+}

@@ -121,6 +121,8 @@ pub struct TaskState {
     ids: HashMap<ActorId, Child>,
     outages: Vec<Option<Outage>>,
     initial_resume: Vec<Option<ResumePoint>>,
+    /// Per shard, on a cluster target: what its nodes applied already.
+    skips: Vec<Option<shard_worker::route::Skip>>,
     max_writers: usize,
     stopping: bool,
     /// Each shard's marker key, when batches carry markers.
@@ -178,6 +180,7 @@ impl Actor for Task {
             fresh: args.shards.iter().map(|s| s.fresh).collect(),
             source_slots: args.shards.iter().map(|s| s.slots.clone()).collect(),
             shard_eps: args.shards.iter().map(|s| s.endpoint.clone()).collect(),
+            skips: args.shards.iter().map(|s| s.skip.clone()).collect(),
             initial_resume: args.shards.into_iter().map(|s| s.resume).collect(),
             outages: shards.iter().map(|_| None).collect(),
             sources: shards.iter().map(|_| None).collect(),
@@ -473,6 +476,7 @@ async fn spawn_source(
                 .marker_keys
                 .as_ref()
                 .map(|keys| marking(state, keys, shard)),
+            skip: state.skips[shard].clone(),
         },
         myself.get_cell(),
     )

@@ -25,6 +25,27 @@ pub fn key(task: &str, shard: &str, slot: Option<u16>) -> Vec<u8> {
     }
 }
 
+/// On a cluster target, the marker of slot `slot` for the shard whose
+/// marker is `base` ([`key`] without a slot): `{tag}base`, in `slot`.
+pub fn in_slot(base: &[u8], slot: u16) -> Vec<u8> {
+    let tag = crate::split::slot_tag(slot);
+    let mut k = Vec::with_capacity(base.len() + tag.len() + 2);
+    k.push(b'{');
+    k.extend_from_slice(tag.as_bytes());
+    k.push(b'}');
+    k.extend_from_slice(base);
+    k
+}
+
+/// On a cluster target, the shard's node-wide marker on the node serving
+/// `home` (a slot it serves): everything up to its position is applied on
+/// that node, in every slot. `{tag}base:node`.
+pub fn node_wide(base: &[u8], home: u16) -> Vec<u8> {
+    let mut k = in_slot(base, home);
+    k.extend_from_slice(b":node");
+    k
+}
+
 /// Whether `key` is one shardsync writes for itself: `shardsync:...`,
 /// possibly after a `{hash tag}`.
 pub fn is_internal(key: &[u8]) -> bool {

@@ -343,6 +343,20 @@ impl ShardStats {
 
     /// Called by writer `w` when a batch ending at `end` is confirmed;
     /// `None` marks a full-sync batch, which makes nothing resumable.
+    /// Where writer `w`'s node is for sure: the end of its last confirmed
+    /// batch of this shard (`None`: none of the stream yet).
+    pub fn confirmed_end(&self, w: usize) -> Option<StreamPos> {
+        let link = self.links.get(w)?;
+        *link.confirmed.lock().expect("link lock")
+    }
+
+    /// Whether everything dispatched to writer `w` is confirmed.
+    pub fn link_drained(&self, w: usize) -> bool {
+        self.links.get(w).is_some_and(|l| {
+            l.confirmed_seq.load(Ordering::SeqCst) >= l.dispatched_seq.load(Ordering::SeqCst)
+        })
+    }
+
     pub fn note_confirmed(&self, w: usize, end: Option<StreamPos>) {
         let link = &self.links[w];
         *link.confirmed.lock().expect("link lock") = end;

@@ -461,6 +461,78 @@ pub fn big_keys(threshold: usize, targets: &[TargetMaster], checks: &mut Checks)
     ceiling
 }
 
+/// One shard's markers on one master of a cluster target.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeMarkers {
+    pub addr: String,
+    /// Its node-wide marker: everything before it applied on the node.
+    pub node: Option<Marker>,
+    /// The markers of the slots it serves.
+    pub slots: Vec<(u16, Marker)>,
+}
+
+/// What one shard's markers on a cluster target say together: the marker
+/// the shard resumes from — the node furthest behind — and what each node
+/// and slot applied beyond it. Resumable only when every node's marker
+/// names the same sync (epoch and replication id); a node without one, or
+/// one still loading a full sync, makes the shard start over (`Full`).
+pub fn cluster_markers(
+    nodes: &[NodeMarkers],
+) -> (Option<Marker>, Option<shard_worker::route::Skip>) {
+    let markers: Vec<&Marker> = nodes.iter().filter_map(|n| n.node.as_ref()).collect();
+    let Some(newest) = markers.iter().map(|m| m.epoch()).max() else {
+        return (None, None);
+    };
+    let fresh = markers.iter().all(|m| m.fresh());
+    let start_over = (
+        Some(Marker::Full {
+            epoch: newest,
+            fresh,
+        }),
+        None,
+    );
+    let mut floor: Option<&Marker> = None;
+    let mut skip = shard_worker::route::Skip {
+        slots: vec![0; engine::slot::SLOTS as usize],
+        ..Default::default()
+    };
+    let mut history: Option<(&str, u64)> = None;
+    for n in nodes {
+        let Some(Marker::Applied {
+            epoch,
+            replid,
+            offset,
+            ..
+        }) = &n.node
+        else {
+            return start_over;
+        };
+        if *epoch != newest || history.is_some_and(|h| h != (replid.as_str(), *epoch)) {
+            return start_over;
+        }
+        history = Some((replid, *epoch));
+        skip.replid.clone_from(replid);
+        skip.nodes.insert(n.addr.clone(), *offset);
+        if floor.is_none_or(|f| matches!(f, Marker::Applied { offset: o, .. } if offset < o)) {
+            floor = n.node.as_ref();
+        }
+        for (slot, m) in &n.slots {
+            if let Marker::Applied {
+                epoch: e,
+                replid: r,
+                offset: o,
+                ..
+            } = m
+            {
+                if *e == *epoch && r == replid && o > offset {
+                    skip.slots[*slot as usize] = *o;
+                }
+            }
+        }
+    }
+    (floor.cloned(), Some(skip))
+}
+
 /// Where a shard starts, from what an earlier run of the task left.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Start {

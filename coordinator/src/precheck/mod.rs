@@ -99,6 +99,8 @@ pub struct ShardPlan {
     /// The task began on a target checked empty: what the copied
     /// databases hold is its own (see `route::Marking::fresh`).
     pub fresh: bool,
+    /// A cluster target: what its nodes applied beyond `resume`.
+    pub skip: Option<shard_worker::route::Skip>,
 }
 
 /// A cluster's masters with the slot ranges each serves.
@@ -213,8 +215,12 @@ pub struct Target {
     pub checkpoints: Option<CheckpointStore>,
     /// Per source master, in the order of [`Sources::masters`].
     pub found: Vec<CheckpointFact>,
-    /// Per source master, the newest marker this task left on the target.
+    /// Per source master, the newest marker this task left on the target
+    /// (a cluster target: what its nodes' markers say together).
     pub markers: Vec<Option<engine::marker::Marker>>,
+    /// Per source master, on a cluster target: what each node and slot
+    /// already applied beyond that point.
+    pub skips: Vec<Option<shard_worker::route::Skip>>,
 }
 
 /// The task's id: its source masters and every target node.

@@ -6,9 +6,7 @@ use shard_worker::Endpoint;
 use super::{checks, Checks, Plan, ShardPlan, Sources, Target, TargetPlan};
 use crate::config::{OnConflict, TaskConfig};
 
-/// Whether the target gets markers: asked for, and a standalone target
-/// (a cluster target cannot yet: a transaction there must stay in one
-/// slot).
+/// Whether the target gets markers (asked for unless --no-exactly-once).
 fn exactly_once(cfg: &TaskConfig, target: &Target, checks: &mut Checks) -> bool {
     if !cfg.exactly_once {
         checks.warn(
@@ -18,11 +16,11 @@ fn exactly_once(cfg: &TaskConfig, target: &Target, checks: &mut Checks) -> bool 
         return false;
     }
     if target.cluster {
-        checks.warn(
+        checks.pass(
             "exactly once",
-            format!("{} is a cluster: markers are not written there yet, so commands resent after a lost link or a restart may run twice", target.name),
+            format!("every batch to a node of {} is one transaction per slot, each with its slot's marker, and the node's own marker after them: nothing is applied twice", target.name),
         );
-        return false;
+        return true;
     }
     checks.pass(
         "exactly once",
@@ -109,8 +107,10 @@ fn plan_target(
         .iter()
         .zip(&target.found)
         .zip(&target.markers)
-        .map(|((m, fact), marker)| {
+        .zip(&target.skips)
+        .map(|(((m, fact), marker), skip)| {
             let start = checks::start(&m.info.addr, marker.as_ref(), fact, &target_addrs, checks);
+            let resumes = start.resume.is_some();
             ShardPlan {
                 endpoint: m.endpoint.clone(),
                 resume: start.resume,
@@ -119,6 +119,7 @@ fn plan_target(
                 slots: m.slots.clone(),
                 epoch: start.epoch,
                 fresh: start.fresh,
+                skip: skip.clone().filter(|_| resumes),
             }
         })
         .collect();

@@ -229,6 +229,7 @@ pub(super) async fn targets(
             checkpoints: store,
             found,
             markers: vec![None; sources.masters.len()],
+            skips: vec![None; sources.masters.len()],
         });
     }
     out
@@ -304,6 +305,18 @@ pub(super) async fn markers(
         .map(|m| engine::marker::key(task_id, &m.endpoint.addr(), None).into())
         .collect();
     let spec = WriterMarkers { keys };
+    for t in targets.iter_mut().filter(|t| t.cluster) {
+        for (shard, base) in spec.keys.iter().enumerate() {
+            match cluster_markers(&t.masters, base).await {
+                Ok(nodes) => {
+                    let (marker, skip) = super::checks::cluster_markers(&nodes);
+                    t.markers[shard] = marker;
+                    t.skips[shard] = skip;
+                }
+                Err(e) => checks.fail("target markers", e.to_string()),
+            }
+        }
+    }
     for t in targets.iter_mut().filter(|t| !t.cluster) {
         let read = async {
             let mut conn = Conn::open_authenticated(&t.endpoint).await?;
@@ -314,6 +327,45 @@ pub(super) async fn markers(
             Err(e) => checks.fail("target markers", e.to_string()),
         }
     }
+}
+
+/// One shard's markers on every master of a cluster target: its node-wide
+/// marker (in the master's first slot) and the marker of each slot it
+/// serves.
+async fn cluster_markers(
+    masters: &[TargetMaster],
+    base: &[u8],
+) -> Result<Vec<super::checks::NodeMarkers>, shard_worker::WorkerError> {
+    let mut out = Vec::new();
+    for m in masters {
+        let mut conn = Conn::open_authenticated(&m.endpoint).await?;
+        let slots: Vec<u16> = m.slots.iter().flat_map(|&(a, b)| a..=b).collect();
+        let Some(&home) = slots.iter().min() else {
+            continue;
+        };
+        let mut keys = vec![engine::marker::node_wide(base, home)];
+        keys.extend(slots.iter().map(|&s| engine::marker::in_slot(base, s)));
+        let mut found = Vec::with_capacity(keys.len());
+        for chunk in keys.chunks(1000) {
+            let gets: Vec<Vec<&[u8]>> = chunk.iter().map(|k| vec![&b"GET"[..], k]).collect();
+            found.extend(conn.pipeline(&gets).await?.into_iter().map(|r| match r {
+                engine::resp::Frame::Bulk(v) => engine::marker::Marker::parse(&v),
+                _ => None,
+            }));
+        }
+        let node = found.first().cloned().flatten();
+        let slot_markers = slots
+            .iter()
+            .zip(found.into_iter().skip(1))
+            .filter_map(|(&s, m)| m.map(|m| (s, m)))
+            .collect();
+        out.push(super::checks::NodeMarkers {
+            addr: m.endpoint.addr(),
+            node,
+            slots: slot_markers,
+        });
+    }
+    Ok(out)
 }
 
 /// How fast each source master's replication stream grows: its offset

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 
 use engine::filter::DbFilter;
+use engine::marker::Marker;
 use engine::rebuild::TargetCaps;
 use shard_worker::Endpoint;
 
@@ -446,4 +447,107 @@ fn a_checkpoint_for_these_targets_resumes_and_one_for_others_is_ignored() {
     let bad = CheckpointFact::Unreadable("checkpoint /d/s: bad".into());
     checks::checkpoint("s:1", &bad, &targets, &mut c);
     assert!(c.failed());
+}
+
+fn applied(epoch: u64, replid: &str, offset: u64) -> Marker {
+    Marker::Applied {
+        epoch,
+        fresh: true,
+        replid: replid.into(),
+        offset,
+        db: 0,
+    }
+}
+
+fn node(addr: &str, marker: Option<Marker>, slots: Vec<(u16, Marker)>) -> checks::NodeMarkers {
+    checks::NodeMarkers {
+        addr: addr.into(),
+        node: marker,
+        slots,
+    }
+}
+
+#[test]
+fn a_cluster_target_resumes_where_its_furthest_behind_node_is() {
+    let nodes = [
+        node(
+            "a:1",
+            Some(applied(2, "r", 500)),
+            vec![
+                (7, applied(2, "r", 650)),
+                (8, applied(2, "r", 400)),
+                (9, applied(1, "r", 900)),
+            ],
+        ),
+        node(
+            "b:1",
+            Some(applied(2, "r", 300)),
+            vec![(9000, applied(2, "r", 350))],
+        ),
+    ];
+    let (marker, skip) = checks::cluster_markers(&nodes);
+    assert_eq!(
+        marker,
+        Some(applied(2, "r", 300)),
+        "the node furthest behind"
+    );
+    let skip = skip.unwrap();
+    assert_eq!(skip.replid, "r");
+    assert_eq!(skip.nodes["a:1"], 500);
+    assert_eq!(skip.nodes["b:1"], 300);
+    assert_eq!(skip.slots[7], 650, "a slot ahead of its node");
+    assert_eq!(
+        skip.slots[8], 0,
+        "behind its node: the node's marker says more"
+    );
+    assert_eq!(
+        skip.slots[9], 0,
+        "an older sync's marker counts for nothing"
+    );
+    assert_eq!(skip.slots[9000], 350);
+}
+
+#[test]
+fn a_cluster_target_starts_over_unless_every_node_names_the_same_sync() {
+    let full = Marker::Full {
+        epoch: 3,
+        fresh: true,
+    };
+    let start_over = (Some(full.clone()), None);
+    let loading = [
+        node("a:1", Some(applied(3, "r", 10)), vec![]),
+        node("b:1", Some(full.clone()), vec![]),
+    ];
+    assert_eq!(
+        checks::cluster_markers(&loading),
+        start_over,
+        "one node still loading"
+    );
+    let missing = [
+        node("a:1", Some(applied(3, "r", 10)), vec![]),
+        node("b:1", None, vec![]),
+    ];
+    assert_eq!(
+        checks::cluster_markers(&missing),
+        start_over,
+        "one node without a marker"
+    );
+    let histories = [
+        node("a:1", Some(applied(3, "r", 10)), vec![]),
+        node("b:1", Some(applied(3, "q", 10)), vec![]),
+    ];
+    assert_eq!(
+        checks::cluster_markers(&histories),
+        start_over,
+        "two histories"
+    );
+    let older = [
+        node("a:1", Some(applied(3, "r", 10)), vec![]),
+        node("b:1", Some(applied(2, "r", 10)), vec![]),
+    ];
+    assert_eq!(checks::cluster_markers(&older), start_over, "an older sync");
+    assert_eq!(
+        checks::cluster_markers(&[node("a:1", None, vec![])]),
+        (None, None)
+    );
 }

@@ -77,7 +77,12 @@ impl Batch {
                 })
                 .collect(),
             end: self.end,
-            wrapped: self.wrapped && k == 0,
+            // From one of our MULTIs on, the rest is still ours.
+            wrapped: self.wrapped
+                && self
+                    .replies
+                    .get(k)
+                    .is_some_and(|e| e.kind == ExpectKind::TxBegin),
         }
     }
 
@@ -100,6 +105,12 @@ pub struct BatchBuilder {
     /// The batch being built is one of our transactions (see
     /// [`Batch::wrapped`]).
     pub(crate) wrapped: bool,
+    /// Cluster exactly-once: the slot of each command (parallel to
+    /// `replies`), to group them into one transaction per slot.
+    slots: Vec<u16>,
+    /// The batch holds a keyless command that must not be reordered with
+    /// what follows: hand it over before the next command joins.
+    pub(crate) seal_next: bool,
 }
 
 /// Room a batch is built in: a full batch (`FLUSH_BYTES`) plus its last
@@ -113,6 +124,8 @@ impl Default for BatchBuilder {
             buf: BytesMut::with_capacity(BUILD_ROOM),
             replies: Vec::new(),
             wrapped: false,
+            slots: Vec::new(),
+            seal_next: false,
         }
     }
 }
@@ -158,6 +171,70 @@ impl BatchBuilder {
         encode(&mut self.buf);
     }
 
+    /// Appends a command of slot `slot` (cluster exactly-once: grouped by
+    /// slot when the batch is sealed, see [`BatchBuilder::group_by_slot`]).
+    pub fn push_in_slot(
+        &mut self,
+        slot: u16,
+        kind: ExpectKind,
+        encode: impl FnOnce(&mut BytesMut),
+    ) {
+        self.slots.push(slot);
+        self.push(None, kind, encode);
+    }
+
+    /// Cluster exactly-once: rewrites the batch as one transaction per
+    /// slot — `MULTI`, the slot's commands in their order, what `marker`
+    /// encodes for the slot (the SET of its marker), `EXEC` — slots in
+    /// ascending order. Commands of different slots touch different keys,
+    /// so their relative order does not matter.
+    pub fn group_by_slot(&mut self, mut marker: impl FnMut(&mut BytesMut, u16)) {
+        const MULTI: &[u8] = b"*1\r\n$5\r\nMULTI\r\n";
+        const EXEC: &[u8] = b"*1\r\n$4\r\nEXEC\r\n";
+        debug_assert_eq!(self.slots.len(), self.replies.len());
+        let mut order: Vec<usize> = (0..self.replies.len()).collect();
+        order.sort_by_key(|&i| self.slots[i]);
+        let mut buf = BytesMut::with_capacity(self.buf.len() * 2 + 1024);
+        let mut replies = Vec::with_capacity(self.replies.len() * 2 + 4);
+        let mut push = |buf: &mut BytesMut, kind: ExpectKind, bytes: &dyn Fn(&mut BytesMut)| {
+            replies.push(Expect {
+                start: buf.len() as u32,
+                kind,
+            });
+            bytes(buf);
+        };
+        let mut k = 0;
+        while k < order.len() {
+            let slot = self.slots[order[k]];
+            push(&mut buf, ExpectKind::TxBegin, &|b| {
+                b.extend_from_slice(MULTI)
+            });
+            while k < order.len() && self.slots[order[k]] == slot {
+                let i = order[k];
+                let start = self.replies[i].start as usize;
+                let end = self
+                    .replies
+                    .get(i + 1)
+                    .map_or(self.buf.len(), |e| e.start as usize);
+                let cmd = &self.buf[start..end];
+                push(&mut buf, self.replies[i].kind, &|b| {
+                    b.extend_from_slice(cmd)
+                });
+                k += 1;
+            }
+            let mut set = BytesMut::new();
+            marker(&mut set, slot);
+            push(&mut buf, ExpectKind::TxQueued, &|b| {
+                b.extend_from_slice(&set)
+            });
+            push(&mut buf, ExpectKind::TxEnd, &|b| b.extend_from_slice(EXEC));
+        }
+        self.buf.clear();
+        self.buf.extend_from_slice(&buf);
+        self.replies = replies;
+        self.slots.clear();
+    }
+
     /// Takes the batch built so far.
     pub fn take(&mut self, shard: usize, end: Option<StreamPos>) -> Batch {
         let payload = self.buf.split().freeze();
@@ -174,7 +251,11 @@ impl BatchBuilder {
             payload,
             replies: std::mem::replace(&mut self.replies, next_replies),
             end,
-            wrapped: std::mem::take(&mut self.wrapped),
+            wrapped: {
+                self.slots.clear();
+                self.seal_next = false;
+                std::mem::take(&mut self.wrapped)
+            },
         }
     }
 }

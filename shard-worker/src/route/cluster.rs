@@ -80,6 +80,12 @@ impl ClusterRouting {
         self.slots[slot as usize].load(Ordering::Acquire) as usize
     }
 
+    /// The first slot writer `w`'s node serves (where its node-wide marker
+    /// lives), if any.
+    pub fn home_slot(&self, w: usize) -> Option<u16> {
+        (0..SLOTS).find(|&s| self.writer_for_slot(s) == w)
+    }
+
     pub fn generation(&self) -> u64 {
         self.generation.load(Ordering::Acquire)
     }

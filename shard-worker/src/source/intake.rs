@@ -175,18 +175,22 @@ impl Intake {
     ) -> Result<(), WorkerError> {
         let safe = self.safe;
         let router = self.dispatcher.router();
-        let (w, db) = match to {
-            Dest::Db(db) => (router.default_writer(), db),
-            Dest::Slot(slot) => (router.writer_for_slot(slot), None),
-            Dest::AnyNode => (router.default_writer(), None),
+        let (w, db, slot) = match to {
+            Dest::Db(db) => (router.default_writer(), db, None),
+            Dest::Slot(slot) => (router.writer_for_slot(slot), None, Some(slot)),
+            Dest::AnyNode => (router.default_writer(), None, None),
             Dest::Everywhere => {
                 for w in 0..router.n_writers() {
-                    self.dispatcher.push(w, None, expect, safe, &encode).await?;
+                    self.dispatcher
+                        .push(w, None, expect, safe, None, &encode)
+                        .await?;
                 }
                 return Ok(());
             }
         };
-        self.dispatcher.push(w, db, expect, safe, encode).await
+        self.dispatcher
+            .push(w, db, expect, safe, slot, encode)
+            .await
     }
 
     /// Waits until everything handed over so far is confirmed.

@@ -59,6 +59,9 @@ pub struct SourceArgs {
     pub listening_port: u16,
     /// Exactly-once: the shard's marker on its target.
     pub marking: Option<crate::route::Marking>,
+    /// Exactly-once on a cluster target, after a restart: what its nodes
+    /// applied already.
+    pub skip: Option<crate::route::Skip>,
 }
 
 pub enum SourceMsg {
@@ -146,6 +149,9 @@ impl Actor for SourceWorker {
         let mut dispatcher = Dispatcher::new(args.shard, args.router, args.stats.clone());
         if let Some(marking) = args.marking.clone() {
             dispatcher.set_marking(marking);
+            if let Some(skip) = args.skip.clone() {
+                dispatcher.set_skip(skip);
+            }
         }
         let (replid, start, full) = match &start {
             SyncStart::Full { replid, offset } => {

@@ -31,7 +31,7 @@ use crate::endpoint::Endpoint;
 use crate::error::{Recovery, WorkerError};
 use crate::events::{self, describe_command};
 use crate::progress::{ShardStats, WriterStats};
-use crate::route::{Batch, ClusterRouting, Overflow, Redirected};
+use crate::route::{Batch, ClusterRouting, ExpectKind, Overflow, Redirected};
 use pipeline::{PipelineCtx, PipelineStart, Work};
 use receiver::Awaiting;
 
@@ -284,56 +284,111 @@ fn retry_later(
 }
 
 /// Exactly-once: before anything is sent again on a new connection, the
-/// node's markers say which of the unconfirmed batches it applied; those are
-/// confirmed, not sent again.
+/// node's markers say what of the unconfirmed batches it applied: batches
+/// applied whole are confirmed, and of a cluster batch whose slot
+/// transactions ran only in part (a node runs a connection's commands in
+/// order: always a prefix), only the rest is sent again.
 async fn confirm_applied(conn: &mut Conn, state: &mut WriterState) -> Result<(), WorkerError> {
-    let Some(markers) = &state.markers else {
-        return Ok(());
-    };
-    if state.unconfirmed.is_empty() || !state.awaiting.is_empty() {
+    if state.markers.is_none() || state.unconfirmed.is_empty() || !state.awaiting.is_empty() {
         return Ok(());
     }
-    let applied = read_markers(conn, markers).await?;
-    let ctx = &state.ctx;
+    let ctx = state.ctx.clone();
     let mut keep = VecDeque::with_capacity(state.unconfirmed.len());
     let mut skipped = 0u64;
-    for (batch, done) in state.unconfirmed.drain(..) {
-        let marker = applied.get(batch.shard).and_then(Option::as_ref);
-        let epoch = ctx.shards[batch.shard].epoch();
-        let committed = match (marker, batch.end) {
-            (
-                Some(engine::marker::Marker::Applied {
-                    epoch: e, offset, ..
-                }),
-                Some(end),
-            ) => batch.wrapped && *e == epoch && *offset >= end.offset,
-            _ => false,
-        };
-        if !committed {
+    let mut partly = 0u64;
+    for (batch, done) in std::mem::take(&mut state.unconfirmed) {
+        let Some(end) = batch.end.filter(|_| batch.wrapped) else {
             keep.push_back((batch, done));
             continue;
-        }
-        skipped += 1;
-        events::BatchConfirmed {
-            commands: batch.len() as u64,
-        }
-        .emit(&ctx.stats.counters);
-        match done {
-            Some(done) => {
-                let _ = done.send(());
+        };
+        let epoch = ctx.shards[batch.shard].epoch();
+        let txs = marked_transactions(&batch);
+        let keys: Vec<Vec<&[u8]>> = txs.iter().map(|(_, key)| vec![&b"GET"[..], key]).collect();
+        let replies = conn.pipeline(&keys).await?;
+        let applied = |reply: &engine::resp::Frame| match reply {
+            engine::resp::Frame::Bulk(v) => matches!(
+                engine::marker::Marker::parse(v),
+                Some(engine::marker::Marker::Applied { epoch: e, offset, .. })
+                    if e == epoch && offset >= end.offset
+            ),
+            _ => false,
+        };
+        match replies.iter().position(|r| !applied(r)) {
+            None if !txs.is_empty() => {
+                skipped += 1;
+                events::BatchConfirmed {
+                    commands: batch.len() as u64,
+                }
+                .emit(&ctx.stats.counters);
+                match done {
+                    Some(done) => {
+                        let _ = done.send(());
+                    }
+                    None => ctx.shards[batch.shard].note_confirmed(ctx.writer, batch.end),
+                }
             }
-            None => ctx.shards[batch.shard].note_confirmed(ctx.writer, batch.end),
+            Some(k) if k > 0 => {
+                // The first k slot transactions ran: the rest is sent again.
+                partly += 1;
+                keep.push_back((batch.tail_from(txs[k].0), done));
+            }
+            _ => keep.push_back((batch, done)),
         }
     }
-    if skipped > 0 {
+    if skipped > 0 || partly > 0 {
         tracing::info!(
             target_node = %state.endpoint,
             batches = skipped,
+            partly_applied = partly,
             "the node's markers show batches applied before the connection was lost; not sending them again"
         );
     }
     state.unconfirmed = keep;
     Ok(())
+}
+
+/// Each of our transactions in `batch`: where its MULTI is, and the key of
+/// the marker it sets (the last SET of a `shardsync:applied:` key in it).
+pub(crate) fn marked_transactions(batch: &Batch) -> Vec<(usize, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut begin = None;
+    let mut key = None;
+    for i in 0..batch.len() {
+        match batch.replies[i].kind {
+            ExpectKind::TxBegin => {
+                begin = Some(i);
+                key = None;
+            }
+            ExpectKind::TxEnd => {
+                if let (Some(b), Some(k)) = (begin.take(), key.take()) {
+                    out.push((b, k));
+                }
+            }
+            _ if begin.is_some() => {
+                if let Some(k) = marker_set(batch.command_bytes(i)) {
+                    key = Some(k);
+                }
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// The key of `SET <marker key> ...`, if the command is that.
+fn marker_set(cmd: &[u8]) -> Option<Vec<u8>> {
+    let mut buf = bytes::BytesMut::from(cmd);
+    let parsed = engine::resp::parse_command(&mut buf).ok()??;
+    let mut args = parsed.args();
+    if !args.next()?.eq_ignore_ascii_case(b"SET") {
+        return None;
+    }
+    let key = args.next()?;
+    let name = key.strip_prefix(b"{").map_or(key, |t| {
+        t.iter().position(|&c| c == b'}').map_or(t, |e| &t[e + 1..])
+    });
+    name.starts_with(engine::marker::MARK.as_bytes())
+        .then(|| key.to_vec())
 }
 
 /// The marker of each shard on the node (`None` where there is none). The

@@ -162,10 +162,14 @@ impl<'a> Receiver<'a> {
         }
         let mut verdict = Verdict::new(item.batch.wrapped);
         let n = item.batch.replies.len();
+        let mut begin = 0;
         for i in 0..n {
             let kind = item.batch.replies[i].kind;
-            let read = if item.batch.wrapped && i + 1 == n {
-                self.exec_reply(&item.batch).await
+            if kind == ExpectKind::TxBegin {
+                begin = i;
+            }
+            let read = if item.batch.wrapped && kind == ExpectKind::TxEnd {
+                self.exec_reply(&item.batch, begin).await
             } else {
                 self.next_reply().await
             };
@@ -287,7 +291,7 @@ impl<'a> Receiver<'a> {
             // RESTOREs as their rebuilt commands). The batch is confirmed
             // once that remainder is, and batches after it wait their turn
             // behind it.
-            let ranges = verdict.take_resend(batch.len());
+            let ranges = verdict.take_resend();
             let rest = resend_batch(&batch, &ranges, std::mem::take(&mut verdict.rebuilt));
             let (tx, rx) = oneshot::channel();
             self.retry.push((rest, Some(tx)));
@@ -421,7 +425,11 @@ impl<'a> Receiver<'a> {
     /// Reads the EXEC reply of one of our transactions: each command's
     /// error inside it is reported (it ran, refused for itself), and
     /// `Some(text)` is returned only when EXEC itself failed.
-    async fn exec_reply(&mut self, batch: &Batch) -> Result<Option<String>, WorkerError> {
+    async fn exec_reply(
+        &mut self,
+        batch: &Batch,
+        begin: usize,
+    ) -> Result<Option<String>, WorkerError> {
         loop {
             let scanned = scan_exec(&self.buf).map_err(|source| WorkerError::Protocol {
                 addr: self.addr.clone(),
@@ -436,14 +444,15 @@ impl<'a> Receiver<'a> {
                     self.buf.advance(len);
                     for (j, text) in texts {
                         // Element j is the reply of the command queued j-th,
-                        // after the MULTI at index 0; it is judged as if the
+                        // after the MULTI at `begin`; it is judged as if the
                         // command had run alone (a refused RESTORE payload
                         // from the stream stops the task there too).
+                        let i = begin + 1 + j;
                         if let Outcome::Redirect(_) | Outcome::NotRun =
-                            self.outcome(batch, j + 1, ExpectKind::Ok, &text)?
+                            self.outcome(batch, i, ExpectKind::Ok, &text)?
                         {
                             let code = text.split(' ').next().unwrap_or("ERR").to_string();
-                            self.report_failed(batch, j + 1, &code, &text);
+                            self.report_failed(batch, i, &code, &text);
                         }
                     }
                     return Ok(None);

@@ -92,8 +92,10 @@ pub(crate) struct Verdict {
     wrapped: bool,
     /// Of a wrapped batch whose EXEC was refused because the target refused
     /// some of its commands when they were queued: those commands, to be
-    /// left out when the rest is sent again.
+    /// left out when the rest of their transaction is sent again.
     pub left_out: Vec<usize>,
+    /// The transactions (index ranges, MULTI to EXEC) those belong to.
+    partial: Vec<Range<usize>>,
     /// Commands of the open transaction refused when queued.
     tx_refused: Vec<usize>,
     /// Refused RESTOREs (by index) and the commands that replace them.
@@ -157,7 +159,10 @@ impl Verdict {
                     && !self.tx_not_run
                     && !self.tx_refused.is_empty() =>
             {
-                self.left_out = std::mem::take(&mut self.tx_refused);
+                self.left_out.append(&mut self.tx_refused);
+                if let Some(begin) = self.tx_open {
+                    self.partial.push(begin..i + 1);
+                }
                 true
             }
             Outcome::Redirect(r) if in_tx => {
@@ -207,21 +212,22 @@ impl Verdict {
     /// What to send again of a batch of `len` commands: the commands that
     /// did not run, and of a transaction refused for some of its commands,
     /// all the others. Index ranges, in order.
-    pub fn take_resend(&mut self, len: usize) -> Vec<Range<usize>> {
+    pub fn take_resend(&mut self) -> Vec<Range<usize>> {
         let mut ranges = std::mem::take(&mut self.not_run);
         ranges.extend(self.redirects.drain(..).map(|(r, _)| r));
-        if !self.left_out.is_empty() {
-            let mut from = 0;
-            for &i in &self.left_out {
+        for tx in std::mem::take(&mut self.partial) {
+            let mut from = tx.start;
+            for &i in self.left_out.iter().filter(|i| tx.contains(i)) {
                 if i > from {
                     ranges.push(from..i);
                 }
                 from = i + 1;
             }
-            if from < len {
-                ranges.push(from..len);
+            if from < tx.end {
+                ranges.push(from..tx.end);
             }
         }
+
         ranges.sort_by_key(|r| r.start);
         ranges
     }
@@ -354,8 +360,7 @@ mod tests {
         assert!(v.must_resend());
         assert_eq!(v.left_out, [2]);
         assert_eq!(v.ran, 0, "nothing of it ran");
-        let again: Vec<(usize, usize)> =
-            v.take_resend(5).iter().map(|r| (r.start, r.end)).collect();
+        let again: Vec<(usize, usize)> = v.take_resend().iter().map(|r| (r.start, r.end)).collect();
         assert_eq!(again, [(0, 2), (3, 5)]);
         // The same replies to a source's own transaction: it would have been
         // refused on the source too, so nothing is sent again.
@@ -428,5 +433,27 @@ mod tests {
             Class::Failed { code } => assert_eq!(code, "WRONGTYPE"),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn of_several_slot_transactions_only_the_refused_one_is_sent_again() {
+        // A cluster batch: two slot transactions, the second refused for an
+        // unknown command, then the node-wide marker.
+        let kinds = [
+            TxBegin, TxQueued, TxQueued, TxEnd, TxBegin, TxQueued, TxQueued, TxQueued, TxEnd, Plain,
+        ];
+        let replies = b"+OK\r\n+QUEUED\r\n+QUEUED\r\n*2\r\n:1\r\n+OK\r\n\
+            +OK\r\n+QUEUED\r\n-ERR unknown command 'NEWCMD'\r\n+QUEUED\r\n-EXECABORT Transaction discarded because of previous errors.\r\n\
+            +OK\r\n";
+        let mut v = judge_as(true, &kinds, replies);
+        assert!(v.must_resend());
+        assert_eq!(v.left_out, [6]);
+        assert_eq!(v.ran, 4, "the first transaction ran");
+        let again: Vec<(usize, usize)> = v.take_resend().iter().map(|r| (r.start, r.end)).collect();
+        assert_eq!(
+            again,
+            [(4, 6), (7, 9)],
+            "the second one without the refused command"
+        );
     }
 }

@@ -249,6 +249,12 @@ impl ClusterClient {
         }
     }
 
+    /// The connection to the master serving `route_key`'s slot.
+    pub fn node_for(&mut self, route_key: &[u8]) -> &mut redis::Connection {
+        let port = self.slots[key_slot(route_key) as usize];
+        self.conn(port)
+    }
+
     /// Runs `args` on the owner of `route_key`'s slot, following MOVED/ASK.
     pub fn run_on(&mut self, route_key: &[u8], args: &[&[u8]]) -> redis::Value {
         let slot = key_slot(route_key);

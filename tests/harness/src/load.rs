@@ -36,67 +36,74 @@ impl Rng {
     }
 }
 
-/// One pipeline of `n` commands of the mix.
-fn round(rng: &mut Rng, n: usize) -> redis::Pipeline {
+/// One pipeline of `n` commands of the mix, every key name starting with
+/// `tag` (a hash tag on a cluster: one slot for the whole round).
+fn round(rng: &mut Rng, n: usize, tag: &str) -> redis::Pipeline {
     let mut pipe = redis::pipe();
     for _ in 0..n {
         let k = rng.below(40);
         match rng.below(16) {
-            0 => pipe.cmd("INCR").arg(format!("ctr:{k}")),
-            1 => pipe.cmd("INCRBYFLOAT").arg(format!("flt:{k}")).arg("0.5"),
-            2 => pipe.cmd("APPEND").arg(format!("str:{k}")).arg("ab"),
+            0 => pipe.cmd("INCR").arg(format!("{tag}ctr:{k}")),
+            1 => pipe
+                .cmd("INCRBYFLOAT")
+                .arg(format!("{tag}flt:{k}"))
+                .arg("0.5"),
+            2 => pipe.cmd("APPEND").arg(format!("{tag}str:{k}")).arg("ab"),
             3 => pipe
                 .cmd("LPUSH")
-                .arg(format!("list:{k}"))
+                .arg(format!("{tag}list:{k}"))
                 .arg(rng.below(1000)),
-            4 => pipe.cmd("LPOP").arg(format!("list:{k}")),
+            4 => pipe.cmd("LPOP").arg(format!("{tag}list:{k}")),
             5 => pipe
                 .cmd("HINCRBY")
-                .arg(format!("hash:{k}"))
+                .arg(format!("{tag}hash:{k}"))
                 .arg(rng.below(5))
                 .arg(1),
-            6 => pipe.cmd("SADD").arg(format!("set:{k}")).arg(rng.below(50)),
+            6 => pipe
+                .cmd("SADD")
+                .arg(format!("{tag}set:{k}"))
+                .arg(rng.below(50)),
             7 => pipe
                 .cmd("ZINCRBY")
-                .arg(format!("zset:{k}"))
+                .arg(format!("{tag}zset:{k}"))
                 .arg(1)
                 .arg(rng.below(10)),
             8 => pipe
                 .cmd("SETRANGE")
-                .arg(format!("str:{k}"))
+                .arg(format!("{tag}str:{k}"))
                 .arg(rng.below(8))
                 .arg("z"),
             9 => pipe
                 .cmd("RPOPLPUSH")
-                .arg(format!("list:{k}"))
-                .arg(format!("list:{}", rng.below(40))),
+                .arg(format!("{tag}list:{k}"))
+                .arg(format!("{tag}list:{}", rng.below(40))),
             10 => pipe
                 .cmd("EVAL")
                 .arg("redis.call('INCR', KEYS[1]); return redis.call('LPUSH', KEYS[2], ARGV[1])")
                 .arg(2)
-                .arg(format!("ctr:{k}"))
-                .arg(format!("list:{k}"))
+                .arg(format!("{tag}ctr:{k}"))
+                .arg(format!("{tag}list:{k}"))
                 .arg(rng.below(100)),
             12 => pipe
                 .cmd("PFADD")
-                .arg(format!("hll:{}", k % 8))
+                .arg(format!("{tag}hll:{}", k % 8))
                 .arg(rng.below(5000)),
             13 => pipe
                 .cmd("BITOP")
                 .arg("XOR")
-                .arg(format!("bits:{}", k % 8))
-                .arg(format!("str:{k}"))
-                .arg(format!("str:{}", rng.below(40))),
-            14 => pipe.cmd("SPOP").arg(format!("set:{k}")),
+                .arg(format!("{tag}bits:{}", k % 8))
+                .arg(format!("{tag}str:{k}"))
+                .arg(format!("{tag}str:{}", rng.below(40))),
+            14 => pipe.cmd("SPOP").arg(format!("{tag}set:{k}")),
             15 => pipe
                 .cmd("LMOVE")
-                .arg(format!("list:{k}"))
-                .arg(format!("list:{}", rng.below(40)))
+                .arg(format!("{tag}list:{k}"))
+                .arg(format!("{tag}list:{}", rng.below(40)))
                 .arg("LEFT")
                 .arg("RIGHT"),
             _ => pipe
                 .cmd("XADD")
-                .arg(format!("stream:{}", k % 4))
+                .arg(format!("{tag}stream:{}", k % 4))
                 .arg("*")
                 .arg("f")
                 .arg(rng.below(100)),
@@ -117,7 +124,9 @@ impl Load {
         let thread = std::thread::spawn(move || {
             let mut rng = Rng(seed.max(1));
             while !stop2.load(Ordering::Relaxed) {
-                let _: () = round(&mut rng, batch).query(&mut con).expect("load round");
+                let _: () = round(&mut rng, batch, "")
+                    .query(&mut con)
+                    .expect("load round");
                 let k = rng.below(40);
                 let _: () = redis::pipe()
                     .atomic()
@@ -141,11 +150,48 @@ impl Load {
         }
     }
 
+    /// [`Load::start`] on a cluster: each round (and its MULTI/EXEC block)
+    /// goes to one of eight hash tags, so that multi-key commands stay in
+    /// one slot, pipelined to the master serving it.
+    pub fn start_cluster(cluster: &crate::cluster::Cluster, seed: u64, batch: usize) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let sent = Arc::new(AtomicU64::new(0));
+        let (stop2, sent2) = (stop.clone(), sent.clone());
+        let mut client = cluster.client();
+        let thread = std::thread::spawn(move || {
+            let mut rng = Rng(seed.max(1));
+            while !stop2.load(Ordering::Relaxed) {
+                let tag = format!("{{g{}}}", rng.below(8));
+                let con = client.node_for(tag.as_bytes());
+                let _: () = round(&mut rng, batch, &tag).query(con).expect("load round");
+                let k = rng.below(40);
+                let _: () = redis::pipe()
+                    .atomic()
+                    .cmd("INCR")
+                    .arg(format!("{tag}ctr:{k}"))
+                    .ignore()
+                    .cmd("APPEND")
+                    .arg(format!("{tag}str:{k}"))
+                    .arg("tx")
+                    .ignore()
+                    .query(con)
+                    .expect("load transaction");
+                sent2.fetch_add(batch as u64 + 2, Ordering::Relaxed);
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+        });
+        Load {
+            stop,
+            sent,
+            thread: Some(thread),
+        }
+    }
+
     /// One source transaction of `n` commands of the mix (MULTI/EXEC), on
     /// a connection of its own.
     pub fn transaction(server: &RedisServer, seed: u64, n: usize) {
         let mut rng = Rng::new(seed);
-        let mut pipe = round(&mut rng, n);
+        let mut pipe = round(&mut rng, n, "");
         let _: () = pipe
             .atomic()
             .query(&mut server.client())
