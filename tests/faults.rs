@@ -392,3 +392,197 @@ fn standalone_kill_9_anywhere_and_link_faults_leave_the_target_identical() {
         .metric_sum("shardsync_target_resent_non_idempotent_total");
     assert_eq!(resent, 0.0, "{}", rig.sync().log());
 }
+
+/// Cluster → cluster: shardsync killed in the full sync and throughout the
+/// stream (also while it spills behind a frozen target node), every target
+/// node's links cut, a target node frozen beyond the writer's timeout and
+/// one restarted with its AOF; writes in one slot per round keep going
+/// (cross-key commands stay in a slot on a cluster source).
+#[test]
+fn cluster_kill_9_anywhere_and_node_faults_leave_the_target_identical() {
+    use harness::cluster::Cluster;
+    use harness::compare::diff_nodes;
+    let seed = env_u64("SHARDSYNC_FAULT_SEED", 20261201) ^ 0xc1;
+    let scale = env_u64("SHARDSYNC_FAULT_SCALE", 1) as usize;
+    let mut rng = Rng::new(seed);
+    let source = Cluster::start_with(
+        3,
+        RedisServer::config()
+            .arg("enable-debug-command", &["yes"])
+            .arg("repl-backlog-size", &["128mb"]),
+    );
+    {
+        // 120,000 keys, pipelined to the master of each one's slot.
+        let mut client = source.client();
+        let value = "v".repeat(64);
+        let mut by_node: std::collections::HashMap<u16, redis::Pipeline> = Default::default();
+        for i in 0..120_000u32 {
+            let key = format!("pre:{i}");
+            by_node
+                .entry(client.port_for(key.as_bytes()))
+                .or_default()
+                .cmd("SET")
+                .arg(&key)
+                .arg(&value)
+                .ignore();
+            if i % 4000 == 3999 {
+                for (port, pipe) in by_node.drain() {
+                    let _: () = pipe.query(client.conn(port)).unwrap();
+                }
+            }
+        }
+    }
+    let mut target = Cluster::start_with(
+        3,
+        RedisServer::config()
+            .arg("appendonly", &["yes"])
+            .arg("appendfsync", &["always"]),
+    );
+    let args = [
+        "--source",
+        &source.url(0),
+        "--target",
+        &target.url(0),
+        "--target-timeout",
+        "2s",
+        "--spill-memory",
+        "1MB",
+    ];
+    let mut load = Load::start_cluster(&source, seed, 100);
+    let mut kills = Vec::new();
+    let kill = |sync: &mut Shardsync, kills: &mut Vec<&'static str>, point: &'static str| {
+        sync.signal(libc::SIGKILL);
+        assert_eq!(sync.wait_exit(SHORT).code(), None);
+        kills.push(point);
+    };
+    let writes = |load: &Load, rng: &mut Rng| {
+        let n = 300 + rng.below(1000);
+        let before = load.sent();
+        wait_for("writes", SHORT, || load.sent() > before + n);
+    };
+    let keys = |sync: &Shardsync| -> u64 {
+        sync.status()
+            .map(|s| {
+                s["shards"]
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|x| x["full_sync"]["keys"].as_u64())
+                            .sum()
+                    })
+                    .unwrap_or(0)
+            })
+            .unwrap_or(0)
+    };
+    for _ in 0..2 * scale {
+        let mut sync = Shardsync::sync(BIN, &args);
+        let at = 5000 + rng.below(60_000);
+        wait_for("full sync progress", LONG, || keys(&sync) >= at);
+        kill(&mut sync, &mut kills, "full sync");
+    }
+    let mut sync = Shardsync::sync(BIN, &args);
+    sync.wait_state("incremental", LONG);
+    let full_syncs: u64 = source.masters().iter().map(|m| sync_full(m)).sum();
+    let mut faults = Vec::new();
+    let mut plan = Vec::new();
+    for _ in 0..scale {
+        plan.extend(["kill"; 6]);
+        plan.extend([
+            "cut links",
+            "cut links",
+            "freeze node",
+            "restart node",
+            "kill during spill",
+        ]);
+    }
+    for i in (1..plan.len()).rev() {
+        let j = rng.below(i as u64 + 1) as usize;
+        plan.swap(i, j);
+    }
+    if let Ok(only) = std::env::var("SHARDSYNC_FAULT_ONLY") {
+        plan.retain(|p| only.split(',').any(|o| o == *p));
+    }
+    for point in plan {
+        writes(&load, &mut rng);
+        let node = rng.below(3) as usize;
+        match point {
+            "kill" | "kill during spill" => {
+                if point == "kill during spill" {
+                    target.nodes[node].signal(libc::SIGSTOP);
+                    let spilled = wait_until(LONG, || {
+                        sync.metric_sum("shardsync_spilled_bytes_total")
+                            + sync.metric_sum("shardsync_target_overflow_spilled_bytes_total")
+                            > 0.0
+                    });
+                    assert!(spilled, "nothing spilled behind a frozen node");
+                }
+                kill(&mut sync, &mut kills, point);
+                target.nodes[node].signal(libc::SIGCONT);
+                writes(&load, &mut rng);
+                sync = Shardsync::sync(BIN, &args);
+                sync.wait_state("incremental", LONG);
+                assert_eq!(
+                    sync.log().matches("partial resync accepted").count(),
+                    3,
+                    "after {point}: every shard resumes\n{}",
+                    sync.log()
+                );
+            }
+            "cut links" => {
+                for m in target.masters() {
+                    let _: i64 = redis::cmd("CLIENT")
+                        .arg("KILL")
+                        .arg("SKIPME")
+                        .arg("yes")
+                        .arg("TYPE")
+                        .arg("normal")
+                        .query(&mut m.client())
+                        .unwrap();
+                }
+                faults.push(point);
+            }
+            "freeze node" => {
+                target.nodes[node].signal(libc::SIGSTOP);
+                std::thread::sleep(Duration::from_millis(2500 + rng.below(1000)));
+                target.nodes[node].signal(libc::SIGCONT);
+                faults.push(point);
+            }
+            _ => {
+                target.nodes[node].restart();
+                target.wait_stable();
+                faults.push(point);
+            }
+        }
+    }
+    writes(&load, &mut rng);
+    load.stop();
+    for m in source.masters() {
+        sync.wait_caught_up(m, LONG);
+    }
+    let summary = format!(
+        "seed {seed}: {} kills {:?}, {} node faults {:?}, {} commands written",
+        kills.len(),
+        kills,
+        faults.len(),
+        faults,
+        load.sent()
+    );
+    eprintln!("{summary}");
+    let diff = diff_nodes(&source.masters(), 0, &target.masters(), 0);
+    assert!(
+        diff.is_empty(),
+        "{summary}\n{} differences:\n{}\n{}",
+        diff.len(),
+        diff.iter().take(20).cloned().collect::<Vec<_>>().join("\n"),
+        sync.log()
+    );
+    let after: u64 = source.masters().iter().map(|m| sync_full(m)).sum();
+    assert_eq!(
+        after, full_syncs,
+        "no full resync once the stream ran\n{summary}"
+    );
+    assert_eq!(
+        sync.metric_sum("shardsync_target_resent_non_idempotent_total"),
+        0.0
+    );
+}

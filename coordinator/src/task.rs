@@ -127,6 +127,8 @@ pub struct TaskState {
     stopping: bool,
     /// Each shard's marker key, when batches carry markers.
     marker_keys: Option<Vec<bytes::Bytes>>,
+    /// The name of the task's writer connections.
+    writer_name: String,
     /// Per shard, what its markers say of the target (fresh task).
     fresh: Vec<bool>,
     /// Per shard, the slot ranges its source master serves (cluster source).
@@ -177,6 +179,7 @@ impl Actor for Task {
         });
         Ok(TaskState {
             marker_keys,
+            writer_name: shard_worker::write::client_name(&args.task_id),
             fresh: args.shards.iter().map(|s| s.fresh).collect(),
             source_slots: args.shards.iter().map(|s| s.slots.clone()).collect(),
             shard_eps: args.shards.iter().map(|s| s.endpoint.clone()).collect(),
@@ -398,7 +401,10 @@ async fn spawn_writer(
             markers: state
                 .marker_keys
                 .clone()
-                .map(|keys| shard_worker::write::WriterMarkers { keys }),
+                .map(|keys| shard_worker::write::WriterMarkers {
+                    keys,
+                    client_name: state.writer_name.clone(),
+                }),
         },
         myself.get_cell(),
     )
@@ -488,12 +494,12 @@ async fn spawn_source(
 
 /// How shard `shard`'s batches carry its marker. Before a full sync over
 /// its earlier copy, a fresh task with one source master empties the
-/// copied databases; with a cluster source into a standalone target, each
-/// shard deletes the keys of its own slots instead (the databases hold
-/// other shards' data too).
+/// copied databases (every node of a cluster target); with a cluster
+/// source, each shard deletes the keys of its own slots instead (the
+/// databases hold other shards' data too).
 fn marking(state: &TaskState, keys: &[bytes::Bytes], shard: usize) -> shard_worker::route::Marking {
     let fresh = state.fresh[shard];
-    let alone = state.shards.len() == 1 && state.cluster.is_none();
+    let alone = state.shards.len() == 1;
     let replay = &state.options.replay;
     let mut dbs: Vec<u32> = (0..replay.source_databases)
         .filter_map(|db| replay.db_filter.target_db(db))
@@ -501,11 +507,9 @@ fn marking(state: &TaskState, keys: &[bytes::Bytes], shard: usize) -> shard_work
     dbs.sort_unstable();
     dbs.dedup();
     let slots = &state.source_slots[shard];
-    let sweep = (fresh && !alone && state.cluster.is_none() && !slots.is_empty()).then(|| {
-        shard_worker::route::Sweep {
-            slots: slots.clone(),
-            dbs: dbs.clone(),
-        }
+    let sweep = (fresh && !alone && !slots.is_empty()).then(|| shard_worker::route::Sweep {
+        slots: slots.clone(),
+        dbs: dbs.clone(),
     });
     shard_worker::route::Marking {
         key: keys[shard].clone(),

@@ -9,7 +9,7 @@ use shard_worker::Endpoint;
 
 use super::{CheckpointFact, Checks, SourceMaster, Sources, Target, TargetMaster};
 use shard_worker::conn::Conn;
-use shard_worker::write::{read_markers, WriterMarkers};
+use shard_worker::write::{end_earlier_connections, read_markers, WriterMarkers};
 
 use crate::checkpoint::CheckpointStore;
 use crate::config::TaskConfig;
@@ -304,10 +304,13 @@ pub(super) async fn markers(
         .iter()
         .map(|m| engine::marker::key(task_id, &m.endpoint.addr(), None).into())
         .collect();
-    let spec = WriterMarkers { keys };
+    let spec = WriterMarkers {
+        keys,
+        client_name: shard_worker::write::client_name(task_id),
+    };
     for t in targets.iter_mut().filter(|t| t.cluster) {
         for (shard, base) in spec.keys.iter().enumerate() {
-            match cluster_markers(&t.masters, base).await {
+            match cluster_markers(task_id, &t.masters, base).await {
                 Ok(nodes) => {
                     let (marker, skip) = super::checks::cluster_markers(&nodes);
                     t.markers[shard] = marker;
@@ -320,6 +323,7 @@ pub(super) async fn markers(
     for t in targets.iter_mut().filter(|t| !t.cluster) {
         let read = async {
             let mut conn = Conn::open_authenticated(&t.endpoint).await?;
+            end_earlier_connections(&mut conn, &spec.client_name).await?;
             read_markers(&mut conn, &spec).await
         };
         match read.await {
@@ -333,12 +337,14 @@ pub(super) async fn markers(
 /// marker (in the master's first slot) and the marker of each slot it
 /// serves.
 async fn cluster_markers(
+    task: &str,
     masters: &[TargetMaster],
     base: &[u8],
 ) -> Result<Vec<super::checks::NodeMarkers>, shard_worker::WorkerError> {
     let mut out = Vec::new();
     for m in masters {
         let mut conn = Conn::open_authenticated(&m.endpoint).await?;
+        end_earlier_connections(&mut conn, &shard_worker::write::client_name(task)).await?;
         let slots: Vec<u16> = m.slots.iter().flat_map(|&(a, b)| a..=b).collect();
         let Some(&home) = slots.iter().min() else {
             continue;

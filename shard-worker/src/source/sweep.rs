@@ -1,6 +1,6 @@
 //! Before a full resync that replaces the task's earlier copy on a target
-//! other shards write to as well (a cluster source into a standalone
-//! target): the target's keys in this shard's slots are deleted, so that
+//! other shards write to as well (a cluster source): the target's keys in
+//! this shard's slots are deleted, on every node, so that
 //! keys the source deleted while the stream could not continue do not
 //! survive. Memory stays bounded: the target is scanned a page at a time.
 //!
@@ -62,7 +62,7 @@ pub(super) async fn run(
                     reply: String::from_utf8_lossy(&e).into_owned(),
                 });
             }
-            deleted += sweep_db(&mut conn, &ours).await?;
+            deleted += sweep_db(&mut conn, &ours, router.is_cluster()).await?;
         }
     }
     events::TargetSwept {
@@ -76,7 +76,7 @@ pub(super) async fn run(
 
 /// One database of one node: every key whose slot is ours (shardsync's
 /// own keys aside) is unlinked, a SCAN page at a time.
-async fn sweep_db(conn: &mut Conn, ours: &[bool]) -> Result<u64, WorkerError> {
+async fn sweep_db(conn: &mut Conn, ours: &[bool], cluster: bool) -> Result<u64, WorkerError> {
     let mut deleted = 0;
     let mut cursor = "0".to_string();
     loop {
@@ -86,10 +86,17 @@ async fn sweep_db(conn: &mut Conn, ours: &[bool]) -> Result<u64, WorkerError> {
             .map(Vec::as_slice)
             .filter(|k| ours[engine::slot::slot(k) as usize] && !engine::marker::is_internal(k))
             .collect();
-        if !doomed.is_empty() {
-            let mut unlink: Vec<&[u8]> = vec![b"UNLINK"];
-            unlink.extend(doomed);
-            match conn.request(&unlink).await? {
+        // One UNLINK for the page; on a cluster node one per key (a
+        // command's keys must share a slot there).
+        let commands: Vec<Vec<&[u8]>> = if doomed.is_empty() {
+            Vec::new()
+        } else if cluster {
+            doomed.iter().map(|k| vec![&b"UNLINK"[..], k]).collect()
+        } else {
+            vec![std::iter::once(&b"UNLINK"[..]).chain(doomed).collect()]
+        };
+        for reply in conn.pipeline(&commands).await? {
+            match reply {
                 Frame::Integer(n) => deleted += n.max(0) as u64,
                 other => {
                     return Err(WorkerError::Unexpected {

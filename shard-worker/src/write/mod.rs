@@ -70,6 +70,63 @@ pub struct WriterArgs {
 pub struct WriterMarkers {
     /// Marker key per shard (indexed like the shards).
     pub keys: Vec<bytes::Bytes>,
+    /// The name of the task's writer connections (`CLIENT SETNAME`): before
+    /// markers are read, every other connection of that name on the node
+    /// is closed, so that nothing an earlier connection sent (still unread
+    /// in the node's socket buffer, say after a freeze) runs after the read.
+    pub client_name: String,
+}
+
+/// The name the writers of task `task` give their connections.
+pub fn client_name(task: &str) -> String {
+    format!("shardsync-writer-{task}")
+}
+
+/// Closes every connection named `name` on the node but `conn` itself:
+/// what they sent and the node did not read yet is dropped with them.
+/// Needs `CLIENT LIST` and `CLIENT KILL`; a refusal is reported and the
+/// markers are read anyway.
+pub async fn end_earlier_connections(conn: &mut Conn, name: &str) -> Result<u64, WorkerError> {
+    let own = match conn.request(&["CLIENT", "ID"]).await? {
+        engine::resp::Frame::Integer(id) => id,
+        _ => -1,
+    };
+    let list = match conn.request(&["CLIENT", "LIST", "TYPE", "normal"]).await? {
+        engine::resp::Frame::Bulk(text) => String::from_utf8_lossy(&text).into_owned(),
+        other => {
+            tracing::warn!(target_node = %conn.addr, reply = %other.to_text(), "cannot list the node's clients: a connection of an earlier run could still apply what it sent after the markers are read");
+            return Ok(0);
+        }
+    };
+    let mut ended = 0;
+    for id in earlier_connections(&list, name, own) {
+        if let engine::resp::Frame::Integer(1) = conn
+            .request(&["CLIENT", "KILL", "ID", &id.to_string()])
+            .await?
+        {
+            ended += 1;
+        }
+    }
+    Ok(ended)
+}
+
+/// The ids of the clients named `name` in a `CLIENT LIST` reply, `own`
+/// aside.
+pub fn earlier_connections(list: &str, name: &str, own: i64) -> Vec<i64> {
+    list.lines()
+        .filter_map(|line| {
+            let mut id = None;
+            let mut named = false;
+            for field in line.split(' ') {
+                if let Some(v) = field.strip_prefix("id=") {
+                    id = v.parse::<i64>().ok();
+                } else if let Some(v) = field.strip_prefix("name=") {
+                    named = v == name;
+                }
+            }
+            id.filter(|&i| named && i != own)
+        })
+        .collect()
 }
 
 pub enum WriterMsg {
@@ -166,9 +223,11 @@ async fn connect(
         Ok(mut conn) => {
             // Lets operators see in CLIENT LIST which connections are ours;
             // failure (a very old server) does not matter.
-            let _ = conn
-                .request(&["CLIENT", "SETNAME", "shardsync-writer"])
-                .await;
+            let name = state
+                .markers
+                .as_ref()
+                .map_or_else(|| "shardsync-writer".to_string(), |m| m.client_name.clone());
+            let _ = conn.request(&["CLIENT", "SETNAME", &name]).await;
             // What this node runs now (it may have been replaced since the
             // precheck): rebuilt values must suit it.
             if let Ok(engine::resp::Frame::Bulk(info)) = conn.request(&["INFO", "server"]).await {
@@ -189,6 +248,11 @@ async fn connect(
         tracing::info!(target_node = %state.endpoint, "reconnected to the target");
     }
     let mut conn = conn;
+    if let Some(m) = &state.markers {
+        if let Err(err) = end_earlier_connections(&mut conn, &m.client_name).await {
+            return retry_later(myself, state, err);
+        }
+    }
     if let Err(err) = confirm_applied(&mut conn, state).await {
         return retry_later(myself, state, err);
     }
@@ -436,4 +500,20 @@ fn report_resend(resend: &VecDeque<Work>, stats: &WriterStats, target: &str) {
         marked,
     }
     .emit(&stats.counters);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn earlier_connections_are_the_others_of_our_name() {
+        let list = "id=3 addr=127.0.0.1:5 laddr=127.0.0.1:6379 fd=8 name=shardsync-writer-ab age=9 db=0\n\
+                    id=7 addr=127.0.0.1:6 laddr=127.0.0.1:6379 fd=9 name=shardsync-writer-ab age=1 db=0\n\
+                    id=8 addr=127.0.0.1:7 laddr=127.0.0.1:6379 fd=10 name=shardsync-writer-cd age=1 db=0\n\
+                    id=9 addr=127.0.0.1:8 laddr=127.0.0.1:6379 fd=11 name= age=1 db=0\n";
+        assert_eq!(earlier_connections(list, "shardsync-writer-ab", 7), [3]);
+        assert_eq!(earlier_connections(list, "shardsync-writer-ab", -1), [3, 7]);
+        assert!(earlier_connections(list, "other", 7).is_empty());
+    }
 }

@@ -46,12 +46,17 @@ pub(crate) fn resend_batch(
     out
 }
 
-/// Whether what is sent again of a wrapped batch is still one of our
-/// transactions (its MULTI and EXEC are in it).
-fn still_wrapped(from: &Batch, out: &Batch) -> bool {
+/// Whether what is sent again of a wrapped batch is still made of our
+/// transactions: it begins with a MULTI and, after its last EXEC, holds at
+/// most the node-wide marker of a cluster batch.
+pub(crate) fn still_wrapped(from: &Batch, out: &Batch) -> bool {
+    let last_exec = out
+        .replies
+        .iter()
+        .rposition(|e| e.kind == ExpectKind::TxEnd);
     from.wrapped
         && out.replies.first().map(|e| e.kind) == Some(ExpectKind::TxBegin)
-        && out.replies.last().map(|e| e.kind) == Some(ExpectKind::TxEnd)
+        && last_exec.is_some_and(|i| i + 2 >= out.replies.len())
 }
 
 /// The commands of `batch` in `ranges` (in order), as a batch of their own,
@@ -183,5 +188,45 @@ mod tests {
         assert_eq!(args_of(&again), ["SET k v", "SET z 2"]);
         assert_eq!(again.end, b.end);
         assert!(rebuild_refused(&b, 0, TargetCaps::new(6, 2), &mut tmp, 0).is_none());
+    }
+
+    #[test]
+    fn what_is_resent_of_a_cluster_batch_is_still_ours() {
+        // Two slot transactions and the node-wide marker, none of which ran
+        // (CLUSTERDOWN): resent as it was, still checked by its markers.
+        let mut b = batch(&[
+            (&[b"MULTI"], ExpectKind::TxBegin),
+            (&[b"INCR", b"{a}x"], ExpectKind::TxQueued),
+            (
+                &[b"SET", b"{a}shardsync:applied:t:s", b"m"],
+                ExpectKind::TxQueued,
+            ),
+            (&[b"EXEC"], ExpectKind::TxEnd),
+            (&[b"MULTI"], ExpectKind::TxBegin),
+            (&[b"LPUSH", b"{b}y", b"1"], ExpectKind::TxQueued),
+            (
+                &[b"SET", b"{b}shardsync:applied:t:s", b"m"],
+                ExpectKind::TxQueued,
+            ),
+            (&[b"EXEC"], ExpectKind::TxEnd),
+            (
+                &[b"SET", b"{c}shardsync:applied:t:s:node", b"m"],
+                ExpectKind::Ok,
+            ),
+        ]);
+        b.wrapped = true;
+        assert!(resend_batch(&b, &[0..4, 4..8, 8..9], Vec::new()).wrapped);
+        assert!(
+            resend_batch(&b, &[4..8, 8..9], Vec::new()).wrapped,
+            "from the second"
+        );
+        assert!(
+            !resend_batch(&b, &[8..9], Vec::new()).wrapped,
+            "the node marker alone"
+        );
+        assert!(
+            !sub_batch(&b, &[0..4], Some(b"ASKING")).wrapped,
+            "ASKING drops MULTI"
+        );
     }
 }

@@ -196,7 +196,7 @@ impl ClusterClient {
         c
     }
 
-    fn conn(&mut self, port: u16) -> &mut redis::Connection {
+    pub fn conn(&mut self, port: u16) -> &mut redis::Connection {
         let password = self.password.clone();
         self.conns.entry(port).or_insert_with(|| {
             let url = match &password {
@@ -247,6 +247,11 @@ impl ClusterClient {
                 self.ports.push(port);
             }
         }
+    }
+
+    /// The port of the master serving `route_key`'s slot.
+    pub fn port_for(&self, route_key: &[u8]) -> u16 {
+        self.slots[key_slot(route_key) as usize]
     }
 
     /// The connection to the master serving `route_key`'s slot.
