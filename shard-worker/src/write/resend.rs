@@ -221,11 +221,11 @@ mod tests {
             "from the second"
         );
         assert!(
-            !resend_batch(&b, &[8..9], Vec::new()).wrapped,
+            !resend_batch(&b, std::slice::from_ref(&(8..9)), Vec::new()).wrapped,
             "the node marker alone"
         );
         assert!(
-            !sub_batch(&b, &[0..4], Some(b"ASKING")).wrapped,
+            !sub_batch(&b, std::slice::from_ref(&(0..4)), Some(b"ASKING")).wrapped,
             "ASKING drops MULTI"
         );
     }
