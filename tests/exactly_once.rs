@@ -370,3 +370,45 @@ fn cluster_to_cluster_kill_9_and_cut_links_apply_everything_once() {
     );
     assert_same_nodes(&source.masters(), &target.masters());
 }
+
+#[test]
+fn standalone_to_cluster_cross_slot_rewrites_apply_once_across_kills() {
+    use harness::cluster::Cluster;
+    use harness::compare::assert_same_nodes;
+    // RPOPLPUSH, LMOVE and BITOP of the load span slots on the target:
+    // they are rewritten (pop and push, colocated copies), and kills land
+    // in the middle of them.
+    let source = RedisServer::config()
+        .arg("repl-backlog-size", &["64mb"])
+        .start();
+    let target = Cluster::start(3);
+    let args = ["--source", &source.url(), "--target", &target.url(0)];
+    let mut load = Load::start(&source, 13, 50);
+    for round in 0..4 {
+        let mut sync = Shardsync::sync(BIN, &args);
+        sync.wait_state("incremental", LONG);
+        let before = load.sent();
+        wait_for("writes", SHORT, || load.sent() > before + 500);
+        if round > 0 {
+            assert!(
+                sync.log().contains("partial resync accepted"),
+                "{}",
+                sync.log()
+            );
+        }
+        if round == 0 {
+            wait_for("cross-slot commands to be rewritten", SHORT, || {
+                metric(&sync, "shardsync_commands_rewritten_total") > 0.0
+            });
+        }
+        kill9(&mut sync);
+        let before = load.sent();
+        wait_for("writes while down", SHORT, || load.sent() > before + 300);
+    }
+    let sync = Shardsync::sync(BIN, &args);
+    sync.wait_state("incremental", LONG);
+    load.stop();
+    sync.wait_caught_up(&source, LONG);
+    assert_eq!(sync_full(&source), 1, "one full sync in all, the first");
+    assert_same_nodes(&[&source], &target.masters());
+}

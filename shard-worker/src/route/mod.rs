@@ -539,8 +539,22 @@ impl Dispatcher {
         Ok(())
     }
 
+    /// Cluster exactly-once: the shard's marker key (to put in a slot), or
+    /// `None` without slot markers.
+    pub(crate) fn slot_marker_base(&self) -> Option<Bytes> {
+        self.grouping.as_ref()?;
+        Some(self.marking.as_ref()?.key.clone())
+    }
+
+    /// Whether slot `slot`'s node already applied what starts at `offset`
+    /// (after a restart).
+    pub(crate) fn slot_applied(&mut self, slot: u16, offset: u64) -> bool {
+        let w = self.router.writer_for_slot(slot);
+        self.applied_already(w, slot, offset)
+    }
+
     /// The marker value for the stream position `at`.
-    fn applied_value(&self, at: StreamPos) -> Vec<u8> {
+    pub(crate) fn applied_value(&self, at: StreamPos) -> Vec<u8> {
         let (Some(marking), Some((epoch, replid))) = (&self.marking, &self.stream) else {
             return Vec::new();
         };

@@ -220,15 +220,41 @@ impl Intake {
         cmd: engine::resp::Command,
     ) -> Result<(), WorkerError> {
         self.barrier().await?;
-        let Some(control) = self.control.as_mut() else {
+        if self.control.is_none() {
             // The rules plan rewrites for cluster targets only.
             self.report(Event::NotReplayed {
                 command: engine::replay::describe(&cmd),
                 reason: "a rewrite needs a cluster target".into(),
             });
             return Ok(());
+        }
+        // Exactly-once: its writes carry their slots' markers (outside a
+        // source transaction, where the position after it is a resumable
+        // one).
+        let marks = match (self.dispatcher.slot_marker_base(), self.safe) {
+            (Some(base), Some(start)) if !self.replay.in_tx() => {
+                let end = crate::progress::StreamPos {
+                    offset: self.offset,
+                    db: self.replay.db(),
+                };
+                let applied = super::rewrite::written_slots(&plan)
+                    .into_iter()
+                    .filter(|&s| self.dispatcher.slot_applied(s, start.offset))
+                    .collect();
+                Some(super::rewrite::Marks {
+                    base,
+                    value: self.dispatcher.applied_value(end),
+                    applied,
+                })
+            }
+            _ => None,
         };
-        if let super::rewrite::Outcome::Diverged(why) = control.run(&plan, &cmd).await? {
+        let Some(control) = self.control.as_mut() else {
+            return Ok(());
+        };
+        if let super::rewrite::Outcome::Diverged(why) =
+            control.run(&plan, &cmd, marks.as_ref()).await?
+        {
             self.report(Event::NotReplayed {
                 command: engine::replay::describe(&cmd),
                 reason: why.into(),

@@ -11,6 +11,14 @@
 //!   PFMERGE, COPY, SORT ... STORE, ...): copy the keys it reads next to the
 //!   key it writes, under temporary names (with a short TTL, in case we die
 //!   half-way), run it there with those names, delete the copies.
+//!
+//! With markers (exactly-once), each write of a rewrite is a transaction
+//! in its slot that also sets the slot's marker to the position after the
+//! command ([`Marks`]), and what a slot already applied (after a restart)
+//! is not written again. The steps are ordered so that whatever prefix of
+//! them ran, the rest can still be done: a list move pushes a copy of the
+//! element first and pops it after; a rename restores under the new name
+//! first and deletes the old one after.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -35,6 +43,16 @@ pub(crate) struct TargetControl {
     conns: HashMap<String, Conn>,
     /// Keeps our temporary names apart from other shards'.
     scope: String,
+}
+
+/// Exactly-once for one rewrite: how its writes are marked.
+pub(crate) struct Marks {
+    /// The shard's marker key, to put in a slot (`engine::marker::in_slot`).
+    pub base: bytes::Bytes,
+    /// The marker value: the position after the rewritten command.
+    pub value: Vec<u8>,
+    /// Slots that already hold this rewrite's write (after a restart).
+    pub applied: Vec<u16>,
 }
 
 /// What a rewrite did.
@@ -112,11 +130,17 @@ impl TargetControl {
         })
     }
 
-    /// Runs the equivalent of `cmd` described by `plan`.
-    pub async fn run(&mut self, plan: &Plan, cmd: &Command) -> Result<Outcome, WorkerError> {
+    /// Runs the equivalent of `cmd` described by `plan`, its writes marked
+    /// with `marks` when given.
+    pub async fn run(
+        &mut self,
+        plan: &Plan,
+        cmd: &Command,
+        marks: Option<&Marks>,
+    ) -> Result<Outcome, WorkerError> {
         match plan {
-            Plan::Rename { src, dst } => self.rename(src, dst, true).await,
-            Plan::Copy { src, dst } => self.rename(src, dst, false).await,
+            Plan::Rename { src, dst } => self.rename(src, dst, true, marks).await,
+            Plan::Copy { src, dst } => self.rename(src, dst, false, marks).await,
             Plan::ListMove {
                 src,
                 dst,
@@ -125,19 +149,106 @@ impl TargetControl {
             } => {
                 let pop: &[u8] = if *pop_left { b"LPOP" } else { b"RPOP" };
                 let push: &[u8] = if *push_left { b"LPUSH" } else { b"RPUSH" };
-                match self.call(slot(src), &[pop, src]).await? {
-                    Frame::Bulk(element) => {
-                        Ok(self.must(slot(dst), &[push, dst, &element]).await?)
+                let end: &[u8] = if *pop_left { b"0" } else { b"-1" };
+                if !applied(marks, slot(dst)) {
+                    // A copy of the element first, the pop after: if only
+                    // the push ran, the pop is what is left to do.
+                    match self.call(slot(src), &[b"LINDEX", src, end]).await? {
+                        Frame::Bulk(element) => {
+                            let pushed =
+                                self.write(slot(dst), &[push, dst, &element], marks).await?;
+                            if let Outcome::Diverged(why) = pushed {
+                                return Ok(Outcome::Diverged(why));
+                            }
+                        }
+                        other => {
+                            return Ok(Outcome::Diverged(format!(
+                                "the list to pop from was empty on the target ({})",
+                                other.to_text()
+                            )))
+                        }
                     }
-                    other => Ok(Outcome::Diverged(format!(
-                        "the list to pop from was empty on the target ({})",
-                        other.to_text()
-                    ))),
                 }
+                self.write(slot(src), &[pop, src], marks).await
             }
-            Plan::Colocate { anchor, copy } => self.colocate(*anchor, copy, cmd).await,
+            Plan::Colocate { anchor, copy } => self.colocate(*anchor, copy, cmd, marks).await,
             _ => Ok(Outcome::Diverged("not a rewrite".into())),
         }
+    }
+
+    /// A write of a rewrite in `slot`: with markers, one transaction with
+    /// the slot's marker, or nothing when the slot has it already.
+    async fn write(
+        &mut self,
+        slot: u16,
+        args: &[&[u8]],
+        marks: Option<&Marks>,
+    ) -> Result<Outcome, WorkerError> {
+        let Some(m) = marks else {
+            return self.must(slot, args).await;
+        };
+        if m.applied.contains(&slot) {
+            return Ok(Outcome::Done);
+        }
+        let key = engine::marker::in_slot(&m.base, slot);
+        let replies = self
+            .pipeline_in(
+                slot,
+                &[
+                    vec![&b"MULTI"[..]],
+                    args.to_vec(),
+                    vec![&b"SET"[..], &key, &m.value],
+                    vec![&b"EXEC"[..]],
+                ],
+            )
+            .await?;
+        match replies.last() {
+            Some(Frame::Array(results)) => match results.first() {
+                Some(Frame::Error(e)) => Ok(Outcome::Diverged(format!(
+                    "the target refused a step: {}",
+                    String::from_utf8_lossy(e)
+                ))),
+                _ => Ok(Outcome::Done),
+            },
+            other => {
+                let text = other.map(Frame::to_text).unwrap_or_default();
+                if let Some(err) = WorkerError::from_reply(&format!("slot {slot}"), text.as_bytes())
+                {
+                    return Err(err);
+                }
+                Err(WorkerError::Unexpected {
+                    addr: format!("slot {slot}"),
+                    context: "running a marked step of a rewrite",
+                    reply: text,
+                })
+            }
+        }
+    }
+
+    /// Several commands in one round trip on the master serving `slot` (no
+    /// redirection: a slot moving during a rewrite fails it, and the shard
+    /// starts again from its markers).
+    async fn pipeline_in(
+        &mut self,
+        slot: u16,
+        commands: &[Vec<&[u8]>],
+    ) -> Result<Vec<Frame>, WorkerError> {
+        let w = self.routing.writer_for_slot(slot);
+        let endpoint = self
+            .routing
+            .endpoint(w)
+            .ok_or_else(|| WorkerError::Unexpected {
+                addr: format!("slot {slot}"),
+                context: "routing a rewritten command",
+                reply: "no writer serves this slot".into(),
+            })?;
+        let target = endpoint.addr();
+        if !self.conns.contains_key(&target) {
+            let conn = Conn::open_authenticated(&endpoint).await?;
+            self.conns.insert(target.clone(), conn);
+        }
+        let conn = self.conns.get_mut(&target).expect("just inserted");
+        conn.pipeline(commands).await
     }
 
     /// Moves (`remove_src`) or copies the value and TTL of `src` to `dst`.
@@ -146,7 +257,16 @@ impl TargetControl {
         src: &[u8],
         dst: &[u8],
         remove_src: bool,
+        marks: Option<&Marks>,
     ) -> Result<Outcome, WorkerError> {
+        if applied(marks, slot(dst)) {
+            // The new name was written before a restart: what is left is
+            // the old one's deletion.
+            if remove_src {
+                return self.write(slot(src), &[b"DEL", src], marks).await;
+            }
+            return Ok(Outcome::Done);
+        }
         let payload = match self.call(slot(src), &[b"DUMP", src]).await? {
             Frame::Bulk(p) => p,
             _ if !remove_src => {
@@ -169,16 +289,17 @@ impl TargetControl {
             _ => "0".to_string(),
         };
         if let Outcome::Diverged(why) = self
-            .must(
+            .write(
                 slot(dst),
                 &[b"RESTORE", dst, ttl.as_bytes(), &payload, b"REPLACE"],
+                marks,
             )
             .await?
         {
             return Ok(Outcome::Diverged(why));
         }
         if remove_src {
-            self.call(slot(src), &[b"DEL", src]).await?;
+            self.write(slot(src), &[b"DEL", src], marks).await?;
         }
         Ok(Outcome::Done)
     }
@@ -188,7 +309,11 @@ impl TargetControl {
         anchor: u16,
         copy: &[usize],
         cmd: &Command,
+        marks: Option<&Marks>,
     ) -> Result<Outcome, WorkerError> {
+        if applied(marks, anchor) {
+            return Ok(Outcome::Done);
+        }
         let mut names = Vec::with_capacity(copy.len());
         for (n, &pos) in copy.iter().enumerate() {
             let name = colocated_name(anchor, &self.scope, n as u64);
@@ -221,17 +346,11 @@ impl TargetControl {
         }
         let rewritten = with_args_replaced(cmd, copy, &names);
         let args: Vec<&[u8]> = rewritten.args().collect();
-        let reply = self.call(anchor, &args).await?;
+        let outcome = self.write(anchor, &args, marks).await?;
         let mut del: Vec<&[u8]> = vec![b"DEL"];
         del.extend(names.iter().map(Vec::as_slice));
         self.call(anchor, &del).await?;
-        match reply {
-            Frame::Error(e) => Ok(Outcome::Diverged(format!(
-                "the target refused the rewritten command: {}",
-                String::from_utf8_lossy(&e)
-            ))),
-            _ => Ok(Outcome::Done),
-        }
+        Ok(outcome)
     }
 
     /// Runs a step that must succeed; an error reply means the target
@@ -244,5 +363,21 @@ impl TargetControl {
             ))),
             _ => Ok(Outcome::Done),
         }
+    }
+}
+
+/// Whether `slot` already holds the rewrite's write (after a restart).
+fn applied(marks: Option<&Marks>, slot: u16) -> bool {
+    marks.is_some_and(|m| m.applied.contains(&slot))
+}
+
+/// The slots a rewrite writes.
+pub(crate) fn written_slots(plan: &Plan) -> Vec<u16> {
+    match plan {
+        Plan::Rename { src, dst } | Plan::Copy { src, dst } | Plan::ListMove { src, dst, .. } => {
+            vec![slot(src), slot(dst)]
+        }
+        Plan::Colocate { anchor, .. } => vec![*anchor],
+        _ => Vec::new(),
     }
 }
