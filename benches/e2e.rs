@@ -27,7 +27,8 @@
 //! `SHARDSYNC_BENCH_BIN=<path>` measures another shardsync binary (an
 //! older build, say) instead of this build's; `SHARDSYNC_BENCH_ARGS` adds
 //! options to its command line (`--no-exactly-once`, to measure what the
-//! markers cost).
+//! markers cost); `SHARDSYNC_BENCH_RANDOM_KEYS=<n>` makes the burst write
+//! random keys among `n` (`redis-benchmark -r`) instead of one per command.
 //! `SHARDSYNC_BENCH_PERF=<file>` records a system-wide `perf` profile of
 //! each shardsync full sync into `<file>.<n>`; `SHARDSYNC_BENCH_LOG=1`
 //! prints shardsync's log after each one.
@@ -349,6 +350,11 @@ fn burst(source: &Deployment, n: u64) -> (Instant, Instant) {
     if matches!(source, Deployment::Cluster(_)) {
         cmd.arg("--cluster");
     }
+    // Random keys over that many names (redis-benchmark's -r) instead of
+    // one key per command: every write in a slot of its own, say.
+    if let Ok(range) = std::env::var("SHARDSYNC_BENCH_RANDOM_KEYS") {
+        cmd.args(["-r", &range]);
+    }
     let out = cmd
         .args([
             "-t",
@@ -410,7 +416,7 @@ fn native_incremental(cluster: bool, n: u64) -> (Duration, f64) {
 
 /// shardsync: caught up with an empty source, the burst, until every
 /// shard's applied offset is its master's.
-fn shardsync_incremental(cluster: bool, n: u64) -> (Duration, f64, u64) {
+fn shardsync_incremental(cluster: bool, n: u64) -> (Duration, f64, u64, (f64, f64)) {
     let source = Deployment::start(cluster);
     let target = Deployment::start(cluster);
     let mut sync = start_sync(&source, &target);
@@ -423,6 +429,8 @@ fn shardsync_incremental(cluster: bool, n: u64) -> (Duration, f64, u64) {
     wait_for("shardsync in sync", Duration::from_secs(60), || {
         markers.iter().all(|m| target.exists(m))
     });
+    let target_cpu = |t: &Deployment| t.masters().iter().map(|m| m.cpu().0).sum::<f64>();
+    let cpu_before = (target_cpu(&target), cpu_secs(sync.pid()));
     let (start, end) = burst(&source, n);
     let wanted = offsets(&source);
     wait_for("shardsync to catch up", Duration::from_secs(600), || {
@@ -437,6 +445,10 @@ fn shardsync_incremental(cluster: bool, n: u64) -> (Duration, f64, u64) {
         })
     });
     let done = Instant::now();
+    let cpu = (
+        target_cpu(&target) - cpu_before.0,
+        cpu_secs(sync.pid()) - cpu_before.1,
+    );
     let rss = peak_rss_kb(sync.pid());
     let finished = sync.terminate(Duration::from_secs(60));
     assert_eq!(finished.code(), Some(0), "{}", finished.log);
@@ -444,6 +456,7 @@ fn shardsync_incremental(cluster: bool, n: u64) -> (Duration, f64, u64) {
         done.saturating_duration_since(end),
         (4 * n) as f64 / (done - start).as_secs_f64(),
         rss,
+        cpu,
     )
 }
 
@@ -570,16 +583,18 @@ fn measure_incremental(o: &Options, cluster: bool) -> IncrementalRow {
     let (mut nb, mut nr, mut b, mut r, mut m) = (vec![], vec![], vec![], vec![], vec![]);
     for run in 0..o.runs {
         let (native_behind, native_rate) = native_incremental(cluster, n);
-        let (behind, rate, rss) = shardsync_incremental(cluster, n);
+        let (behind, rate, rss, cpu) = shardsync_incremental(cluster, n);
         println!(
-            "  {} incremental, run {}: native {:.2} s behind ({:.0} writes/s), shardsync {:.2} s behind ({:.0} writes/s applied), peak RSS {} MB",
+            "  {} incremental, run {}: native {:.2} s behind ({:.0} writes/s), shardsync {:.2} s behind ({:.0} writes/s applied), peak RSS {} MB; CPU s from the burst to caught up: targets {:.2}, shardsync {:.2}",
             topology_name(cluster),
             run + 1,
             native_behind.as_secs_f64(),
             native_rate,
             behind.as_secs_f64(),
             rate,
-            rss / 1024
+            rss / 1024,
+            cpu.0,
+            cpu.1
         );
         nb.push(native_behind.as_secs_f64());
         nr.push(native_rate);
