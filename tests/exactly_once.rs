@@ -80,14 +80,7 @@ fn target_links_cut_under_load_lose_nothing_and_repeat_nothing() {
         let before = load.sent();
         wait_for("writes", SHORT, || load.sent() > before + 1500);
         // Our writer's connection, cut while batches are in flight.
-        let _: i64 = redis::cmd("CLIENT")
-            .arg("KILL")
-            .arg("SKIPME")
-            .arg("yes")
-            .arg("TYPE")
-            .arg("normal")
-            .query(&mut target.client())
-            .unwrap();
+        target.kill_clients();
     }
     load.stop();
     sync.wait_caught_up(&source, LONG);
@@ -338,14 +331,7 @@ fn cluster_to_cluster_kill_9_and_cut_links_apply_everything_once() {
         }
         // Every target node drops our writers' connections under load.
         for m in target.masters() {
-            let _: i64 = redis::cmd("CLIENT")
-                .arg("KILL")
-                .arg("SKIPME")
-                .arg("yes")
-                .arg("TYPE")
-                .arg("normal")
-                .query(&mut m.client())
-                .unwrap();
+            m.kill_clients();
         }
         writes(&load, 1500);
         kill9(&mut sync);

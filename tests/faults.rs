@@ -530,14 +530,7 @@ fn cluster_kill_9_anywhere_and_node_faults_leave_the_target_identical() {
             }
             "cut links" => {
                 for m in target.masters() {
-                    let _: i64 = redis::cmd("CLIENT")
-                        .arg("KILL")
-                        .arg("SKIPME")
-                        .arg("yes")
-                        .arg("TYPE")
-                        .arg("normal")
-                        .query(&mut m.client())
-                        .unwrap();
+                    m.kill_clients();
                 }
                 faults.push(point);
             }

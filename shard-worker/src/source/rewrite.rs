@@ -78,20 +78,7 @@ impl TargetControl {
         let mut w = self.routing.writer_for_slot(slot);
         let mut asking = false;
         for _ in 0..MAX_REDIRECTS {
-            let endpoint = self
-                .routing
-                .endpoint(w)
-                .ok_or_else(|| WorkerError::Unexpected {
-                    addr: format!("slot {slot}"),
-                    context: "routing a rewritten command",
-                    reply: "no writer serves this slot".into(),
-                })?;
-            let target = endpoint.addr();
-            if !self.conns.contains_key(&target) {
-                let conn = Conn::open_authenticated(&endpoint).await?;
-                self.conns.insert(target.clone(), conn);
-            }
-            let conn = self.conns.get_mut(&target).expect("just inserted");
+            let conn = self.conn(w, slot).await?;
             if asking {
                 conn.request(&["ASKING"]).await?;
             }
@@ -234,6 +221,12 @@ impl TargetControl {
         commands: &[Vec<&[u8]>],
     ) -> Result<Vec<Frame>, WorkerError> {
         let w = self.routing.writer_for_slot(slot);
+        self.conn(w, slot).await?.pipeline(commands).await
+    }
+
+    /// The connection to writer `w`'s node (for `slot`), opened on first
+    /// use.
+    async fn conn(&mut self, w: usize, slot: u16) -> Result<&mut Conn, WorkerError> {
         let endpoint = self
             .routing
             .endpoint(w)
@@ -247,8 +240,7 @@ impl TargetControl {
             let conn = Conn::open_authenticated(&endpoint).await?;
             self.conns.insert(target.clone(), conn);
         }
-        let conn = self.conns.get_mut(&target).expect("just inserted");
-        conn.pipeline(commands).await
+        Ok(self.conns.get_mut(&target).expect("just inserted"))
     }
 
     /// Moves (`remove_src`) or copies the value and TTL of `src` to `dst`.

@@ -113,56 +113,48 @@ fn round(rng: &mut Rng, n: usize, tag: &str) -> redis::Pipeline {
     pipe
 }
 
+/// Where a load writes: one server, or a cluster (a round per hash tag).
+enum Sink {
+    One(redis::Connection),
+    Cluster(crate::cluster::ClusterClient),
+}
+
+impl Sink {
+    /// The tag of the next round (none on one server) and its connection.
+    fn next(&mut self, rng: &mut Rng) -> (String, &mut redis::Connection) {
+        match self {
+            Sink::One(con) => (String::new(), con),
+            Sink::Cluster(client) => {
+                let tag = format!("{{g{}}}", rng.below(8));
+                let con = client.node_for(tag.as_bytes());
+                (tag, con)
+            }
+        }
+    }
+}
+
 impl Load {
     /// Starts writing to `server` in rounds of `batch` pipelined commands,
     /// with a MULTI/EXEC block after each round.
     pub fn start(server: &RedisServer, seed: u64, batch: usize) -> Load {
-        let stop = Arc::new(AtomicBool::new(false));
-        let sent = Arc::new(AtomicU64::new(0));
-        let (stop2, sent2) = (stop.clone(), sent.clone());
-        let mut con = server.client();
-        let thread = std::thread::spawn(move || {
-            let mut rng = Rng(seed.max(1));
-            while !stop2.load(Ordering::Relaxed) {
-                let _: () = round(&mut rng, batch, "")
-                    .query(&mut con)
-                    .expect("load round");
-                let k = rng.below(40);
-                let _: () = redis::pipe()
-                    .atomic()
-                    .cmd("INCR")
-                    .arg(format!("ctr:{k}"))
-                    .ignore()
-                    .cmd("APPEND")
-                    .arg(format!("str:{k}"))
-                    .arg("tx")
-                    .ignore()
-                    .query(&mut con)
-                    .expect("load transaction");
-                sent2.fetch_add(batch as u64 + 2, Ordering::Relaxed);
-                std::thread::sleep(std::time::Duration::from_millis(2));
-            }
-        });
-        Load {
-            stop,
-            sent,
-            thread: Some(thread),
-        }
+        Self::spawn(Sink::One(server.client()), seed, batch)
     }
 
     /// [`Load::start`] on a cluster: each round (and its MULTI/EXEC block)
     /// goes to one of eight hash tags, so that multi-key commands stay in
     /// one slot, pipelined to the master serving it.
     pub fn start_cluster(cluster: &crate::cluster::Cluster, seed: u64, batch: usize) -> Load {
+        Self::spawn(Sink::Cluster(cluster.client()), seed, batch)
+    }
+
+    fn spawn(mut sink: Sink, seed: u64, batch: usize) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
         let sent = Arc::new(AtomicU64::new(0));
         let (stop2, sent2) = (stop.clone(), sent.clone());
-        let mut client = cluster.client();
         let thread = std::thread::spawn(move || {
             let mut rng = Rng(seed.max(1));
             while !stop2.load(Ordering::Relaxed) {
-                let tag = format!("{{g{}}}", rng.below(8));
-                let con = client.node_for(tag.as_bytes());
+                let (tag, con) = sink.next(&mut rng);
                 let _: () = round(&mut rng, batch, &tag).query(con).expect("load round");
                 let k = rng.below(40);
                 let _: () = redis::pipe()

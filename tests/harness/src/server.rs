@@ -239,6 +239,19 @@ impl RedisServer {
         assert!(loaded, "{} did not come back after a restart", self.addr());
     }
 
+    /// Closes every normal client connection but the one asking (ours to
+    /// the server: shardsync's writers, say); how many.
+    pub fn kill_clients(&self) -> i64 {
+        redis::cmd("CLIENT")
+            .arg("KILL")
+            .arg("SKIPME")
+            .arg("yes")
+            .arg("TYPE")
+            .arg("normal")
+            .query(&mut self.client())
+            .expect("CLIENT KILL")
+    }
+
     /// The last `n` lines of the server's log (for failure messages).
     pub fn log_tail(&self, n: usize) -> String {
         let log = std::fs::read_to_string(self.dir().join("redis.log")).unwrap_or_default();
