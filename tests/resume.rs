@@ -114,14 +114,7 @@ fn a_lost_target_link_is_retried_without_losing_writes() {
         }
         pipe.query::<()>(&mut con).unwrap();
         // Kill our writer connection on the target while it is busy.
-        redis::cmd("CLIENT")
-            .arg("KILL")
-            .arg("SKIPME")
-            .arg("yes")
-            .arg("TYPE")
-            .arg("normal")
-            .query::<i64>(&mut target.client())
-            .unwrap();
+        target.kill_clients();
     }
     sync.wait_caught_up(&source, Duration::from_secs(60));
     assert_same(&source, &target);
