@@ -450,9 +450,14 @@ fn cluster_kill_9_anywhere_and_node_faults_leave_the_target_identical() {
     ];
     let mut load = Load::start_cluster(&source, seed, 100);
     let mut kills = Vec::new();
+    // The log of every killed process, for a failure's message.
+    let logs = std::cell::RefCell::new(Vec::new());
     let kill = |sync: &mut Shardsync, kills: &mut Vec<&'static str>, point: &'static str| {
         sync.signal(libc::SIGKILL);
-        assert_eq!(sync.wait_exit(SHORT).code(), None);
+        let done = sync.wait_exit(SHORT);
+        assert_eq!(done.code(), None);
+        logs.borrow_mut()
+            .push(format!("--- killed at {point} ---\n{}", done.log));
         kills.push(point);
     };
     let writes = |load: &Load, rng: &mut Rng| {
@@ -564,9 +569,10 @@ fn cluster_kill_9_anywhere_and_node_faults_leave_the_target_identical() {
     let diff = diff_nodes(&source.masters(), 0, &target.masters(), 0);
     assert!(
         diff.is_empty(),
-        "{summary}\n{} differences:\n{}\n{}",
+        "{summary}\n{} differences:\n{}\n{}\n--- the last process ---\n{}",
         diff.len(),
         diff.iter().take(20).cloned().collect::<Vec<_>>().join("\n"),
+        logs.borrow().join("\n"),
         sync.log()
     );
     let after: u64 = source.masters().iter().map(|m| sync_full(m)).sum();

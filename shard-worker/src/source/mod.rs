@@ -123,26 +123,7 @@ impl Actor for SourceWorker {
     ) -> Result<(), ActorProcessingErr> {
         let args = state.args.take().expect("arguments are used once");
         let mut conn = Conn::open_authenticated(&args.endpoint).await?;
-        // A full resync over the task's earlier copy, where other shards
-        // share the target: this shard's keys go first (see `sweep`).
-        let earlier = args.stats.counters.full_syncs.get() > 0
-            || args.stats.ours.load(std::sync::atomic::Ordering::Relaxed);
-        let sweep = args
-            .marking
-            .as_ref()
-            .and_then(|m| m.sweep.clone())
-            .filter(|_| earlier);
-        let mut swept = false;
-        if let Some(plan) = &sweep {
-            if !sweep::would_continue(&mut conn, args.resume.as_ref()).await? {
-                sweep::run(&args.router, plan, &args.stats, &state.addr).await?;
-                swept = true;
-            }
-        }
-        let start = handshake(&mut conn, args.resume.as_ref(), args.listening_port).await?;
-        if let (Some(plan), false, SyncStart::Full { .. }) = (&sweep, swept, &start) {
-            sweep::run(&args.router, plan, &args.stats, &state.addr).await?;
-        }
+        let start = sweep::handshake_swept(&mut conn, &args, &state.addr).await?;
         let (reader, writer) = conn.stream.into_split();
         state.writer = Some(writer);
 

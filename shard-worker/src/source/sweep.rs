@@ -18,9 +18,38 @@ use crate::events;
 use crate::progress::ShardStats;
 use crate::route::{Router, Sweep};
 
+/// The replica handshake, with this shard's slots swept first when the
+/// sync is a full one over the task's earlier copy (before `PSYNC` when the
+/// master's backlog shows it, else right after `+FULLRESYNC`).
+pub(super) async fn handshake_swept(
+    conn: &mut Conn,
+    args: &super::SourceArgs,
+    addr: &str,
+) -> Result<super::SyncStart, WorkerError> {
+    let earlier = args.stats.counters.full_syncs.get() > 0
+        || args.stats.ours.load(std::sync::atomic::Ordering::Relaxed);
+    let plan = args
+        .marking
+        .as_ref()
+        .and_then(|m| m.sweep.as_ref())
+        .filter(|_| earlier);
+    let mut swept = false;
+    if let Some(plan) = plan {
+        if !would_continue(conn, args.resume.as_ref()).await? {
+            run(&args.router, plan, &args.stats, addr).await?;
+            swept = true;
+        }
+    }
+    let start = super::handshake(conn, args.resume.as_ref(), args.listening_port).await?;
+    if let (Some(plan), false, super::SyncStart::Full { .. }) = (plan, swept, &start) {
+        run(&args.router, plan, &args.stats, addr).await?;
+    }
+    Ok(start)
+}
+
 /// Whether `PSYNC` from `resume` would continue, by the master's own
 /// `INFO replication` (`true` when it cannot be told: an old server).
-pub(super) async fn would_continue(
+async fn would_continue(
     conn: &mut Conn,
     resume: Option<&crate::progress::ResumePoint>,
 ) -> Result<bool, WorkerError> {
@@ -37,7 +66,7 @@ pub(super) async fn would_continue(
 
 /// Deletes the target's keys in `sweep`'s slots, on every target node and
 /// copied database, once everything this shard handed over is applied.
-pub(super) async fn run(
+async fn run(
     router: &Router,
     sweep: &Sweep,
     stats: &ShardStats,
