@@ -17,13 +17,6 @@ fn metric(sync: &Shardsync, prefix: &str) -> f64 {
     sync.metric_sum(prefix)
 }
 
-fn sync_full(server: &RedisServer) -> u64 {
-    server
-        .info_field("sync_full")
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
 fn kill9(sync: &mut Shardsync) {
     sync.signal(libc::SIGKILL);
     let done = sync.wait_exit(SHORT);
@@ -65,7 +58,7 @@ fn kill_9_during_replay_and_a_restart_without_flags_apply_everything_once() {
         "{}",
         sync.log()
     );
-    assert_eq!(sync_full(&source), 1, "one full sync in all, the first");
+    assert_eq!(source.sync_full(), 1, "one full sync in all, the first");
     assert_same(&source, &target);
 }
 
@@ -163,7 +156,7 @@ fn a_full_resync_after_the_backlog_is_lost_leaves_no_deleted_key() {
     }
     let second = Shardsync::sync(BIN, &args);
     second.wait_caught_up(&source, LONG);
-    assert_eq!(sync_full(&source), 2, "the backlog was lost: a full resync");
+    assert_eq!(source.sync_full(), 2, "the backlog was lost: a full resync");
     assert!(
         second.log().contains("emptying the copied databases"),
         "{}",
@@ -281,12 +274,12 @@ fn a_cluster_source_full_resync_into_a_shared_target_leaves_no_deleted_key() {
         con.run_on(key.as_bytes(), &[b"DEL", key.as_bytes()]);
         set(&mut con, &format!("new:{i}"), &fat);
     }
-    let syncs_before: u64 = source.masters().iter().map(|m| sync_full(m)).sum();
+    let syncs_before: u64 = source.masters().iter().map(|m| m.sync_full()).sum();
     let second = Shardsync::sync(BIN, &args);
     for m in source.masters() {
         second.wait_caught_up(m, LONG);
     }
-    let syncs: u64 = source.masters().iter().map(|m| sync_full(m)).sum();
+    let syncs: u64 = source.masters().iter().map(|m| m.sync_full()).sum();
     assert_eq!(
         syncs - syncs_before,
         3,
@@ -343,7 +336,7 @@ fn cluster_to_cluster_kill_9_and_cut_links_apply_everything_once() {
     for m in source.masters() {
         sync.wait_caught_up(m, LONG);
     }
-    let full: u64 = source.masters().iter().map(|m| sync_full(m)).sum();
+    let full: u64 = source.masters().iter().map(|m| m.sync_full()).sum();
     assert_eq!(
         full,
         3,
@@ -395,6 +388,6 @@ fn standalone_to_cluster_cross_slot_rewrites_apply_once_across_kills() {
     sync.wait_state("incremental", LONG);
     load.stop();
     sync.wait_caught_up(&source, LONG);
-    assert_eq!(sync_full(&source), 1, "one full sync in all, the first");
+    assert_eq!(source.sync_full(), 1, "one full sync in all, the first");
     assert_same_nodes(&[&source], &target.masters());
 }

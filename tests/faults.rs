@@ -33,13 +33,6 @@ fn env_u64(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-fn sync_full(server: &RedisServer) -> u64 {
-    server
-        .info_field("sync_full")
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
 /// Where a fault was injected, for the summary.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Point {
@@ -339,7 +332,7 @@ fn standalone_kill_9_anywhere_and_link_faults_leave_the_target_identical() {
     }
     rig.start();
     rig.sync().wait_state("incremental", LONG);
-    let full_syncs = sync_full(&rig.source);
+    let full_syncs = rig.source.sync_full();
 
     // Then the stream: kills and link faults in a seeded order.
     let mut plan: Vec<Point> = Vec::new();
@@ -383,7 +376,7 @@ fn standalone_kill_9_anywhere_and_link_faults_leave_the_target_identical() {
         rig.sync().log()
     );
     assert_eq!(
-        sync_full(&rig.source),
+        rig.source.sync_full(),
         full_syncs,
         "no full resync once the stream ran (the backlog was large enough)\n{summary}"
     );
@@ -488,7 +481,7 @@ fn cluster_kill_9_anywhere_and_node_faults_leave_the_target_identical() {
     }
     let mut sync = Shardsync::sync(BIN, &args);
     sync.wait_state("incremental", LONG);
-    let full_syncs: u64 = source.masters().iter().map(|m| sync_full(m)).sum();
+    let full_syncs: u64 = source.masters().iter().map(|m| m.sync_full()).sum();
     let mut faults = Vec::new();
     let mut plan = Vec::new();
     for _ in 0..scale {
@@ -576,7 +569,7 @@ fn cluster_kill_9_anywhere_and_node_faults_leave_the_target_identical() {
         logs.borrow().join("\n"),
         sync.log()
     );
-    let after: u64 = source.masters().iter().map(|m| sync_full(m)).sum();
+    let after: u64 = source.masters().iter().map(|m| m.sync_full()).sum();
     assert_eq!(
         after, full_syncs,
         "no full resync once the stream ran\n{summary}"

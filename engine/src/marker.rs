@@ -49,14 +49,23 @@ pub fn node_wide(base: &[u8], home: u16) -> Vec<u8> {
 /// Whether `key` is one shardsync writes for itself: `shardsync:...`,
 /// possibly after a `{hash tag}`.
 pub fn is_internal(key: &[u8]) -> bool {
-    let rest = match key.strip_prefix(b"{") {
-        Some(tagged) => match tagged.iter().position(|&b| b == b'}') {
-            Some(end) => &tagged[end + 1..],
-            None => return false,
-        },
-        None => key,
-    };
-    rest.starts_with(b"shardsync:")
+    untagged(key).is_some_and(|rest| rest.starts_with(b"shardsync:"))
+}
+
+/// Whether `key` is a marker key (of any task, shard or slot).
+pub fn is_marker(key: &[u8]) -> bool {
+    untagged(key).is_some_and(|rest| rest.starts_with(MARK.as_bytes()))
+}
+
+/// `key` without its leading `{hash tag}`; `None` for an unclosed one.
+fn untagged(key: &[u8]) -> Option<&[u8]> {
+    match key.strip_prefix(b"{") {
+        Some(tagged) => tagged
+            .iter()
+            .position(|&b| b == b'}')
+            .map(|end| &tagged[end + 1..]),
+        None => Some(key),
+    }
 }
 
 /// What a marker says.
@@ -229,6 +238,8 @@ mod tests {
         ] {
             assert!(is_internal(k), "{}", String::from_utf8_lossy(k));
         }
+        assert!(is_marker(&tagged) && is_marker(&k));
+        assert!(!is_marker(b"shardsync:heartbeat:x") && !is_marker(b"{unclosed"));
         for k in [
             &b"user:1"[..],
             b"{shardsync}x",

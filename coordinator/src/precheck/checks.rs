@@ -491,7 +491,8 @@ pub fn cluster_markers(
         }),
         None,
     );
-    let mut floor: Option<&Marker> = None;
+    // The node furthest behind: its marker and offset.
+    let mut floor: Option<(&Marker, u64)> = None;
     let mut skip = shard_worker::route::Skip {
         slots: vec![0; engine::slot::SLOTS as usize],
         ..Default::default()
@@ -513,8 +514,8 @@ pub fn cluster_markers(
         history = Some((replid, *epoch));
         skip.replid.clone_from(replid);
         skip.nodes.insert(n.addr.clone(), *offset);
-        if floor.is_none_or(|f| matches!(f, Marker::Applied { offset: o, .. } if offset < o)) {
-            floor = n.node.as_ref();
+        if let (Some(m), true) = (&n.node, floor.is_none_or(|(_, o)| *offset < o)) {
+            floor = Some((m, *offset));
         }
         for (slot, m) in &n.slots {
             if let Marker::Applied {
@@ -530,7 +531,7 @@ pub fn cluster_markers(
             }
         }
     }
-    (floor.cloned(), Some(skip))
+    (floor.map(|(m, _)| m.clone()), Some(skip))
 }
 
 /// Where a shard starts, from what an earlier run of the task left.

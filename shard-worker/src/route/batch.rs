@@ -196,19 +196,18 @@ impl BatchBuilder {
         order.sort_by_key(|&i| self.slots[i]);
         let mut buf = BytesMut::with_capacity(self.buf.len() * 2 + 1024);
         let mut replies = Vec::with_capacity(self.replies.len() * 2 + 4);
-        let mut push = |buf: &mut BytesMut, kind: ExpectKind, bytes: &dyn Fn(&mut BytesMut)| {
+        // Each reply expected where its command starts in `buf`.
+        let mut expect = |buf: &BytesMut, kind| {
             replies.push(Expect {
                 start: buf.len() as u32,
                 kind,
-            });
-            bytes(buf);
+            })
         };
         let mut k = 0;
         while k < order.len() {
             let slot = self.slots[order[k]];
-            push(&mut buf, ExpectKind::TxBegin, &|b| {
-                b.extend_from_slice(MULTI)
-            });
+            expect(&buf, ExpectKind::TxBegin);
+            buf.extend_from_slice(MULTI);
             while k < order.len() && self.slots[order[k]] == slot {
                 let i = order[k];
                 let start = self.replies[i].start as usize;
@@ -216,21 +215,16 @@ impl BatchBuilder {
                     .replies
                     .get(i + 1)
                     .map_or(self.buf.len(), |e| e.start as usize);
-                let cmd = &self.buf[start..end];
-                push(&mut buf, self.replies[i].kind, &|b| {
-                    b.extend_from_slice(cmd)
-                });
+                expect(&buf, self.replies[i].kind);
+                buf.extend_from_slice(&self.buf[start..end]);
                 k += 1;
             }
-            let mut set = BytesMut::new();
-            marker(&mut set, slot);
-            push(&mut buf, ExpectKind::TxQueued, &|b| {
-                b.extend_from_slice(&set)
-            });
-            push(&mut buf, ExpectKind::TxEnd, &|b| b.extend_from_slice(EXEC));
+            expect(&buf, ExpectKind::TxQueued);
+            marker(&mut buf, slot);
+            expect(&buf, ExpectKind::TxEnd);
+            buf.extend_from_slice(EXEC);
         }
-        self.buf.clear();
-        self.buf.extend_from_slice(&buf);
+        self.buf = buf;
         self.replies = replies;
         self.slots.clear();
     }

@@ -448,11 +448,7 @@ fn marker_set(cmd: &[u8]) -> Option<Vec<u8>> {
         return None;
     }
     let key = args.next()?;
-    let name = key.strip_prefix(b"{").map_or(key, |t| {
-        t.iter().position(|&c| c == b'}').map_or(t, |e| &t[e + 1..])
-    });
-    name.starts_with(engine::marker::MARK.as_bytes())
-        .then(|| key.to_vec())
+    engine::marker::is_marker(key).then(|| key.to_vec())
 }
 
 /// The marker of each shard on the node (`None` where there is none). The

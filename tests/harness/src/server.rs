@@ -392,6 +392,13 @@ impl RedisServer {
         )
     }
 
+    /// Full resyncs this master has served (`sync_full` in INFO stats).
+    pub fn sync_full(&self) -> u64 {
+        self.info_field("sync_full")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    }
+
     /// The master's replication offset.
     pub fn master_repl_offset(&self) -> u64 {
         self.info_field("master_repl_offset")
