@@ -68,6 +68,50 @@ fn untagged(key: &[u8]) -> Option<&[u8]> {
     }
 }
 
+/// The order guard's script: it rewrites the marker `KEYS[1]` (with its own
+/// value, or creates and deletes it when there is none) unless it holds
+/// `ARGV[1]`. Any write of a key another command WATCHes makes that
+/// command's transaction discard itself at EXEC, so `WATCH m` + this script
+/// + `MULTI ... EXEC` runs the transaction only if `m` holds `ARGV[1]`: only
+/// if the transaction before it in the same slot ran. The value never
+/// changes, so a marker a restart reads is never disturbed.
+pub const GUARD_SCRIPT: &str = "local v = redis.call('GET', KEYS[1]) \
+if v ~= ARGV[1] then if v then redis.call('SET', KEYS[1], v) \
+else redis.call('SET', KEYS[1], ''); redis.call('DEL', KEYS[1]) end end";
+
+/// The two commands of an order guard (see [`GUARD_SCRIPT`]): the
+/// transaction after them runs only if marker `key` holds `expected`.
+pub fn guard_commands<'a>(key: &'a [u8], expected: &'a [u8]) -> [Vec<&'a [u8]>; 2] {
+    [
+        vec![&b"WATCH"[..], key],
+        vec![&b"EVAL"[..], GUARD_SCRIPT.as_bytes(), b"1", key, expected],
+    ]
+}
+
+/// The marker and the value an order guard's script expects, from its
+/// arguments (`None` for any other command).
+pub fn parse_guard<'a>(args: &[&'a [u8]]) -> Option<(&'a [u8], &'a [u8])> {
+    match args {
+        [eval, script, b"1", key, expected]
+            if eval.eq_ignore_ascii_case(b"EVAL") && *script == GUARD_SCRIPT.as_bytes() =>
+        {
+            Some((key, expected))
+        }
+        _ => None,
+    }
+}
+
+/// The marker and the value of `SET <marker> <value>` (`None` for any
+/// other command).
+pub fn parse_marker_set<'a>(args: &[&'a [u8]]) -> Option<(&'a [u8], &'a [u8])> {
+    match args {
+        [set, key, value] if set.eq_ignore_ascii_case(b"SET") && is_marker(key) => {
+            Some((key, value))
+        }
+        _ => None,
+    }
+}
+
 /// What a marker says.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Marker {
@@ -189,6 +233,23 @@ mod tests {
             epoch,
             fresh: false,
         }
+    }
+
+    #[test]
+    fn a_guard_names_its_marker_and_expected_value() {
+        let [watch, eval] = guard_commands(b"{a}shardsync:applied:t:s", b"1 2 f r 9 0");
+        assert_eq!(watch, [&b"WATCH"[..], b"{a}shardsync:applied:t:s"]);
+        assert_eq!(
+            parse_guard(&eval),
+            Some((&b"{a}shardsync:applied:t:s"[..], &b"1 2 f r 9 0"[..]))
+        );
+        assert_eq!(parse_guard(&[b"EVAL", b"return 1", b"1", b"k", b"v"]), None);
+        assert_eq!(parse_guard(&watch), None);
+        assert_eq!(
+            parse_marker_set(&[b"set", b"shardsync:applied:t:s", b"v"]),
+            Some((&b"shardsync:applied:t:s"[..], &b"v"[..]))
+        );
+        assert_eq!(parse_marker_set(&[b"SET", b"user:1", b"v"]), None);
     }
 
     #[test]

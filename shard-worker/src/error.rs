@@ -88,6 +88,11 @@ pub enum WorkerError {
     /// replacement commands go out ahead of everything else.
     #[error("{addr}: reconnecting to send {why}")]
     Resend { addr: String, why: &'static str },
+    /// A target node ran a transaction of this source ahead of an earlier
+    /// one of its slot (see `route::order`): only a full sync makes the
+    /// target exact again.
+    #[error("{addr}: a target node applied this source's writes out of order (it refused a transaction for a moment and ran a later one of the same slot); starting over with a full sync")]
+    OutOfOrder { addr: String },
     #[error("{addr}: gave up after retrying for {secs} s; last error: {last}")]
     RetriesExhausted {
         addr: String,
@@ -107,7 +112,9 @@ impl WorkerError {
             | WorkerError::TargetBusy { .. }
             | WorkerError::Resend { .. } => Recovery::Reconnect,
             WorkerError::ReplicationRefused { recovery, .. } => *recovery,
-            WorkerError::Protocol { .. } | WorkerError::Unexpected { .. } => Recovery::FullResync,
+            WorkerError::Protocol { .. }
+            | WorkerError::Unexpected { .. }
+            | WorkerError::OutOfOrder { .. } => Recovery::FullResync,
             // The same RDB would fail the same way (a value too large, a
             // format we cannot read): retrying means another fork on the
             // source for nothing.

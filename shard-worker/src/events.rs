@@ -561,6 +561,37 @@ impl TargetCommandFailed<'_> {
     }
 }
 
+/// A transaction's order guard held it back: the one before it in its
+/// slot did not run. It is resent behind that one.
+pub struct GuardDiscarded;
+
+impl GuardDiscarded {
+    pub fn emit(self, counters: &WriterCounters) {
+        counters.guarded_discards.add(1);
+    }
+}
+
+/// A transaction ran although one before it in its slot did not, and its
+/// order guard could not hold it back (the guard itself was refused, by an
+/// error that went away before the transaction was read). The shard starts
+/// over with a full sync, which makes the target exact again.
+pub struct AppliedOutOfOrder<'a> {
+    pub target: &'a str,
+    pub source: &'a str,
+}
+
+impl AppliedOutOfOrder<'_> {
+    pub fn emit(self, counters: &WriterCounters) {
+        counters.out_of_order.add(1);
+        tracing::error!(
+            target_node = self.target,
+            source = self.source,
+            "a transaction ran ahead of an earlier one of its slot that the node refused for a moment; \
+             starting this source over with a full sync"
+        );
+    }
+}
+
 /// Commands sent before a lost connection, with no reply, were sent again.
 pub struct CommandsResent<'a> {
     pub target: &'a str,

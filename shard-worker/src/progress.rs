@@ -193,6 +193,10 @@ crate::counters! {
             "Commands resent after a lost connection.",
         resent_non_idempotent: Counter "target_resent_non_idempotent_total" =
             "Resent commands that may have run twice.",
+        guarded_discards: Counter "target_guard_discards_total" =
+            "Transactions their order guard held back (one before them in their slot did not run); resent.",
+        out_of_order: Counter "target_out_of_order_total" =
+            "Transactions that ran ahead of an earlier one of their slot (each starts a full sync of its shard).",
     }
 }
 
@@ -228,6 +232,14 @@ pub struct ShardStats {
     /// Marker keys this shard keeps on its target nodes (one per node
     /// when batches carry markers).
     pub marker_keys: AtomicU64,
+    /// Which of the shard's batches in flight each new transaction must
+    /// wait for (the order guard, `route::order`); kept here so that it
+    /// outlives a restarted shard worker.
+    pub order: Mutex<crate::route::order::Order>,
+    /// A writer saw a transaction of this shard run after an earlier one of
+    /// its slot did not: what the target holds is out of order, and only a
+    /// full sync makes it right.
+    out_of_order: AtomicBool,
 }
 
 /// How often heartbeats are written.
@@ -264,7 +276,21 @@ impl ShardStats {
             heartbeat_pending: AtomicBool::new(false),
             confirmed: Notify::new(),
             marker_keys: AtomicU64::new(0),
+            order: Mutex::new(Default::default()),
+            out_of_order: AtomicBool::new(false),
         }
+    }
+
+    /// A writer applied a transaction of this shard out of order (see
+    /// `out_of_order`); the shard worker starts over with a full sync.
+    pub fn note_out_of_order(&self) {
+        self.out_of_order.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether a writer applied a transaction out of order since this was
+    /// last asked.
+    pub fn take_out_of_order(&self) -> bool {
+        self.out_of_order.swap(false, Ordering::SeqCst)
     }
 
     /// The current sync epoch (see `engine::marker`).
@@ -348,6 +374,17 @@ impl ShardStats {
     pub fn confirmed_end(&self, w: usize) -> Option<StreamPos> {
         let link = self.links.get(w)?;
         *link.confirmed.lock().expect("link lock")
+    }
+
+    /// How many batches this shard handed writer `w`, and how many of them
+    /// it confirmed (the next batch handed over is number `dispatched + 1`).
+    pub fn link_seqs(&self, w: usize) -> (u64, u64) {
+        self.links.get(w).map_or((0, 0), |l| {
+            (
+                l.dispatched_seq.load(Ordering::SeqCst),
+                l.confirmed_seq.load(Ordering::SeqCst),
+            )
+        })
     }
 
     /// Whether everything dispatched to writer `w` is confirmed.

@@ -55,6 +55,11 @@ pub enum ExpectKind {
     TxQueued,
     /// `EXEC`: the transaction's replies, errors nested inside.
     TxEnd,
+    /// A command of the *order guard* sent just before one of our
+    /// transactions (`WATCH` and the guard script of
+    /// [`crate::marker::GUARD_SCRIPT`]): part of that transaction, whose
+    /// EXEC reply alone says whether it ran.
+    TxGuard,
 }
 
 impl From<Step> for ExpectKind {

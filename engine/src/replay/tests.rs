@@ -78,6 +78,7 @@ fn show(action: &Action) -> String {
                 ExpectKind::TxBegin => "begin",
                 ExpectKind::TxQueued => "queued",
                 ExpectKind::TxEnd => "end",
+                ExpectKind::TxGuard => "guard",
             };
             format!("{} {expect} {}", show_dest(*to), show_body(body))
         }

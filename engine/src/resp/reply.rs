@@ -50,8 +50,10 @@ pub enum ExecScan {
         len: usize,
         errors: Vec<(usize, Range<usize>)>,
     },
-    /// Not an array (EXECABORT, an error, a nil reply): as [`scan_reply`]
-    /// sees it.
+    /// A nil reply: the transaction discarded itself because a key it
+    /// WATCHed was written (our order guard held it back).
+    Discarded { len: usize },
+    /// Not an array (EXECABORT, an error): as [`scan_reply`] sees it.
     Other(ReplyScan),
 }
 
@@ -64,6 +66,9 @@ pub fn scan_exec(buf: &[u8]) -> Result<Option<ExecScan>, RespError> {
     let Some((count, mut pos)) = read_header_int(buf, 0)? else {
         return Ok(None);
     };
+    if count == -1 {
+        return Ok(Some(ExecScan::Discarded { len: pos }));
+    }
     if count < 0 {
         return Ok(scan_reply(buf)?.map(ExecScan::Other));
     }
@@ -200,6 +205,11 @@ mod tests {
             Some(ExecScan::Other(ReplyScan { error: Some(_), .. }))
         ));
         assert_eq!(scan_exec(b"*2\r\n+OK\r\n").unwrap(), None, "incomplete");
+        assert_eq!(
+            scan_exec(b"*-1\r\n+OK\r\n").unwrap(),
+            Some(ExecScan::Discarded { len: 5 }),
+            "a transaction a WATCHed write discarded"
+        );
     }
 
     fn scan(input: &[u8]) -> Option<ReplyScan> {

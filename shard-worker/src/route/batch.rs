@@ -6,6 +6,7 @@
 //! one socket write per batch.
 
 use bytes::{Bytes, BytesMut};
+use engine::resp::encode;
 
 use crate::progress::StreamPos;
 
@@ -49,8 +50,9 @@ impl Batch {
 
     /// The commands from reply `k` on, as a batch of their own (for resending
     /// after a connection loss). A cut inside a transaction moves back to
-    /// its `MULTI`: a transaction whose EXEC reply was not seen either ran
-    /// whole or not at all, so it is resent whole.
+    /// its `MULTI`, and to the order guard before it: a transaction whose
+    /// EXEC reply was not seen either ran whole or not at all, so it is
+    /// resent whole.
     pub fn tail_from(&self, k: usize) -> Batch {
         let mut k = k.min(self.replies.len());
         if let Some(open) = self.replies[..k]
@@ -60,6 +62,9 @@ impl Batch {
             if self.replies[open].kind == ExpectKind::TxBegin {
                 k = open;
             }
+        }
+        while k > 0 && self.replies[k - 1].kind == ExpectKind::TxGuard {
+            k -= 1;
         }
         let cut = self
             .replies
@@ -77,12 +82,12 @@ impl Batch {
                 })
                 .collect(),
             end: self.end,
-            // From one of our MULTIs on, the rest is still ours.
+            // From one of our MULTIs (or its guard) on, the rest is still ours.
             wrapped: self.wrapped
                 && self
                     .replies
                     .get(k)
-                    .is_some_and(|e| e.kind == ExpectKind::TxBegin),
+                    .is_some_and(|e| matches!(e.kind, ExpectKind::TxBegin | ExpectKind::TxGuard)),
         }
     }
 
@@ -95,6 +100,13 @@ impl Batch {
             .map_or(self.payload.len(), |e| e.start as usize);
         &self.payload[start..end]
     }
+}
+
+/// A slot transaction's marker, and the order guard it goes out behind
+/// (the marker to watch and the value it must hold), if any.
+pub struct SlotMark {
+    pub key: Bytes,
+    pub guard: Option<(Bytes, Bytes)>,
 }
 
 /// Accumulates one writer's next batch.
@@ -184,11 +196,13 @@ impl BatchBuilder {
     }
 
     /// Cluster exactly-once: rewrites the batch as one transaction per
-    /// slot — `MULTI`, the slot's commands in their order, what `marker`
-    /// encodes for the slot (the SET of its marker), `EXEC` — slots in
-    /// ascending order. Commands of different slots touch different keys,
-    /// so their relative order does not matter.
-    pub fn group_by_slot(&mut self, mut marker: impl FnMut(&mut BytesMut, u16)) {
+    /// slot — `MULTI`, the slot's commands in their order, the SET of the
+    /// slot's marker to `value`, `EXEC` — slots in ascending order.
+    /// Commands of different slots touch different keys, so their relative
+    /// order does not matter. `mark(slot)` names the slot's marker and, when
+    /// the transaction must wait for an earlier one, the marker and value of
+    /// its order guard (sent before its MULTI, see `order.rs`).
+    pub fn group_by_slot(&mut self, value: &[u8], mut mark: impl FnMut(u16) -> SlotMark) {
         const MULTI: &[u8] = b"*1\r\n$5\r\nMULTI\r\n";
         const EXEC: &[u8] = b"*1\r\n$4\r\nEXEC\r\n";
         debug_assert_eq!(self.slots.len(), self.replies.len());
@@ -206,6 +220,13 @@ impl BatchBuilder {
         let mut k = 0;
         while k < order.len() {
             let slot = self.slots[order[k]];
+            let SlotMark { key, guard } = mark(slot);
+            if let Some((watch, expected)) = guard {
+                for cmd in engine::marker::guard_commands(&watch, &expected) {
+                    expect(&buf, ExpectKind::TxGuard);
+                    encode::command(&mut buf, &cmd);
+                }
+            }
             expect(&buf, ExpectKind::TxBegin);
             buf.extend_from_slice(MULTI);
             while k < order.len() && self.slots[order[k]] == slot {
@@ -220,7 +241,7 @@ impl BatchBuilder {
                 k += 1;
             }
             expect(&buf, ExpectKind::TxQueued);
-            marker(&mut buf, slot);
+            encode::command(&mut buf, &[&b"SET"[..], &key, value]);
             expect(&buf, ExpectKind::TxEnd);
             buf.extend_from_slice(EXEC);
         }

@@ -9,6 +9,7 @@ use bytes::{Bytes, BytesMut};
 use engine::marker::Marker;
 use engine::resp::encode;
 
+use super::batch::SlotMark;
 use super::{Dispatcher, ExpectKind, Topology};
 use crate::error::WorkerError;
 use crate::progress::StreamPos;
@@ -220,15 +221,38 @@ impl Dispatcher {
         };
         let base = &marking.key;
         let b = &mut self.builders[w];
-        b.group_by_slot(|buf, slot| {
-            let key = g.slot_keys[slot as usize]
-                .get_or_insert_with(|| engine::marker::in_slot(base, slot).into());
+        // This batch is the next one handed to the writer (see `order.rs`).
+        let (dispatched, confirmed) = self.stats.link_seqs(w);
+        let seq = dispatched + 1;
+        let mut order = self.stats.order.lock().expect("order lock");
+        order.prune(w, confirmed);
+        let keyless = b.seal_next;
+        let mut key_of = |slot: u16| -> Bytes {
+            g.slot_keys[slot as usize]
+                .get_or_insert_with(|| engine::marker::in_slot(base, slot).into())
+                .clone()
+        };
+        let mut first = None;
+        b.group_by_slot(&value, |slot| {
+            first.get_or_insert(slot);
+            let guard = order
+                .before_slot(w, slot)
+                .map(|pred| (key_of(pred.slot.unwrap_or(slot)), pred.value));
+            order.note_slot(w, slot, seq);
             if !g.marked_slots[slot as usize] {
                 g.marked_slots[slot as usize] = true;
                 g.n_marked += 1;
             }
-            encode::command(buf, &[&b"SET"[..], key, &value]);
+            SlotMark {
+                key: key_of(slot),
+                guard,
+            }
         });
+        order.note_batch(w, seq, value.clone().into());
+        if let (true, Some(slot)) = (keyless, first) {
+            order.note_barrier(w, seq, slot);
+        }
+        drop(order);
         if let Some(((_, key), floor)) = home {
             b.push(None, ExpectKind::Ok, |buf| {
                 encode::command(buf, &[&b"SET"[..], &key, &floor])
@@ -416,6 +440,56 @@ mod tests {
                 vec!["TxBegin MULTI", "TxQueued SET {x}a 2", "TxEnd EXEC"],
             ]
         );
+    }
+
+    #[tokio::test]
+    async fn a_slot_transaction_waits_for_the_slots_last_one_still_in_flight() {
+        let (mut d, mut rxs, shard) = cluster_dispatcher();
+        let guards = |b: &Batch| -> Vec<String> {
+            lines(b)
+                .into_iter()
+                .filter(|l| l.starts_with("TxGuard"))
+                .map(|l| l.replace(engine::marker::GUARD_SCRIPT, "<guard>"))
+                .collect()
+        };
+        let x = tag(engine::slot::slot(b"{x}"));
+        let home = tag(0);
+        push_slot(&mut d, 0, ExpectKind::Ok, 10, &["INCR", "{x}a"]).await;
+        d.flush_all(pos(20)).await.unwrap();
+        let first = rxs[0].try_recv().unwrap();
+        assert!(guards(&first).is_empty(), "nothing in flight before it");
+        // {x} again and {y}, first seen: only {x} waits (for the first batch).
+        push_slot(&mut d, 0, ExpectKind::Ok, 20, &["INCR", "{x}a"]).await;
+        push_slot(&mut d, 0, ExpectKind::Ok, 20, &["INCR", "{y}b"]).await;
+        d.flush_all(pos(30)).await.unwrap();
+        assert_eq!(
+            guards(&rxs[0].try_recv().unwrap()),
+            [
+                format!("TxGuard WATCH {{{x}}}shardsync:applied:t:src:1"),
+                format!("TxGuard EVAL <guard> 1 {{{x}}}shardsync:applied:t:src:1 1 2 f r 20 5"),
+            ]
+        );
+        // A FLUSHALL deletes every marker on the node but its own (the
+        // node's first slot's): after it, every slot waits for it.
+        push_slot(&mut d, 0, ExpectKind::Ok, 30, &["FLUSHALL"]).await;
+        push_slot(&mut d, 0, ExpectKind::Ok, 40, &["INCR", "{z}c"]).await;
+        d.flush_all(pos(50)).await.unwrap();
+        let flush = rxs[0].try_recv().unwrap();
+        assert!(guards(&flush).is_empty(), "its slot was never sent");
+        assert_eq!(
+            guards(&rxs[0].try_recv().unwrap()),
+            [
+                format!("TxGuard WATCH {{{home}}}shardsync:applied:t:src:1"),
+                format!("TxGuard EVAL <guard> 1 {{{home}}}shardsync:applied:t:src:1 1 2 f r 40 5"),
+            ]
+        );
+        // Everything confirmed: nothing to wait for.
+        for _ in 0..4 {
+            shard.note_confirmed(0, pos(50));
+        }
+        push_slot(&mut d, 0, ExpectKind::Ok, 50, &["INCR", "{x}a"]).await;
+        d.flush_all(pos(60)).await.unwrap();
+        assert!(guards(&rxs[0].try_recv().unwrap()).is_empty());
     }
 
     #[tokio::test]

@@ -10,6 +10,7 @@
 pub mod batch;
 pub mod cluster;
 mod grouping;
+pub mod order;
 pub mod overflow;
 
 use std::sync::Arc;
@@ -178,6 +179,13 @@ pub const MARKER_DB: u32 = 0;
 const MULTI: &[u8] = b"*1\r\n$5\r\nMULTI\r\n";
 const EXEC: &[u8] = b"*1\r\n$4\r\nEXEC\r\n";
 
+fn select(buf: &mut BytesMut, db: u32) {
+    encode::command(
+        buf,
+        &[&b"SELECT"[..], itoa::Buffer::new().format(db).as_bytes()],
+    )
+}
+
 /// Builds and hands over batches for one shard.
 pub struct Dispatcher {
     shard: usize,
@@ -253,11 +261,7 @@ impl Dispatcher {
                 }
                 continue;
             }
-            let b = &mut self.builders[w];
-            b.push(Some(MARKER_DB), ExpectKind::TxBegin, |buf| {
-                buf.extend_from_slice(MULTI)
-            });
-            b.wrapped = true;
+            self.open_wrapped(w, Some(MARKER_DB));
             self.flush_one(w, Some(at)).await?;
         }
         Ok(())
@@ -301,6 +305,8 @@ impl Dispatcher {
         let Some(marking) = self.marking.clone() else {
             return Ok(false);
         };
+        // The full sync replaces every marker: nothing earlier is waited for.
+        self.stats.order.lock().expect("order lock").clear();
         let mut flushed = false;
         if let (true, Some(dbs)) = (over_earlier, &marking.flush_dbs) {
             for w in 0..self.builders.len() {
@@ -383,9 +389,9 @@ impl Dispatcher {
             return Ok(());
         }
         if b.is_empty() {
-            b.push(db, ExpectKind::TxBegin, |buf| buf.extend_from_slice(MULTI));
-            b.wrapped = true;
+            self.open_wrapped(w, db);
         }
+        let b = &mut self.builders[w];
         if matches!(kind, ExpectKind::TxBegin | ExpectKind::TxEnd) {
             // The source transaction's own MULTI/EXEC are left out, but the
             // database its MULTI names is the batch's.
@@ -439,6 +445,37 @@ impl Dispatcher {
             })
     }
 
+    /// Standalone exactly-once: opens writer `w`'s batch as one of our
+    /// transactions, for database `db`. While the shard's previous batch
+    /// to the node may still be in flight, the MULTI goes out behind an
+    /// order guard (see `order.rs`): the transaction runs only if that
+    /// batch did. The guard runs in the markers' database, so the batch's
+    /// database is settled here.
+    fn open_wrapped(&mut self, w: usize, db: Option<u32>) {
+        let (_, confirmed) = self.stats.link_seqs(w);
+        let pred = {
+            let mut order = self.stats.order.lock().expect("order lock");
+            order.prune(w, confirmed);
+            order.before_batch(w)
+        };
+        let b = &mut self.builders[w];
+        if let (Some(pred), Some(marking)) = (pred, &self.marking) {
+            let db = db.unwrap_or(MARKER_DB);
+            b.default_db(db);
+            if db != MARKER_DB {
+                b.push(None, ExpectKind::TxGuard, |buf| select(buf, MARKER_DB));
+            }
+            for cmd in engine::marker::guard_commands(&marking.key, &pred.value) {
+                b.push(None, ExpectKind::TxGuard, |buf| encode::command(buf, &cmd));
+            }
+            if db != MARKER_DB {
+                b.push(None, ExpectKind::TxGuard, |buf| select(buf, db));
+            }
+        }
+        b.push(db, ExpectKind::TxBegin, |buf| buf.extend_from_slice(MULTI));
+        b.wrapped = true;
+    }
+
     /// Ends a wrapped batch: the SET of the shard's marker to `at` (in
     /// the marker's database, the batch's restored after), then EXEC.
     fn seal(&mut self, w: usize, at: Option<StreamPos>) {
@@ -455,22 +492,23 @@ impl Dispatcher {
                 self.marked.resize(w + 1, None);
             }
             self.marked[w] = Some((at.offset, Instant::now()));
-            let value = Marker::Applied {
+            let value: Bytes = Marker::Applied {
                 epoch: *epoch,
                 fresh: marking.fresh,
                 replid: replid.clone(),
                 offset: at.offset,
                 db: at.db,
             }
-            .encode();
+            .encode()
+            .into();
+            let (dispatched, _) = self.stats.link_seqs(w);
+            self.stats.order.lock().expect("order lock").note_batch(
+                w,
+                dispatched + 1,
+                value.clone(),
+            );
             b.default_db(MARKER_DB);
             let db = b.db().unwrap_or(MARKER_DB);
-            let select = |buf: &mut BytesMut, db: u32| {
-                encode::command(
-                    buf,
-                    &[&b"SELECT"[..], itoa::Buffer::new().format(db).as_bytes()],
-                )
-            };
             if db != MARKER_DB {
                 b.push(None, ExpectKind::TxQueued, |buf| select(buf, MARKER_DB));
             }
@@ -686,8 +724,49 @@ pub(super) mod tests {
         push(&mut d, Some(0), ExpectKind::Ok, 30, &["SET", "a", "1"]).await;
         d.flush_all(pos(40)).await.unwrap();
         d.refresh_markers(pos(40)).await.unwrap();
-        assert_eq!(rx.try_recv().unwrap().len(), 4, "the SET's batch");
+        assert_eq!(
+            rx.try_recv().unwrap().len(),
+            6,
+            "the SET's batch, behind the order guard of the unconfirmed one"
+        );
         assert!(rx.try_recv().is_err(), "no marker-only batch after it");
+    }
+
+    #[tokio::test]
+    async fn a_batch_behind_an_unconfirmed_one_runs_only_if_that_one_did() {
+        let (mut d, mut rx) = dispatcher(true);
+        push(&mut d, Some(0), ExpectKind::Ok, 10, &["INCR", "a"]).await;
+        d.flush_all(pos(20)).await.unwrap();
+        let first = rx.try_recv().unwrap();
+        assert_eq!(
+            first.replies[0].kind,
+            ExpectKind::TxBegin,
+            "nothing to wait for"
+        );
+        // The first is still in flight: the second waits for its marker,
+        // watched in the markers' database (the batch's is restored after).
+        push(&mut d, Some(3), ExpectKind::Ok, 20, &["INCR", "b"]).await;
+        d.flush_all(pos(30)).await.unwrap();
+        let second = rx.try_recv().unwrap();
+        let guard = engine::marker::GUARD_SCRIPT;
+        assert_eq!(
+            lines(&second)[..5],
+            [
+                "TxGuard SELECT 0".to_string(),
+                "TxGuard WATCH shardsync:applied:t:src:1".into(),
+                format!("TxGuard EVAL {guard} 1 shardsync:applied:t:src:1 1 2 f r 20 5"),
+                "TxGuard SELECT 3".into(),
+                "TxBegin MULTI".into(),
+            ]
+        );
+        assert_eq!(second.db, Some(3));
+        // Both confirmed: the third waits for nothing.
+        d.stats.note_confirmed(0, first.end);
+        d.stats.note_confirmed(0, second.end);
+        push(&mut d, Some(0), ExpectKind::Ok, 30, &["INCR", "c"]).await;
+        d.flush_all(pos(40)).await.unwrap();
+        let third = rx.try_recv().unwrap();
+        assert_eq!(third.replies[0].kind, ExpectKind::TxBegin);
     }
 
     #[tokio::test]

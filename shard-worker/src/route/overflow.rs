@@ -150,6 +150,7 @@ fn kind_code(kind: ExpectKind) -> u8 {
         ExpectKind::TxBegin => 3,
         ExpectKind::TxQueued => 4,
         ExpectKind::TxEnd => 5,
+        ExpectKind::TxGuard => 6,
     }
 }
 
@@ -160,6 +161,7 @@ fn kind_of(code: u8) -> ExpectKind {
         3 => ExpectKind::TxBegin,
         4 => ExpectKind::TxQueued,
         5 => ExpectKind::TxEnd,
+        6 => ExpectKind::TxGuard,
         _ => ExpectKind::Ok,
     }
 }

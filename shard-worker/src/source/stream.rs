@@ -57,6 +57,11 @@ impl Intake {
                 tokio::task::coop::consume_budget().await;
             }
             self.dispatcher.flush_all(self.safe).await?;
+            if self.stats.take_out_of_order() {
+                return Err(WorkerError::OutOfOrder {
+                    addr: self.addr.clone(),
+                });
+            }
             self.dispatcher.refresh_markers(self.safe).await?;
             if let Some(at) = self.safe {
                 self.stats.publish_processed(at);

@@ -258,7 +258,8 @@ async fn connect(
     }
     let stats = &state.ctx.stats;
     stats.connected.store(true, Ordering::Relaxed);
-    let resend = std::mem::take(&mut state.unconfirmed);
+    let mut resend = std::mem::take(&mut state.unconfirmed);
+    resend::drop_settled_guards(resend.iter_mut().map(|(batch, _)| batch));
     report_resend(&resend, stats, &state.endpoint.addr());
     let start = PipelineStart {
         conn,

@@ -47,6 +47,19 @@ pub(crate) struct Receiver<'a> {
     /// Commands that did not run because of a retryable error, to resend.
     pub(crate) retry: Vec<Work>,
     pub(crate) retry_error: Option<WorkerError>,
+    /// Per shard: a transaction of it did not run on this connection (see
+    /// [`Verdict::chain_broken`]).
+    broken: Vec<bool>,
+}
+
+/// An EXEC reply, as far as the batch's verdict is concerned.
+enum ExecRead {
+    /// It ran (errors of single commands inside are reported already).
+    Ran,
+    /// EXEC itself failed (EXECABORT, CLUSTERDOWN ...).
+    Error(String),
+    /// A nil reply: the order guard held the transaction back.
+    Discarded,
 }
 
 impl<'a> Receiver<'a> {
@@ -67,6 +80,7 @@ impl<'a> Receiver<'a> {
             confirmed: 0,
             retry: Vec::new(),
             retry_error: None,
+            broken: Vec::new(),
         }
     }
 
@@ -160,7 +174,9 @@ impl<'a> Receiver<'a> {
                 Err(e) => return Err((e, Some((item, 0)))),
             }
         }
-        let mut verdict = Verdict::new(item.batch.wrapped);
+        let shard = item.batch.shard;
+        let broken = self.broken.get(shard).copied().unwrap_or(false);
+        let mut verdict = Verdict::new(item.batch.wrapped).after_break(broken);
         let n = item.batch.replies.len();
         let mut begin = 0;
         for i in 0..n {
@@ -171,20 +187,45 @@ impl<'a> Receiver<'a> {
             let read = if item.batch.wrapped && kind == ExpectKind::TxEnd {
                 self.exec_reply(&item.batch, begin).await
             } else {
-                self.next_reply().await
+                self.next_reply()
+                    .await
+                    .map(|e| e.map_or(ExecRead::Ran, ExecRead::Error))
             };
-            let error = match read {
-                Ok(e) => e,
+            let read = match read {
+                Ok(read) => read,
                 Err(e) => return Err((e, Some((item, verdict.ran)))),
             };
-            let outcome = match error {
-                None => Outcome::Ran,
-                Some(text) => match self.outcome(&item.batch, i, kind, &text) {
+            let outcome = match read {
+                ExecRead::Ran => Outcome::Ran,
+                ExecRead::Discarded => {
+                    events::GuardDiscarded.emit(&self.ctx.stats.counters);
+                    self.retry_error.get_or_insert(WorkerError::Resend {
+                        addr: self.addr.clone(),
+                        why: "transactions their order guard held back (one before them in their slot did not run)",
+                    });
+                    Outcome::Discarded
+                }
+                ExecRead::Error(text) => match self.outcome(&item.batch, i, kind, &text) {
                     Ok(outcome) => outcome,
                     Err(fatal) => return Err((fatal, Some((item, verdict.ran)))),
                 },
             };
             verdict.reply(i, kind, outcome);
+        }
+        if verdict.chain_broken {
+            if self.broken.len() <= shard {
+                self.broken.resize(shard + 1, false);
+            }
+            self.broken[shard] = true;
+        }
+        if verdict.reordered {
+            let source = &self.ctx.shards[shard];
+            events::AppliedOutOfOrder {
+                target: &self.addr,
+                source: &source.source,
+            }
+            .emit(&self.ctx.stats.counters);
+            source.note_out_of_order();
         }
         if !verdict.left_out.is_empty() {
             self.retry_error.get_or_insert(WorkerError::Resend {
@@ -425,11 +466,7 @@ impl<'a> Receiver<'a> {
     /// Reads the EXEC reply of one of our transactions: each command's
     /// error inside it is reported (it ran, refused for itself), and
     /// `Some(text)` is returned only when EXEC itself failed.
-    async fn exec_reply(
-        &mut self,
-        batch: &Batch,
-        begin: usize,
-    ) -> Result<Option<String>, WorkerError> {
+    async fn exec_reply(&mut self, batch: &Batch, begin: usize) -> Result<ExecRead, WorkerError> {
         loop {
             let scanned = scan_exec(&self.buf).map_err(|source| WorkerError::Protocol {
                 addr: self.addr.clone(),
@@ -455,14 +492,18 @@ impl<'a> Receiver<'a> {
                             self.report_failed(batch, i, &code, &text);
                         }
                     }
-                    return Ok(None);
+                    return Ok(ExecRead::Ran);
+                }
+                Some(ExecScan::Discarded { len }) => {
+                    self.buf.advance(len);
+                    return Ok(ExecRead::Discarded);
                 }
                 Some(ExecScan::Other(scan)) => {
                     let error = scan
                         .error
                         .map(|r| String::from_utf8_lossy(&self.buf[r]).into_owned());
                     self.buf.advance(scan.len);
-                    return Ok(error);
+                    return Ok(error.map_or(ExecRead::Ran, ExecRead::Error));
                 }
                 None => self.read_more().await?,
             }

@@ -7,6 +7,7 @@
 //!   the commands that rebuild their values ([`rebuild_refused`]), in the
 //!   batch's order.
 
+use std::collections::HashSet;
 use std::ops::Range;
 
 use bytes::{Bytes, BytesMut};
@@ -55,7 +56,10 @@ pub(crate) fn still_wrapped(from: &Batch, out: &Batch) -> bool {
         .iter()
         .rposition(|e| e.kind == ExpectKind::TxEnd);
     from.wrapped
-        && out.replies.first().map(|e| e.kind) == Some(ExpectKind::TxBegin)
+        && out
+            .replies
+            .first()
+            .is_some_and(|e| matches!(e.kind, ExpectKind::TxBegin | ExpectKind::TxGuard))
         && last_exec.is_some_and(|i| i + 2 >= out.replies.len())
 }
 
@@ -68,7 +72,10 @@ pub(crate) fn sub_batch(batch: &Batch, ranges: &[Range<usize>], prefix: Option<&
         for i in range.clone() {
             let kind = batch.replies[i].kind;
             if let Some(prefix) = prefix {
-                if matches!(kind, ExpectKind::TxBegin | ExpectKind::TxEnd) {
+                if matches!(
+                    kind,
+                    ExpectKind::TxBegin | ExpectKind::TxEnd | ExpectKind::TxGuard
+                ) {
                     continue;
                 }
                 b.push(None, ExpectKind::Ok, |buf| encode::command(buf, &[prefix]));
@@ -87,6 +94,67 @@ pub(crate) fn sub_batch(batch: &Batch, ranges: &[Range<usize>], prefix: Option<&
     out.db = batch.db;
     out.wrapped = prefix.is_none() && still_wrapped(batch, &out);
     out
+}
+
+/// What a new connection sends again, in order, with each order guard kept
+/// only where the transaction it waits for is sent again before it. Any
+/// other guard waits for a transaction that ran (confirmed, or shown
+/// applied by the node's markers), and could hold its own back for good if
+/// that marker changed since (a replayed FLUSHALL, an eviction).
+pub(crate) fn drop_settled_guards<'a>(batches: impl IntoIterator<Item = &'a mut Batch>) {
+    let mut resent: HashSet<(Vec<u8>, Vec<u8>)> = HashSet::new();
+    for batch in batches {
+        if !batch.replies.iter().any(|e| e.kind == ExpectKind::TxGuard) {
+            continue;
+        }
+        let mut keep: Vec<Range<usize>> = Vec::new();
+        let mut dropped = false;
+        let mut i = 0;
+        while i < batch.len() {
+            let kind = batch.replies[i].kind;
+            if kind == ExpectKind::TxGuard {
+                let from = i;
+                let mut waits = None;
+                while i < batch.len() && batch.replies[i].kind == ExpectKind::TxGuard {
+                    waits = waits.or_else(|| {
+                        with_args(batch.command_bytes(i), |args| {
+                            engine::marker::parse_guard(args).map(|(k, v)| (k.to_vec(), v.to_vec()))
+                        })
+                    });
+                    i += 1;
+                }
+                if waits.is_some_and(|w| resent.contains(&w)) {
+                    keep.push(from..i);
+                } else {
+                    dropped = true;
+                }
+                continue;
+            }
+            if kind == ExpectKind::TxQueued {
+                if let Some(set) = with_args(batch.command_bytes(i), |args| {
+                    engine::marker::parse_marker_set(args).map(|(k, v)| (k.to_vec(), v.to_vec()))
+                }) {
+                    resent.insert(set);
+                }
+            }
+            match keep.last_mut() {
+                Some(r) if r.end == i => r.end = i + 1,
+                _ => keep.push(i..i + 1),
+            }
+            i += 1;
+        }
+        if dropped {
+            *batch = sub_batch(batch, &keep, None);
+        }
+    }
+}
+
+/// `f` of the arguments of the encoded command `cmd`.
+fn with_args<T>(cmd: &[u8], f: impl FnOnce(&[&[u8]]) -> Option<T>) -> Option<T> {
+    let mut buf = BytesMut::from(cmd);
+    let parsed = engine::resp::parse_command(&mut buf).ok()??;
+    let args: Vec<&[u8]> = parsed.args().collect();
+    f(&args)
 }
 
 /// The commands that rebuild the value of RESTORE `i` of `batch`, which the
@@ -228,5 +296,87 @@ mod tests {
             !sub_batch(&b, std::slice::from_ref(&(0..4)), Some(b"ASKING")).wrapped,
             "ASKING drops MULTI"
         );
+    }
+
+    /// A slot transaction setting marker `m` to `value`, behind a guard
+    /// waiting for `waits` when given.
+    fn slot_tx(cmds: &mut Vec<(Vec<Vec<u8>>, ExpectKind)>, waits: Option<&str>, value: &str) {
+        let m = b"{a}shardsync:applied:t:s".to_vec();
+        if let Some(w) = waits {
+            for cmd in engine::marker::guard_commands(&m, w.as_bytes()) {
+                cmds.push((
+                    cmd.iter().map(|a| a.to_vec()).collect(),
+                    ExpectKind::TxGuard,
+                ));
+            }
+        }
+        cmds.push((vec![b"MULTI".to_vec()], ExpectKind::TxBegin));
+        cmds.push((
+            vec![b"INCR".to_vec(), b"{a}x".to_vec()],
+            ExpectKind::TxQueued,
+        ));
+        cmds.push((
+            vec![b"SET".to_vec(), m, value.as_bytes().to_vec()],
+            ExpectKind::TxQueued,
+        ));
+        cmds.push((vec![b"EXEC".to_vec()], ExpectKind::TxEnd));
+    }
+
+    fn owned_batch(cmds: &[(Vec<Vec<u8>>, ExpectKind)]) -> Batch {
+        let mut b = BatchBuilder::default();
+        for (args, kind) in cmds {
+            b.push(None, *kind, |buf| encode::command(buf, args));
+        }
+        let mut out = b.take(0, Some(StreamPos { offset: 10, db: 0 }));
+        out.wrapped = true;
+        out
+    }
+
+    #[test]
+    fn a_guard_stays_only_behind_the_transaction_it_waits_for() {
+        // Resent on a new connection: "2" waits for "1" (which ran: not
+        // resent), "3" for "2", and in the next batch "4" for "3".
+        let mut first = Vec::new();
+        slot_tx(&mut first, Some("1"), "2");
+        slot_tx(&mut first, Some("2"), "3");
+        let mut second = Vec::new();
+        slot_tx(&mut second, Some("3"), "4");
+        let mut batches = vec![owned_batch(&first), owned_batch(&second)];
+        let before = batches.clone();
+        drop_settled_guards(batches.iter_mut());
+        let kinds = |b: &Batch| b.replies.iter().map(|e| e.kind).collect::<Vec<_>>();
+        assert_eq!(
+            args_of(&batches[0])[..2],
+            ["MULTI", "INCR {a}x"],
+            "the guard waiting for what ran is gone"
+        );
+        assert_eq!(batches[0].len(), before[0].len() - 2);
+        assert_eq!(
+            batches[0].payload[..],
+            before[0].payload[before[0].replies[2].start as usize..],
+            "the rest as it was, the second guard included"
+        );
+        assert!(batches[0].wrapped);
+        assert_eq!(
+            kinds(&batches[1]),
+            kinds(&before[1]),
+            "its guard waits for the first batch"
+        );
+        assert_eq!(batches[1].payload, before[1].payload);
+    }
+
+    #[test]
+    fn a_cut_inside_a_guarded_transaction_resends_it_with_its_guard() {
+        let mut cmds = Vec::new();
+        slot_tx(&mut cmds, None, "1");
+        slot_tx(&mut cmds, Some("1"), "2");
+        let b = owned_batch(&cmds);
+        // Replies seen up to the second transaction's guard, or inside it.
+        for k in [4, 5, 6, 8] {
+            let tail = b.tail_from(k);
+            assert_eq!(tail.len(), 6, "from its guard (cut at {k})");
+            assert_eq!(tail.replies[0].kind, ExpectKind::TxGuard);
+            assert!(tail.wrapped);
+        }
     }
 }

@@ -80,6 +80,9 @@ pub(crate) enum Outcome {
     ExecAbort,
     /// It did not run; resend it.
     NotRun,
+    /// EXEC's nil reply: the transaction's order guard held it back (the
+    /// transaction before it in its slot did not run); resend it.
+    Discarded,
     /// A refused RESTORE, replaced by these commands (resent like
     /// [`Outcome::NotRun`]).
     Rebuilt(Batch),
@@ -108,6 +111,20 @@ pub(crate) struct Verdict {
     /// a transaction only once its EXEC reply is in.
     pub ran: usize,
     stuck: bool,
+    /// A transaction of the batch's shard did not run, earlier on this
+    /// connection (in this batch or before it).
+    pub chain_broken: bool,
+    /// A transaction whose order guard was refused (so it could not hold
+    /// the transaction back) ran while `chain_broken`: it may have run
+    /// ahead of the one before it in its slot.
+    pub reordered: bool,
+    /// Where the next transaction's order guard begins, and whether a
+    /// command of it was refused.
+    guard_from: Option<usize>,
+    guard_refused: bool,
+    /// Where the open transaction begins when resent: its guard, else its
+    /// MULTI.
+    tx_from: usize,
     /// The open transaction's MULTI, and what became of it so far.
     tx_open: Option<usize>,
     tx_redirect: Option<Redirect>,
@@ -124,6 +141,13 @@ impl Verdict {
         }
     }
 
+    /// The verdict of a batch of a shard whose chain of transactions is
+    /// already broken on this connection (see [`Verdict::chain_broken`]).
+    pub fn after_break(mut self, broken: bool) -> Verdict {
+        self.chain_broken = broken;
+        self
+    }
+
     /// Reply `i`, to a command of `kind`, said `outcome`.
     #[inline]
     pub fn reply(&mut self, i: usize, kind: ExpectKind, outcome: Outcome) {
@@ -136,8 +160,19 @@ impl Verdict {
             self.ran = i + 1;
             return;
         }
+        if kind == ExpectKind::TxGuard {
+            // Its errors hold nothing back: the EXEC reply says whether the
+            // transaction ran.
+            if self.guard_from.is_none() {
+                self.guard_from = Some(i);
+                self.guard_refused = false;
+            }
+            self.guard_refused |= !matches!(outcome, Outcome::Ran);
+            return;
+        }
         if kind == ExpectKind::TxBegin {
             self.tx_open = Some(i);
+            self.tx_from = self.guard_from.take().unwrap_or(i);
             self.tx_redirect = None;
             self.tx_not_run = false;
             self.tx_refused.clear();
@@ -174,11 +209,11 @@ impl Verdict {
                 true
             }
             Outcome::ExecAbort => self.tx_redirect.is_some() || self.tx_not_run,
-            Outcome::NotRun if in_tx => {
+            Outcome::NotRun | Outcome::Discarded if in_tx => {
                 self.tx_not_run = true;
                 true
             }
-            Outcome::NotRun => {
+            Outcome::NotRun | Outcome::Discarded => {
                 self.not_run.push(i..i + 1);
                 true
             }
@@ -190,11 +225,21 @@ impl Verdict {
         if kind == ExpectKind::TxEnd {
             if let Some(begin) = self.tx_open.take() {
                 if let Some(r) = self.tx_redirect.take() {
+                    // Redirected without its guard: the other node holds
+                    // nothing it could wait for.
                     self.redirects.push((begin..i + 1, r));
+                    self.chain_broken = true;
                 } else if self.tx_not_run {
-                    self.not_run.push(begin..i + 1);
+                    self.not_run.push(self.tx_from..i + 1);
+                    self.chain_broken = true;
+                } else if did_not_run {
+                    // Refused for some of its commands: resent without them.
+                    self.chain_broken = true;
+                } else if self.guard_refused && self.chain_broken {
+                    self.reordered = true;
                 }
                 self.tx_not_run = false;
+                self.guard_refused = false;
             }
         }
         self.stuck |= did_not_run || self.tx_redirect.is_some() || self.tx_not_run;
@@ -238,7 +283,7 @@ mod tests {
     use super::*;
     use bytes::BytesMut;
     use engine::resp::scan_reply;
-    use ExpectKind::{Ok as Plain, TxBegin, TxEnd, TxQueued};
+    use ExpectKind::{Ok as Plain, TxBegin, TxEnd, TxGuard, TxQueued};
 
     /// Scans `replies` (RESP bytes) against `kinds` and returns the verdict;
     /// error replies are classified, and a refused payload counts as not
@@ -248,9 +293,17 @@ mod tests {
     }
 
     fn judge_as(wrapped: bool, kinds: &[ExpectKind], replies: &[u8]) -> Verdict {
+        judge_with(Verdict::new(wrapped), kinds, replies)
+    }
+
+    fn judge_with(mut v: Verdict, kinds: &[ExpectKind], replies: &[u8]) -> Verdict {
         let mut buf = BytesMut::from(replies);
-        let mut v = Verdict::new(wrapped);
         for (i, &kind) in kinds.iter().enumerate() {
+            if kind == TxEnd && buf.starts_with(b"*-1\r\n") {
+                let _ = buf.split_to(5);
+                v.reply(i, kind, Outcome::Discarded);
+                continue;
+            }
             let scan = scan_reply(&buf).unwrap().expect("a whole reply");
             let error = scan
                 .error
@@ -455,5 +508,58 @@ mod tests {
             [(4, 6), (7, 9)],
             "the second one without the refused command"
         );
+    }
+
+    /// A guarded transaction: WATCH, the guard script, MULTI, two commands
+    /// (one the marker's SET), EXEC.
+    const GUARDED: [ExpectKind; 6] = [TxGuard, TxGuard, TxBegin, TxQueued, TxQueued, TxEnd];
+
+    #[test]
+    fn a_transaction_its_guard_held_back_is_resent_with_its_guard() {
+        let v = judge_as(
+            true,
+            &GUARDED,
+            b"+OK\r\n$-1\r\n+OK\r\n+QUEUED\r\n+QUEUED\r\n*-1\r\n",
+        );
+        assert!(v.must_resend());
+        assert_eq!(ranges(&v), (vec![], vec![(0, 6)]), "guard included");
+        assert_eq!(v.ran, 0);
+        assert!(v.chain_broken && !v.reordered);
+    }
+
+    #[test]
+    fn a_refused_guard_decides_nothing_the_exec_reply_does() {
+        let refused_guard_ran = b"-CLUSTERDOWN The cluster is down\r\n\
+            -CLUSTERDOWN The cluster is down\r\n+OK\r\n+QUEUED\r\n+QUEUED\r\n*2\r\n:1\r\n+OK\r\n";
+        let v = judge_as(true, &GUARDED, refused_guard_ran);
+        assert!(!v.must_resend(), "it ran: not sent again");
+        assert_eq!(v.ran, 6);
+        assert!(!v.reordered, "nothing before it failed on this connection");
+
+        let v = judge_with(
+            Verdict::new(true).after_break(true),
+            &GUARDED,
+            refused_guard_ran,
+        );
+        assert!(!v.must_resend());
+        assert!(
+            v.reordered,
+            "it may have run ahead of the one that did not run"
+        );
+    }
+
+    #[test]
+    fn a_transaction_refused_earlier_in_the_batch_breaks_the_chain() {
+        // The first transaction refused (CLUSTERDOWN while queued), then a
+        // guarded one whose guard was refused but which ran: out of order.
+        let mut kinds = vec![TxBegin, TxQueued, TxEnd];
+        kinds.extend(GUARDED);
+        let replies = b"+OK\r\n-CLUSTERDOWN The cluster is down\r\n\
+            -EXECABORT Transaction discarded because of previous errors.\r\n\
+            -CLUSTERDOWN The cluster is down\r\n-CLUSTERDOWN The cluster is down\r\n\
+            +OK\r\n+QUEUED\r\n+QUEUED\r\n*2\r\n:1\r\n+OK\r\n";
+        let v = judge_as(true, &kinds, replies);
+        assert_eq!(ranges(&v), (vec![], vec![(0, 3)]));
+        assert!(v.reordered);
     }
 }
