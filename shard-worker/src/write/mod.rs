@@ -349,55 +349,71 @@ fn retry_later(
 }
 
 /// Exactly-once: before anything is sent again on a new connection, the
-/// node's markers say what of the unconfirmed batches it applied: batches
-/// applied whole are confirmed, and of a cluster batch whose slot
-/// transactions ran only in part (a node runs a connection's commands in
-/// order: always a prefix), only the rest is sent again.
+/// node's markers say which of the unconfirmed batches' transactions it
+/// applied. Those are not sent again. Batches are confirmed here only
+/// while every batch before them is (confirmations stay in order: the
+/// node-wide marker and the order guards count on it); a batch applied
+/// whole behind one that is not goes out without its transactions, to be
+/// confirmed in its turn. Transactions that refusals held back need not
+/// form a prefix, so each one's marker decides for itself. A marker the
+/// node refuses to read (CLUSTERDOWN, LOADING) says nothing: the
+/// connection is tried again later.
 async fn confirm_applied(conn: &mut Conn, state: &mut WriterState) -> Result<(), WorkerError> {
     if state.markers.is_none() || state.unconfirmed.is_empty() || !state.awaiting.is_empty() {
         return Ok(());
     }
     let ctx = state.ctx.clone();
-    let mut keep = VecDeque::with_capacity(state.unconfirmed.len());
+    let mut unconfirmed = std::mem::take(&mut state.unconfirmed);
+    let mut keep = VecDeque::with_capacity(unconfirmed.len());
     let mut skipped = 0u64;
     let mut partly = 0u64;
-    for (batch, done) in std::mem::take(&mut state.unconfirmed) {
-        let Some(end) = batch.end.filter(|_| batch.wrapped) else {
+    let mut in_order = true;
+    while let Some((batch, done)) = unconfirmed.pop_front() {
+        let txs = match batch.end.filter(|_| batch.wrapped) {
+            Some(_) => marked_transactions(&batch),
+            None => Vec::new(),
+        };
+        if txs.is_empty() {
+            in_order = false;
             keep.push_back((batch, done));
             continue;
-        };
-        let epoch = ctx.shards[batch.shard].epoch();
-        let txs = marked_transactions(&batch);
-        let keys: Vec<Vec<&[u8]>> = txs.iter().map(|(_, key)| vec![&b"GET"[..], key]).collect();
-        let replies = conn.pipeline(&keys).await?;
-        let applied = |reply: &engine::resp::Frame| match reply {
-            engine::resp::Frame::Bulk(v) => matches!(
-                engine::marker::Marker::parse(v),
-                Some(engine::marker::Marker::Applied { epoch: e, offset, .. })
-                    if e == epoch && offset >= end.offset
-            ),
-            _ => false,
-        };
-        match replies.iter().position(|r| !applied(r)) {
-            None if !txs.is_empty() => {
-                skipped += 1;
-                events::BatchConfirmed {
-                    commands: batch.len() as u64,
-                }
-                .emit(&ctx.stats.counters);
-                match done {
-                    Some(done) => {
-                        let _ = done.send(());
-                    }
-                    None => ctx.shards[batch.shard].note_confirmed(ctx.writer, batch.end),
-                }
+        }
+        let applied = match applied_transactions(conn, &ctx, &batch, &txs).await {
+            Ok(applied) => applied,
+            Err(err) => {
+                // Nothing is lost: everything goes out on a later connection.
+                keep.push_back((batch, done));
+                keep.extend(unconfirmed);
+                state.unconfirmed = keep;
+                return Err(err);
             }
-            Some(k) if k > 0 => {
-                // The first k slot transactions ran: the rest is sent again.
-                partly += 1;
-                keep.push_back((batch.tail_from(txs[k].0), done));
+        };
+        if in_order && applied.iter().all(|a| *a) {
+            skipped += 1;
+            events::BatchConfirmed {
+                commands: batch.len() as u64,
             }
-            _ => keep.push_back((batch, done)),
+            .emit(&ctx.stats.counters);
+            match done {
+                Some(done) => {
+                    let _ = done.send(());
+                }
+                None => ctx.shards[batch.shard].note_confirmed(ctx.writer, batch.end),
+            }
+            continue;
+        }
+        in_order = false;
+        if applied.iter().any(|a| *a) {
+            partly += 1;
+            let begins: Vec<usize> = txs
+                .iter()
+                .zip(&applied)
+                .filter(|(_, a)| **a)
+                .map(|((begin, _), _)| *begin)
+                .collect();
+            keep.push_back((resend::without_transactions(&batch, &begins), done));
+        } else {
+            keep.push_back((batch, done));
         }
     }
     if skipped > 0 || partly > 0 {
@@ -410,6 +426,39 @@ async fn confirm_applied(conn: &mut Conn, state: &mut WriterState) -> Result<(),
     }
     state.unconfirmed = keep;
     Ok(())
+}
+
+/// Whether each transaction `txs` of `batch` (from [`marked_transactions`])
+/// is applied on the node, by its marker.
+async fn applied_transactions(
+    conn: &mut Conn,
+    ctx: &PipelineCtx,
+    batch: &Batch,
+    txs: &[(usize, Vec<u8>)],
+) -> Result<Vec<bool>, WorkerError> {
+    let Some(end) = batch.end else {
+        return Ok(vec![false; txs.len()]);
+    };
+    let epoch = ctx.shards[batch.shard].epoch();
+    let keys: Vec<Vec<&[u8]>> = txs.iter().map(|(_, key)| vec![&b"GET"[..], key]).collect();
+    let replies = conn.pipeline(&keys).await?;
+    replies
+        .iter()
+        .map(|reply| match reply {
+            engine::resp::Frame::Bulk(v) => Ok(matches!(
+                engine::marker::Marker::parse(v),
+                Some(engine::marker::Marker::Applied { epoch: e, offset, .. })
+                    if e == epoch && offset >= end.offset
+            )),
+            engine::resp::Frame::Error(e) => Err(WorkerError::from_reply(&conn.addr, e)
+                .unwrap_or_else(|| WorkerError::Unexpected {
+                    addr: conn.addr.clone(),
+                    context: "reading the node's markers",
+                    reply: String::from_utf8_lossy(e).into_owned(),
+                })),
+            _ => Ok(false),
+        })
+        .collect()
 }
 
 /// Each of our transactions in `batch`: where its MULTI is, and the key of

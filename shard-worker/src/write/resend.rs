@@ -149,6 +149,31 @@ pub(crate) fn drop_settled_guards<'a>(batches: impl IntoIterator<Item = &'a mut 
     }
 }
 
+/// `batch` without its transactions whose MULTI is at one of `begins`
+/// (with their order guards): what is left to send of a batch whose other
+/// transactions the node applied.
+pub(crate) fn without_transactions(batch: &Batch, begins: &[usize]) -> Batch {
+    let mut drop = vec![false; batch.len()];
+    for &begin in begins {
+        let mut from = begin;
+        while from > 0 && batch.replies[from - 1].kind == ExpectKind::TxGuard {
+            from -= 1;
+        }
+        let to = (begin..batch.len())
+            .find(|&i| batch.replies[i].kind == ExpectKind::TxEnd)
+            .map_or(batch.len(), |i| i + 1);
+        drop[from..to].iter_mut().for_each(|d| *d = true);
+    }
+    let mut keep: Vec<Range<usize>> = Vec::new();
+    for i in (0..batch.len()).filter(|&i| !drop[i]) {
+        match keep.last_mut() {
+            Some(r) if r.end == i => r.end = i + 1,
+            _ => keep.push(i..i + 1),
+        }
+    }
+    sub_batch(batch, &keep, None)
+}
+
 /// `f` of the arguments of the encoded command `cmd`.
 fn with_args<T>(cmd: &[u8], f: impl FnOnce(&[&[u8]]) -> Option<T>) -> Option<T> {
     let mut buf = BytesMut::from(cmd);
@@ -378,5 +403,38 @@ mod tests {
             assert_eq!(tail.replies[0].kind, ExpectKind::TxGuard);
             assert!(tail.wrapped);
         }
+    }
+
+    #[test]
+    fn what_the_node_applied_of_a_batch_is_left_out_wherever_it_is() {
+        // Three slot transactions (the second behind a guard) and the
+        // node-wide marker; the node applied the first and the third, not
+        // the second (a refusal that came and went).
+        let mut cmds = Vec::new();
+        slot_tx(&mut cmds, None, "1");
+        slot_tx(&mut cmds, Some("1"), "2");
+        slot_tx(&mut cmds, None, "3");
+        cmds.push((
+            vec![
+                b"SET".to_vec(),
+                b"{c}shardsync:applied:t:s:node".to_vec(),
+                b"0".to_vec(),
+            ],
+            ExpectKind::Ok,
+        ));
+        let b = owned_batch(&cmds);
+        let rest = without_transactions(&b, &[0, 10]);
+        let kinds: Vec<ExpectKind> = rest.replies.iter().map(|e| e.kind).collect();
+        use ExpectKind::*;
+        assert_eq!(
+            kinds,
+            [TxGuard, TxGuard, TxBegin, TxQueued, TxQueued, TxEnd, Ok],
+            "the second with its guard, and the node marker"
+        );
+        assert_eq!(rest.command_bytes(0), b.command_bytes(4));
+        assert!(rest.wrapped);
+        let none = without_transactions(&b, &[0, 6, 10]);
+        assert_eq!(args_of(&none), ["SET {c}shardsync:applied:t:s:node 0"]);
+        assert!(!none.wrapped);
     }
 }
