@@ -71,9 +71,10 @@ fn untagged(key: &[u8]) -> Option<&[u8]> {
 /// The order guard's script: it rewrites the marker `KEYS[1]` (with its own
 /// value, or creates and deletes it when there is none) unless it holds
 /// `ARGV[1]`. Any write of a key another command WATCHes makes that
-/// command's transaction discard itself at EXEC, so `WATCH m` + this script
-/// + `MULTI ... EXEC` runs the transaction only if `m` holds `ARGV[1]`: only
-/// if the transaction before it in the same slot ran. The value never
+/// command's transaction discard itself at EXEC, so `WATCH m`, this script
+/// and then `MULTI ... EXEC` run the transaction only if `m` holds
+/// `ARGV[1]`: only if the transaction before it in the same slot ran. The
+/// value never
 /// changes, so a marker a restart reads is never disturbed.
 pub const GUARD_SCRIPT: &str = "local v = redis.call('GET', KEYS[1]) \
 if v ~= ARGV[1] then if v then redis.call('SET', KEYS[1], v) \

@@ -161,14 +161,7 @@ impl Verdict {
             return;
         }
         if kind == ExpectKind::TxGuard {
-            // Its errors hold nothing back: the EXEC reply says whether the
-            // transaction ran.
-            if self.guard_from.is_none() {
-                self.guard_from = Some(i);
-                self.guard_refused = false;
-            }
-            self.guard_refused |= !matches!(outcome, Outcome::Ran);
-            return;
+            return self.guard_reply(i, &outcome);
         }
         if kind == ExpectKind::TxBegin {
             self.tx_open = Some(i);
@@ -223,29 +216,46 @@ impl Verdict {
             }
         };
         if kind == ExpectKind::TxEnd {
-            if let Some(begin) = self.tx_open.take() {
-                if let Some(r) = self.tx_redirect.take() {
-                    // Redirected without its guard: the other node holds
-                    // nothing it could wait for.
-                    self.redirects.push((begin..i + 1, r));
-                    self.chain_broken = true;
-                } else if self.tx_not_run {
-                    self.not_run.push(self.tx_from..i + 1);
-                    self.chain_broken = true;
-                } else if did_not_run {
-                    // Refused for some of its commands: resent without them.
-                    self.chain_broken = true;
-                } else if self.guard_refused && self.chain_broken {
-                    self.reordered = true;
-                }
-                self.tx_not_run = false;
-                self.guard_refused = false;
-            }
+            self.end_tx(i, did_not_run);
         }
         self.stuck |= did_not_run || self.tx_redirect.is_some() || self.tx_not_run;
         if !self.stuck && self.tx_open.is_none() {
             self.ran = i + 1;
         }
+    }
+
+    /// A reply to the order guard before a transaction. Its errors hold
+    /// nothing back: the EXEC reply says whether the transaction ran.
+    fn guard_reply(&mut self, i: usize, outcome: &Outcome) {
+        if self.guard_from.is_none() {
+            self.guard_from = Some(i);
+            self.guard_refused = false;
+        }
+        self.guard_refused |= !matches!(outcome, Outcome::Ran);
+    }
+
+    /// The open transaction's EXEC reply (at `i`) is in; `did_not_run`
+    /// when it refused the transaction.
+    fn end_tx(&mut self, i: usize, did_not_run: bool) {
+        let Some(begin) = self.tx_open.take() else {
+            return;
+        };
+        if let Some(r) = self.tx_redirect.take() {
+            // Redirected without its guard: the other node holds nothing it
+            // could wait for.
+            self.redirects.push((begin..i + 1, r));
+            self.chain_broken = true;
+        } else if self.tx_not_run {
+            self.not_run.push(self.tx_from..i + 1);
+            self.chain_broken = true;
+        } else if did_not_run {
+            // Refused for some of its commands: resent without them.
+            self.chain_broken = true;
+        } else if self.guard_refused && self.chain_broken {
+            self.reordered = true;
+        }
+        self.tx_not_run = false;
+        self.guard_refused = false;
     }
 
     /// Whether this connection must end so that what did not run (and the
