@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use harness::server::free_port;
 use harness::shardsync::Finished;
-use harness::{RedisServer, Shardsync, SHORT};
+use harness::{wait_for, RedisServer, Shardsync, SHORT};
 
 const BIN: &str = env!("CARGO_BIN_EXE_shardsync");
 
@@ -372,4 +372,78 @@ fn a_target_without_room_for_the_data_is_refused_with_both_figures() {
         SHORT,
     );
     assert_eq!(ok.code(), Some(0), "{}", ok.log);
+}
+
+/// A key made a list on the target, a string on the source: the source's
+/// APPEND to it is refused there (WRONGTYPE). The replay is wrong on that
+/// node, so by default the task stops with one line naming the node, the
+/// command and the key; with `--on-error skip` it is counted (by class in
+/// `/status` and the metrics), logged, and the sync goes on.
+#[test]
+fn a_write_the_target_refuses_stops_the_task_unless_told_to_skip_it() {
+    for skip in [false, true] {
+        let source = RedisServer::start();
+        let target = RedisServer::start();
+        source.cmd::<()>(&["SET", "k", "v"]);
+        let mut args = vec![
+            "--source".to_string(),
+            source.url(),
+            "--target".into(),
+            target.url(),
+        ];
+        if skip {
+            args.extend(["--on-error".into(), "skip".into()]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut sync = Shardsync::sync(BIN, &args);
+        sync.wait_state("incremental", Duration::from_secs(60));
+        target.cmd::<()>(&["DEL", "k"]);
+        target.cmd::<()>(&["RPUSH", "k", "not a string"]);
+        source.cmd::<()>(&["APPEND", "k", "w"]);
+        source.cmd::<()>(&["SET", "after", "1"]);
+        if skip {
+            wait_for("the write after it", SHORT, || {
+                target.cmd::<Option<String>>(&["GET", "after"]).is_some()
+            });
+            let status = sync.status().expect("status");
+            assert_eq!(
+                status["targets"][0]["errors_by_class"]["replay"], 1,
+                "{status}"
+            );
+            let metrics = sync.metrics().unwrap_or_default();
+            let sample = |name: &str, label: &str| -> f64 {
+                sync.metric_samples(name)
+                    .iter()
+                    .filter(|(n, _)| n.contains(label))
+                    .map(|(_, v)| v)
+                    .sum()
+            };
+            assert_eq!(
+                sample("shardsync_target_errors_total", "WRONGTYPE"),
+                1.0,
+                "{metrics}"
+            );
+            assert_eq!(
+                sample("shardsync_target_refusals_total", "replay"),
+                1.0,
+                "{metrics}"
+            );
+            assert!(sync.log().contains("target rejected a replayed command"));
+            let done = sync.terminate(SHORT);
+            assert_eq!(done.code(), Some(0), "{}", done.log);
+        } else {
+            let done = sync.wait_exit(SHORT);
+            assert_clean_failure(
+                &done,
+                1,
+                &[
+                    &target.addr(),
+                    "APPEND",
+                    "\"k\"",
+                    "WRONGTYPE",
+                    "--on-error skip",
+                ],
+            );
+        }
+    }
 }

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{LogFormat, OnConflict};
+use crate::config::{LogFormat, OnConflict, OnError};
 
 /// shardsync: one-way Redis-to-Redis synchronization (full copy, then every
 /// write as it happens).
@@ -93,6 +93,12 @@ pub struct SyncArgs {
     /// after a lost target link or a restart may then run twice.
     #[arg(long)]
     pub no_exactly_once: bool,
+    /// What a replayed command the target refuses for itself (WRONGTYPE, a
+    /// syntax error, BUSYKEY) does: stop the task with one line naming the
+    /// node, command and key, or skip it (counted and logged)
+    /// [default: stop].
+    #[arg(long, value_enum)]
+    pub on_error: Option<OnError>,
 }
 
 #[derive(Debug, Clone, Args)]

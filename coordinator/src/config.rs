@@ -27,6 +27,19 @@ pub enum OnConflict {
     Skip,
 }
 
+/// What a replayed command the target refuses for itself (WRONGTYPE, a
+/// syntax error, BUSYKEY, a command it does not know) does to the task.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum OnError {
+    /// The task stops, with one line naming the node, the command and its
+    /// key: the target no longer matches the source there.
+    #[default]
+    Stop,
+    /// The command is counted and logged, and the sync goes on.
+    Skip,
+}
+
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
@@ -88,6 +101,9 @@ pub struct FileConfig {
     /// Apply every replayed command exactly once, across lost links and
     /// restarts (markers on the target; default true).
     pub exactly_once: Option<bool>,
+    /// What a command the target refuses for itself does: `"stop"` (the
+    /// default) or `"skip"`.
+    pub on_error: Option<OnError>,
 }
 
 /// Why a configuration was refused.
@@ -140,6 +156,7 @@ pub struct TaskConfig {
     pub key_filter: KeyFilter,
     pub heartbeat: bool,
     pub exactly_once: bool,
+    pub on_error: OnError,
 }
 
 pub const DEFAULT_SPILL_MEMORY: &str = "32MB";
@@ -262,6 +279,7 @@ impl TaskConfig {
             force_rewrite: args.force_rewrite || file.force_rewrite.unwrap_or(false),
             heartbeat: !args.no_heartbeat && file.heartbeat.unwrap_or(true),
             exactly_once: !args.no_exactly_once && file.exactly_once.unwrap_or(true),
+            on_error: args.on_error.or(file.on_error).unwrap_or_default(),
             key_filter: key_filter(
                 if args.includes.is_empty() {
                     &file.include

@@ -16,7 +16,7 @@ use std::sync::atomic::Ordering;
 use prometheus::proto::{Counter, Gauge, LabelPair, Metric, MetricFamily, MetricType};
 use prometheus::{Encoder, TextEncoder};
 use shard_worker::counters::{MetricDesc, MetricKind};
-use shard_worker::progress::{ShardState, ShardStats, WriterStats};
+use shard_worker::progress::{ErrorClass, ShardState, ShardStats, WriterStats};
 
 use crate::status::{TaskStatus, Workers};
 
@@ -233,12 +233,24 @@ fn writer_metrics(out: &mut Families, w: &WriterStats) {
         out.declared(desc, &labels, value);
     }
     out.derived(WRITER_DERIVED, w, &labels);
-    for (code, n) in w.error_counts() {
+    let counts = w.error_counts();
+    for (_, code, n) in counts.iter().filter(|c| c.0 == ErrorClass::Replay) {
         out.sample(
             "target_errors_total",
-            "Error replies from the target, by error code.",
+            "Replayed commands the target refused for themselves (skipped with --on-error skip), by error code.",
             MetricKind::Counter,
-            &[("target", w.target.as_str()), ("code", &code)],
+            &[("target", w.target.as_str()), ("code", code)],
+            *n as f64,
+        );
+    }
+    for class in [ErrorClass::Replay, ErrorClass::Retried] {
+        let n: u64 = counts.iter().filter(|c| c.0 == class).map(|c| c.2).sum();
+        out.sample(
+            "target_refusals_total",
+            "Error replies from the target by class: replay (a command refused for itself), \
+             retried (refused for now: LOADING, CLUSTERDOWN, ...; sent again).",
+            MetricKind::Counter,
+            &[("target", w.target.as_str()), ("class", class.as_str())],
             n as f64,
         );
     }
@@ -303,7 +315,7 @@ mod tests {
         shard.heartbeat_seen(1, 0);
         let group = status.add_group(Workers::new("dst:6379".into(), vec![shard]));
         let writer = Arc::new(WriterStats::new("dst:6379"));
-        writer.count_error("WRONGTYPE");
+        writer.count_error(ErrorClass::Replay, "WRONGTYPE");
         group.add_writer(writer);
         status
     }
@@ -348,6 +360,7 @@ mod tests {
         ("shardsync_target_queued_batches", "gauge", "target"),
         ("shardsync_keys_skipped_total", "counter", "target"),
         ("shardsync_target_errors_total", "counter", "target,code"),
+        ("shardsync_target_refusals_total", "counter", "target,class"),
         ("shardsync_target_reconnects_total", "counter", "target"),
         (
             "shardsync_target_resent_commands_total",

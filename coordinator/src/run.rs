@@ -155,6 +155,10 @@ fn task_args(
         done,
         task_id: plan.task_id,
         exactly_once: plan.exactly_once,
+        on_error: match cfg.on_error {
+            crate::config::OnError::Stop => shard_worker::write::OnError::Stop,
+            crate::config::OnError::Skip => shard_worker::write::OnError::Skip,
+        },
     }
 }
 

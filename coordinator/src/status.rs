@@ -209,7 +209,8 @@ impl TaskStatus {
                     target: t.target.clone(),
                     connected: t.connected.load(Ordering::Relaxed),
                     commands_applied: t.counters.commands_applied.get(),
-                    errors: t.error_counts().iter().map(|(_, n)| n).sum(),
+                    errors: t.error_counts().iter().map(|(_, _, n)| n).sum(),
+                    errors_by_class: ErrorsJson::of(&t.error_counts()),
                 });
             }
         }
@@ -308,4 +309,25 @@ pub struct TargetJson {
     pub connected: bool,
     pub commands_applied: u64,
     pub errors: u64,
+    pub errors_by_class: ErrorsJson,
+}
+
+/// A target node's error replies by class.
+#[derive(Serialize, Default)]
+pub struct ErrorsJson {
+    /// Commands it refused for themselves (skipped with `--on-error skip`).
+    pub replay: u64,
+    /// Refused for now (LOADING, CLUSTERDOWN ...) and sent again.
+    pub retried: u64,
+}
+
+impl ErrorsJson {
+    fn of(counts: &[(shard_worker::progress::ErrorClass, String, u64)]) -> ErrorsJson {
+        use shard_worker::progress::ErrorClass;
+        let sum = |class| counts.iter().filter(|c| c.0 == class).map(|c| c.2).sum();
+        ErrorsJson {
+            replay: sum(ErrorClass::Replay),
+            retried: sum(ErrorClass::Retried),
+        }
+    }
 }

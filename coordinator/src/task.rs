@@ -73,6 +73,8 @@ pub struct TaskArgs {
     pub task_id: String,
     /// Batches carry markers (exactly-once).
     pub exactly_once: bool,
+    /// What a command a target node refuses for itself does.
+    pub on_error: shard_worker::write::OnError,
 }
 
 pub enum TaskMsg {
@@ -106,6 +108,7 @@ pub struct TaskState {
     cluster: Option<ClusterMasters>,
     options: IntakeOptions,
     retry: RetryPolicy,
+    on_error: shard_worker::write::OnError,
     listening_port: u16,
     status: Arc<TaskStatus>,
     /// This target's shards and writers, as status and metrics see them.
@@ -197,6 +200,7 @@ impl Actor for Task {
             writer_refs: Vec::new(),
             options: args.options,
             retry: args.retry,
+            on_error: args.on_error,
             listening_port: args.listening_port,
             status: args.status,
             group,
@@ -396,6 +400,7 @@ async fn spawn_writer(
             stats: handle.stats.clone(),
             retry: state.retry.clone(),
             window: DEFAULT_WINDOW,
+            on_error: state.on_error,
             target_caps: state.options.replay.target_caps,
             tmp_scope: format!("{}w{}", state.options.replay.tmp_scope, handle.index),
             markers: state

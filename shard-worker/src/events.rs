@@ -14,7 +14,7 @@ use bytes::BytesMut;
 use engine::rebuild::Loss;
 use engine::resp::parse_command;
 
-use crate::progress::{ShardCounters, WriterCounters, WriterStats};
+use crate::progress::{ErrorClass, ShardCounters, WriterCounters, WriterStats};
 
 /// Keeps a flood of identical warnings (say, a million WRONGTYPE replies)
 /// from drowning the log: at most `BURST` lines per `WINDOW`, then a count
@@ -545,7 +545,7 @@ pub struct TargetCommandFailed<'a> {
 
 impl TargetCommandFailed<'_> {
     pub fn emit(self, stats: &WriterStats, limiter: &mut LogLimiter) {
-        stats.count_error(self.code);
+        stats.count_error(ErrorClass::Replay, self.code);
         if let Some(suppressed) = limiter.allow() {
             let (command, key) = describe_command(self.command);
             tracing::warn!(
@@ -589,6 +589,19 @@ impl AppliedOutOfOrder<'_> {
             "a transaction ran ahead of an earlier one of its slot that the node refused for a moment; \
              starting this source over with a full sync"
         );
+    }
+}
+
+/// A target node refused a command for now (LOADING, CLUSTERDOWN, ...): it
+/// is sent again on a new connection (the connection's end is logged by
+/// the writer's retry).
+pub struct TargetRefusedForNow<'a> {
+    pub code: &'a str,
+}
+
+impl TargetRefusedForNow<'_> {
+    pub fn emit(self, stats: &WriterStats) {
+        stats.count_error(ErrorClass::Retried, self.code);
     }
 }
 

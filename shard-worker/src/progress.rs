@@ -595,8 +595,29 @@ pub struct WriterStats {
     pub counters: WriterCounters,
     /// Batches that did not fit in the queue, waiting in the overflow.
     pub overflow: Arc<SpillGauges>,
-    /// Error replies by code (`WRONGTYPE`, `ERR`, ...).
-    errors: Mutex<std::collections::BTreeMap<String, u64>>,
+    /// Error replies by class and code (`WRONGTYPE`, `ERR`, ...).
+    errors: Mutex<std::collections::BTreeMap<(ErrorClass, String), u64>>,
+}
+
+/// What an error reply from a target node meant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ErrorClass {
+    /// The node refused a replayed command for itself (WRONGTYPE, a syntax
+    /// error, BUSYKEY ...): the replay is wrong there. The task stops,
+    /// unless `--on-error skip` says to count, log and go on.
+    Replay,
+    /// The node refused for now (LOADING, CLUSTERDOWN, TRYAGAIN, BUSY,
+    /// MASTERDOWN, READONLY): sent again on a new connection.
+    Retried,
+}
+
+impl ErrorClass {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorClass::Replay => "replay",
+            ErrorClass::Retried => "retried",
+        }
+    }
 }
 
 impl WriterStats {
@@ -610,21 +631,22 @@ impl WriterStats {
         }
     }
 
-    pub fn count_error(&self, code: &str) {
+    pub fn count_error(&self, class: ErrorClass, code: &str) {
         *self
             .errors
             .lock()
             .expect("errors lock")
-            .entry(code.to_string())
+            .entry((class, code.to_string()))
             .or_default() += 1;
     }
 
-    pub fn error_counts(&self) -> Vec<(String, u64)> {
+    /// Error replies so far, by class and code.
+    pub fn error_counts(&self) -> Vec<(ErrorClass, String, u64)> {
         self.errors
             .lock()
             .expect("errors lock")
             .iter()
-            .map(|(k, v)| (k.clone(), *v))
+            .map(|((class, code), n)| (*class, code.clone(), *n))
             .collect()
     }
 }

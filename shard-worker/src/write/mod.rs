@@ -24,7 +24,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 pub use crate::retry::{Backoff, RetryPolicy};
-pub use pipeline::PipelineExit;
+pub use pipeline::{OnError, PipelineExit};
 
 use crate::conn::Conn;
 use crate::endpoint::Endpoint;
@@ -62,6 +62,8 @@ pub struct WriterArgs {
     pub tmp_scope: String,
     /// Exactly-once: where each shard's marker is on this node.
     pub markers: Option<WriterMarkers>,
+    /// What a command the node refuses for itself does.
+    pub on_error: OnError,
 }
 
 /// Where each shard's marker is found on a writer's node (in
@@ -178,6 +180,7 @@ impl Actor for Writer {
                     caps: std::sync::Mutex::new(args.target_caps),
                     tmp_names: std::sync::Mutex::new(engine::split::TmpNames::new(args.tmp_scope)),
                 },
+                on_error: args.on_error,
             }),
             rx: Some(args.rx),
             redirects: Some(args.redirects),

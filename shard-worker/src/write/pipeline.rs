@@ -86,6 +86,20 @@ pub(crate) struct PipelineCtx {
     pub reply_timeout: Duration,
     /// For RESTOREs the target refuses: what it can take instead.
     pub fallback: Fallback,
+    /// What a command the target refuses for itself does to the task.
+    pub on_error: OnError,
+}
+
+/// What a replayed command the target refuses for itself (WRONGTYPE, a
+/// syntax error, BUSYKEY, a command it does not know) does: the replay is
+/// wrong on that node, so by default the task stops there, with one line
+/// naming the node, the command and its key.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum OnError {
+    #[default]
+    Stop,
+    /// Count it (`target_errors_total{class="replay"}`), log it, go on.
+    Skip,
 }
 
 /// How a RESTORE the target refuses as too new is rebuilt.

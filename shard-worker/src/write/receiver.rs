@@ -12,7 +12,7 @@ use tokio::io::AsyncReadExt;
 use tokio::net::tcp::OwnedReadHalf;
 use tokio::sync::{mpsc, oneshot};
 
-use super::pipeline::{InFlight, PipelineCtx, Work};
+use super::pipeline::{InFlight, OnError, PipelineCtx, Work};
 use super::resend::{rebuild_refused, resend_batch, sub_batch};
 use super::verdict::{classify, Class, Outcome, Verdict};
 use crate::clock::unix_ms;
@@ -255,6 +255,8 @@ impl<'a> Receiver<'a> {
             Class::ExecAbort => Outcome::ExecAbort,
             Class::Redirect(r) => Outcome::Redirect(r),
             Class::NotRun(err) => {
+                let code = text.split(' ').next().unwrap_or("ERR");
+                events::TargetRefusedForNow { code }.emit(&self.ctx.stats);
                 self.retry_error.get_or_insert(err);
                 Outcome::NotRun
             }
@@ -278,16 +280,36 @@ impl<'a> Receiver<'a> {
                     });
                     Outcome::Rebuilt(rebuilt)
                 }
-                None => self.failed(batch, i, "ERR", text),
+                None => self.failed(batch, i, "ERR", text)?,
             },
-            Class::Failed { code } => self.failed(batch, i, &code, text),
+            Class::Failed { code } => self.failed(batch, i, &code, text)?,
         })
     }
 
-    /// An error about command `i` alone: counted and logged.
-    fn failed(&mut self, batch: &Batch, i: usize, code: &str, text: &str) -> Outcome {
+    /// An error about command `i` alone: the replay is wrong on this node.
+    /// The task stops with one line naming the node, the command and its
+    /// key, or with `--on-error skip` it is counted, logged and left out.
+    fn failed(
+        &mut self,
+        batch: &Batch,
+        i: usize,
+        code: &str,
+        text: &str,
+    ) -> Result<Outcome, WorkerError> {
+        if self.ctx.on_error == OnError::Stop {
+            let (command, key) = events::describe_command(batch.command_bytes(i));
+            let source = &self.ctx.shards[batch.shard].source;
+            return Err(WorkerError::TargetRefused {
+                addr: self.addr.clone(),
+                what: "a replayed command",
+                message: format!(
+                    "{command} key {key:?} (from {source}): {text} \
+                     (--on-error skip counts and logs such refusals and goes on)"
+                ),
+            });
+        }
         self.report_failed(batch, i, code, text);
-        Outcome::Refused
+        Ok(Outcome::Refused)
     }
 
     fn report_failed(&mut self, batch: &Batch, i: usize, code: &str, text: &str) {
