@@ -381,3 +381,54 @@ fn sigterm_drains_a_cluster_task_and_exits_zero() {
         done.log
     );
 }
+
+/// A target master killed (-9) under live writes: its replica takes over
+/// after the cluster's node timeout, and shardsync follows it — the writer
+/// asks the other nodes who serves its slots now, reads the promoted
+/// replica's markers, and sends it what it lacks (writes the dead master
+/// acknowledged but never passed on included). The target ends identical.
+#[test]
+fn a_target_master_that_dies_is_followed_to_its_promoted_replica() {
+    let source = Cluster::start(3);
+    harness::data::load_strings_into(&mut source.client(), 20_000, "k:");
+    let mut target = Cluster::start(3);
+    target.add_replica(0, RedisServer::config());
+    let dead = target.nodes[0].addr();
+    let mut load = harness::load::Load::start_cluster(&source, 17, 100);
+    let sync = Shardsync::sync(
+        BIN,
+        &["--source", &source.url(0), "--target", &target.url(1)],
+    );
+    sync.wait_state("incremental", LONG);
+    let before = load.sent();
+    wait_for("writes", SHORT, || load.sent() > before + 3000);
+
+    let promoted = target.fail_master(0);
+    let now = target.nodes[promoted].addr();
+    let before = load.sent();
+    wait_for("writes after the failover", LONG, || {
+        load.sent() > before + 3000
+    });
+    load.stop();
+    wait_all_caught_up(&sync, &source.masters());
+    assert_same_nodes(&source.masters(), &target.masters());
+    let log = sync.log();
+    assert!(log.contains("a promoted replica serves its slots"), "{log}");
+    let status = sync.status().unwrap();
+    let targets: Vec<String> = status["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["target"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert!(targets.contains(&now), "{status}");
+    assert!(!targets.contains(&dead), "{status}");
+    assert!(
+        status["targets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|t| t["connected"] == true),
+        "{status}"
+    );
+}

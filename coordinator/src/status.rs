@@ -206,7 +206,7 @@ impl TaskStatus {
             }
             for t in &w.writers() {
                 targets.push(TargetJson {
-                    target: t.target.clone(),
+                    target: t.address(),
                     connected: t.connected.load(Ordering::Relaxed),
                     commands_applied: t.counters.commands_applied.get(),
                     errors: t.error_counts().iter().map(|(_, _, n)| n).sum(),

@@ -10,6 +10,7 @@
 //! every producer has dropped its queue handle and everything is confirmed:
 //! that is how a task drains.
 
+mod failover;
 mod pipeline;
 mod receiver;
 mod resend;
@@ -218,10 +219,15 @@ impl Actor for Writer {
     }
 }
 
+/// How long a cluster node may be unreachable before the writer asks the
+/// other nodes whether a replica took its place.
+const FOLLOW_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
+
 async fn connect(
     myself: &ActorRef<WriterMsg>,
     state: &mut WriterState,
 ) -> Result<(), ActorProcessingErr> {
+    follow_failover(state).await;
     let conn = match Conn::open_authenticated(&state.endpoint).await {
         Ok(mut conn) => {
             // Lets operators see in CLIENT LIST which connections are ours;
@@ -320,6 +326,36 @@ fn pipeline_exited(
             retry_later(myself, state, err)
         }
     }
+}
+
+/// A cluster node unreachable for a while: when the cluster has promoted
+/// a replica in its place, write there (see `failover.rs`).
+async fn follow_failover(state: &mut WriterState) {
+    let (Some(routing), Some(outage)) = (state.ctx.routing.clone(), &state.outage) else {
+        return;
+    };
+    if outage.elapsed() < FOLLOW_AFTER {
+        return;
+    }
+    let Some(next) = failover::find_successor(&routing, state.ctx.writer, &state.endpoint).await
+    else {
+        return;
+    };
+    let addr = next.addr();
+    if routing.find(&addr).is_some() {
+        // Its slots went to a master with a writer of its own: MOVED
+        // replies will say so once this node answers again.
+        return;
+    }
+    tracing::warn!(
+        target_node = %state.endpoint,
+        now = %addr,
+        "the target node is gone and a promoted replica serves its slots; writing there \
+         (its markers say what it lacks)"
+    );
+    routing.retarget(state.ctx.writer, &next);
+    state.ctx.stats.set_serving(addr);
+    state.endpoint = next;
 }
 
 /// Schedules a reconnection, or fails when waiting cannot help.

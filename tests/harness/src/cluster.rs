@@ -160,6 +160,69 @@ impl Cluster {
         self.wait_stable();
     }
 
+    /// Starts a node with `config` and adds it as a replica of node
+    /// `master`; returns once it has synced.
+    pub fn add_replica(&mut self, master: usize, config: ServerConfig) {
+        let node = Self::node(config);
+        let mut cmd = Command::new("redis-cli");
+        cmd.args([
+            "--cluster",
+            "add-node",
+            &node.addr(),
+            &self.nodes[master].addr(),
+        ])
+        .args(["--cluster-slave", "--cluster-master-id", &self.id(master)]);
+        if let Some(p) = &node.password {
+            cmd.args(["-a", p, "--no-auth-warning"]);
+        }
+        let out = cmd
+            .output()
+            .expect("run redis-cli --cluster add-node --cluster-slave");
+        assert!(
+            out.status.success(),
+            "add-node (replica) failed: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        wait_for("the replica to sync", Duration::from_secs(30), || {
+            node.info_field("master_link_status").as_deref() == Some("up")
+        });
+        self.nodes.push(node);
+        self.wait_stable();
+    }
+
+    /// Kills node `i` (-9) and waits until the cluster has promoted one of
+    /// its replicas and is ok again; the dead node leaves `nodes`. Returns
+    /// the index (in `nodes`, after the removal) of the promoted replica.
+    pub fn fail_master(&mut self, i: usize) -> usize {
+        let port = self.nodes[i].port.to_string();
+        let replicas: Vec<u16> = self
+            .nodes
+            .iter()
+            .filter(|n| n.info_field("master_port").as_deref() == Some(port.as_str()))
+            .map(|n| n.port)
+            .collect();
+        assert!(!replicas.is_empty(), "node {i} has no replica");
+        let dead = self.nodes.remove(i);
+        dead.signal(libc::SIGKILL);
+        drop(dead);
+        let promoted = |n: &RedisServer| {
+            replicas.contains(&n.port)
+                && n.info_field("role").as_deref() == Some("master")
+                && !own_slots(n).is_empty()
+        };
+        wait_for("a replica to take over", Duration::from_secs(60), || {
+            self.nodes.iter().any(promoted)
+                && self.nodes.iter().all(|n| {
+                    let info: String = n.cmd(&["CLUSTER", "INFO"]);
+                    info.contains("cluster_state:ok")
+                })
+        });
+        self.nodes
+            .iter()
+            .position(promoted)
+            .expect("a promoted replica")
+    }
+
     /// Adds `node` to the cluster as an empty master.
     pub fn add_master(&mut self, node: RedisServer) {
         let out = Command::new("redis-cli")
