@@ -382,14 +382,16 @@ fn sigterm_drains_a_cluster_task_and_exits_zero() {
     );
 }
 
-/// A target master killed (-9) under live writes: its replica takes over
-/// after the cluster's node timeout, and shardsync follows it — the writer
-/// asks the other nodes who serves its slots now, reads the promoted
-/// replica's markers, and sends it what it lacks (writes the dead master
-/// acknowledged but never passed on included). The target ends identical.
+/// A target master killed (-9) under live writes, its replica frozen just
+/// before (so writes the master acknowledged never reach it): the replica
+/// takes over after the cluster's node timeout, and shardsync follows it —
+/// the writer asks the other nodes who serves its slots now, and the task
+/// starts again from the markers the replica holds (as far as it holds the
+/// data). The target ends identical.
 #[test]
 fn a_target_master_that_dies_is_followed_to_its_promoted_replica() {
-    let source = Cluster::start(3);
+    // A backlog that outlasts the failover (node timeout + election).
+    let source = Cluster::start_with(3, RedisServer::config().arg("repl-backlog-size", &["64mb"]));
     harness::data::load_strings_into(&mut source.client(), 20_000, "k:");
     let mut target = Cluster::start(3);
     target.add_replica(0, RedisServer::config());
@@ -403,6 +405,16 @@ fn a_target_master_that_dies_is_followed_to_its_promoted_replica() {
     let before = load.sent();
     wait_for("writes", SHORT, || load.sent() > before + 3000);
 
+    // The replica falls behind for a moment (frozen): what the master
+    // acknowledges meanwhile never reaches it, and dies with the master.
+    let replica = target.nodes.len() - 1;
+    target.nodes[replica].signal(libc::SIGSTOP);
+    let before = load.sent();
+    wait_for("writes the replica misses", SHORT, || {
+        load.sent() > before + 2000
+    });
+    target.nodes[0].signal(libc::SIGKILL);
+    target.nodes[replica].signal(libc::SIGCONT);
     let promoted = target.fail_master(0);
     let now = target.nodes[promoted].addr();
     let before = load.sent();
@@ -413,7 +425,22 @@ fn a_target_master_that_dies_is_followed_to_its_promoted_replica() {
     wait_all_caught_up(&sync, &source.masters());
     assert_same_nodes(&source.masters(), &target.masters());
     let log = sync.log();
-    assert!(log.contains("a promoted replica serves its slots"), "{log}");
+    assert!(
+        log.contains(&format!("{now} serves its slots now (a failover)")),
+        "{log}"
+    );
+    assert!(
+        log.contains("starts again from the target's markers"),
+        "{log}"
+    );
+    assert_eq!(
+        (
+            log.matches("full sync started").count(),
+            log.matches("partial resync accepted").count()
+        ),
+        (3, 3),
+        "one full sync per shard at the start; after the failover each resumes\n{log}"
+    );
     let status = sync.status().unwrap();
     let targets: Vec<String> = status["targets"]
         .as_array()

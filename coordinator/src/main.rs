@@ -148,19 +148,29 @@ async fn sync(args: SyncArgs) -> u8 {
         );
     }
 
-    let report = precheck::run(&cfg, store.as_ref()).await;
-    for check in &report.checks {
-        match check.level {
-            Level::Pass => tracing::info!("precheck: {check}"),
-            Level::Warn => tracing::warn!("precheck: {check}"),
-            Level::Fail => tracing::error!("precheck refused: {check}"),
+    // A target that fails over under the task (a promoted replica) makes it
+    // start again here, the way a restart would: from the target's markers.
+    let outcome = loop {
+        let report = precheck::run(&cfg, store.as_ref()).await;
+        for check in &report.checks {
+            match check.level {
+                Level::Pass => tracing::info!("precheck: {check}"),
+                Level::Warn => tracing::warn!("precheck: {check}"),
+                Level::Fail => tracing::error!("precheck refused: {check}"),
+            }
         }
-    }
-    if !report.passed() {
-        status.set_failed("precheck refused".into());
-        return EXIT_PRECHECK;
-    }
-    let outcome = run::run(&cfg, report.plans, status.clone(), http_addr.port()).await;
+        if !report.passed() {
+            status.set_failed("precheck refused".into());
+            return EXIT_PRECHECK;
+        }
+        match run::run(&cfg, report.plans, status.clone(), http_addr.port()).await {
+            Outcome::Restart(why) => {
+                tracing::warn!("{why}: the task starts again from the target's markers");
+                status.restart();
+            }
+            outcome => break outcome,
+        }
+    };
     match outcome {
         Outcome::Drained => {
             status.set_stopped();
@@ -172,7 +182,7 @@ async fn sync(args: SyncArgs) -> u8 {
             tracing::warn!("stopped without draining; the checkpoint holds what was applied");
             0
         }
-        Outcome::Failed(message) => {
+        Outcome::Failed(message) | Outcome::Restart(message) => {
             tracing::error!("{message}");
             EXIT_FAILED
         }

@@ -222,6 +222,10 @@ async fn wait_for_outcome(
                         send_all(|| TaskMsg::Abort);
                         combined = Outcome::Failed(message);
                     }
+                    Outcome::Restart(why) if !matches!(combined, Outcome::Failed(_)) => {
+                        send_all(|| TaskMsg::Abort);
+                        combined = Outcome::Restart(why);
+                    }
                     Outcome::Aborted if combined == Outcome::Drained => combined = Outcome::Aborted,
                     _ => {}
                 }

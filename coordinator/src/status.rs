@@ -109,6 +109,13 @@ impl TaskStatus {
         workers
     }
 
+    /// Forgets the workers: the task starts again (a target failed over).
+    pub fn restart(&self) {
+        self.groups.write().expect("groups lock").clear();
+        self.phase
+            .store(Phase::Prechecking as u8, Ordering::Release);
+    }
+
     /// The workers of every target, in the order the targets were given.
     pub fn groups(&self) -> Vec<Arc<Workers>> {
         self.groups.read().expect("groups lock").clone()
@@ -206,7 +213,7 @@ impl TaskStatus {
             }
             for t in &w.writers() {
                 targets.push(TargetJson {
-                    target: t.address(),
+                    target: t.target.clone(),
                     connected: t.connected.load(Ordering::Relaxed),
                     commands_applied: t.counters.commands_applied.get(),
                     errors: t.error_counts().iter().map(|(_, _, n)| n).sum(),

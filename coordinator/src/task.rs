@@ -56,6 +56,9 @@ pub enum Outcome {
     /// Stopped on request without waiting for everything to be applied.
     Aborted,
     Failed(String),
+    /// The target's topology changed under the task (a node failed over):
+    /// stopped without draining, to start again from the target's markers.
+    Restart(String),
 }
 
 pub struct TaskArgs {
@@ -337,7 +340,12 @@ impl Actor for Task {
                     }
                     Some(Child::Writer(w)) => {
                         state.writer_refs[w] = None;
-                        fail(&myself, state, message);
+                        if matches!(worker_err, Some(WorkerError::TargetFailedOver { .. })) {
+                            tracing::warn!("{message}: starting again from the target's markers");
+                            finish(&myself, state, Outcome::Restart(message));
+                        } else {
+                            fail(&myself, state, message);
+                        }
                     }
                     None => {}
                 }

@@ -93,6 +93,11 @@ pub enum WorkerError {
     /// target exact again.
     #[error("{addr}: a target node applied this source's writes out of order (it refused a transaction for a moment and ran a later one of the same slot); starting over with a full sync")]
     OutOfOrder { addr: String },
+    /// A target node is gone and its cluster promoted a replica in its
+    /// place: the task starts again from the target's markers, which the
+    /// replica holds as far as it holds the data.
+    #[error("{addr}: the target node is gone and {now} serves its slots now (a failover)")]
+    TargetFailedOver { addr: String, now: String },
     #[error("{addr}: gave up after retrying for {secs} s; last error: {last}")]
     RetriesExhausted {
         addr: String,
@@ -110,7 +115,8 @@ impl WorkerError {
             | WorkerError::Timeout { .. }
             | WorkerError::Loading { .. }
             | WorkerError::TargetBusy { .. }
-            | WorkerError::Resend { .. } => Recovery::Reconnect,
+            | WorkerError::Resend { .. }
+            | WorkerError::TargetFailedOver { .. } => Recovery::Reconnect,
             WorkerError::ReplicationRefused { recovery, .. } => *recovery,
             WorkerError::Protocol { .. }
             | WorkerError::Unexpected { .. }

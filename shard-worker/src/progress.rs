@@ -597,9 +597,6 @@ pub struct WriterStats {
     pub overflow: Arc<SpillGauges>,
     /// Error replies by class and code (`WRONGTYPE`, `ERR`, ...).
     errors: Mutex<std::collections::BTreeMap<(ErrorClass, String), u64>>,
-    /// Where the writer writes now, when its node failed over to another
-    /// address (`target` stays the name in metrics).
-    serving: Mutex<Option<String>>,
 }
 
 /// What an error reply from a target node meant.
@@ -631,22 +628,7 @@ impl WriterStats {
             counters: WriterCounters::default(),
             overflow: Arc::new(SpillGauges::default()),
             errors: Mutex::new(Default::default()),
-            serving: Mutex::new(None),
         }
-    }
-
-    /// The writer follows its node's promoted replica at `addr`.
-    pub fn set_serving(&self, addr: String) {
-        *self.serving.lock().expect("serving lock") = Some(addr);
-    }
-
-    /// The `host:port` the writer writes to now.
-    pub fn address(&self) -> String {
-        self.serving
-            .lock()
-            .expect("serving lock")
-            .clone()
-            .unwrap_or_else(|| self.target.clone())
     }
 
     pub fn count_error(&self, class: ErrorClass, code: &str) {

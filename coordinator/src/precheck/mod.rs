@@ -223,13 +223,18 @@ pub struct Target {
     pub skips: Vec<Option<shard_worker::route::Skip>>,
 }
 
-/// The task's id: its source masters and every target node.
-fn task_id(sources: &Sources, targets: &[Target]) -> String {
-    let source_addrs: Vec<String> = sources.masters.iter().map(|m| m.endpoint.addr()).collect();
-    let target_addrs: Vec<String> = targets
-        .iter()
-        .flat_map(|t| t.masters.iter().map(|m| m.endpoint.addr()))
-        .collect();
+/// The task's id: the addresses it was given — the source URL's (a
+/// Twemproxy pool: its backends) and the targets' — not the masters found
+/// behind them, so that it survives a target cluster failing over or
+/// growing (its markers carry the id).
+fn task_id(cfg: &TaskConfig, sources: &Sources) -> String {
+    let source_addrs: Vec<String> = match &cfg.source {
+        crate::url::SourceSpec::Redis(ep) => vec![ep.addr()],
+        crate::url::SourceSpec::Twemproxy { .. } => {
+            sources.masters.iter().map(|m| m.endpoint.addr()).collect()
+        }
+    };
+    let target_addrs: Vec<String> = cfg.targets.iter().map(Endpoint::addr).collect();
     crate::heartbeat::task_id(&source_addrs, &target_addrs)
 }
 
@@ -239,7 +244,7 @@ pub async fn run(cfg: &TaskConfig, store: Option<&CheckpointStore>) -> Report {
     let mut plans = Vec::new();
     if let Some(mut sources) = probe::sources(cfg, &mut checks).await {
         let mut targets = probe::targets(cfg, store, &sources, &mut checks).await;
-        let task_id = task_id(&sources, &targets);
+        let task_id = task_id(cfg, &sources);
         if cfg.exactly_once {
             probe::markers(&task_id, &sources, &mut targets, &mut checks).await;
         }

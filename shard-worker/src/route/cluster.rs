@@ -134,16 +134,6 @@ impl ClusterRouting {
             .position(|e| e.target == addr)
     }
 
-    /// Writer `w` writes to `endpoint` from now on (its node failed over
-    /// to a promoted replica): the same slots, another address.
-    pub fn retarget(&self, w: usize, endpoint: &Endpoint) {
-        let mut writers = self.writers.write().expect("writers lock");
-        if let Some(e) = writers.get_mut(w) {
-            e.target = endpoint.addr();
-            e.endpoint = endpoint.clone();
-        }
-    }
-
     /// Records that `slot` is served by writer `w` now.
     pub fn move_slot(&self, slot: u16, w: usize) {
         let old = self.slots[slot as usize].swap(w as u16, Ordering::AcqRel);

@@ -1,12 +1,12 @@
 //! A target master that died: once its cluster has promoted a replica, the
-//! writer follows it. While a writer cannot reach its node, it asks the
+//! task follows it. While a writer cannot reach its node, it asks the
 //! cluster's other nodes (`CLUSTER NODES`) who serves its slots now; when a
-//! healthy master at another address does, and no other writer serves that
-//! address, the writer turns to it. Nothing else changes: the slots keep
-//! their writer, and what the writer had not confirmed is checked against
-//! the new master's markers (which it replicated from the old one) and sent
-//! again where they show it missing — writes the old master acknowledged
-//! but never passed on included.
+//! healthy master at another address does (and no other writer serves that
+//! address), the writer fails with `WorkerError::TargetFailedOver` and the
+//! task starts again the way a restart does: the new topology, every node's
+//! markers (the replica holds them exactly as far as it holds the data,
+//! writes the old master acknowledged but never passed on included), a
+//! partial resync from the node furthest behind.
 
 use engine::cluster::{parse_nodes, ClusterNode};
 use engine::resp::Frame;

@@ -227,7 +227,14 @@ async fn connect(
     myself: &ActorRef<WriterMsg>,
     state: &mut WriterState,
 ) -> Result<(), ActorProcessingErr> {
-    follow_failover(state).await;
+    if let Some(now) = failed_over(state).await {
+        // What the old node acknowledged and never passed on is not on
+        // its replica: only the markers there say where to resume.
+        return Err(Box::new(WorkerError::TargetFailedOver {
+            addr: state.endpoint.addr(),
+            now,
+        }));
+    }
     let conn = match Conn::open_authenticated(&state.endpoint).await {
         Ok(mut conn) => {
             // Lets operators see in CLIENT LIST which connections are ours;
@@ -328,34 +335,20 @@ fn pipeline_exited(
     }
 }
 
-/// A cluster node unreachable for a while: when the cluster has promoted
-/// a replica in its place, write there (see `failover.rs`).
-async fn follow_failover(state: &mut WriterState) {
-    let (Some(routing), Some(outage)) = (state.ctx.routing.clone(), &state.outage) else {
-        return;
+/// A cluster node unreachable for a while: the address of the promoted
+/// replica that serves its slots now, if the cluster has failed it over
+/// (see `failover.rs`).
+async fn failed_over(state: &WriterState) -> Option<String> {
+    let (Some(routing), Some(outage)) = (state.ctx.routing.as_ref(), &state.outage) else {
+        return None;
     };
     if outage.elapsed() < FOLLOW_AFTER {
-        return;
+        return None;
     }
-    let Some(next) = failover::find_successor(&routing, state.ctx.writer, &state.endpoint).await
-    else {
-        return;
-    };
-    let addr = next.addr();
-    if routing.find(&addr).is_some() {
-        // Its slots went to a master with a writer of its own: MOVED
-        // replies will say so once this node answers again.
-        return;
-    }
-    tracing::warn!(
-        target_node = %state.endpoint,
-        now = %addr,
-        "the target node is gone and a promoted replica serves its slots; writing there \
-         (its markers say what it lacks)"
-    );
-    routing.retarget(state.ctx.writer, &next);
-    state.ctx.stats.set_serving(addr);
-    state.endpoint = next;
+    let next = failover::find_successor(routing, state.ctx.writer, &state.endpoint).await?;
+    // Slots that went to a master with a writer of its own are followed
+    // by MOVED replies once this node answers again.
+    routing.find(&next.addr()).is_none().then(|| next.addr())
 }
 
 /// Schedules a reconnection, or fails when waiting cannot help.

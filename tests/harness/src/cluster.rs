@@ -190,16 +190,20 @@ impl Cluster {
         self.wait_stable();
     }
 
-    /// Kills node `i` (-9) and waits until the cluster has promoted one of
+    /// Kills node `i` (-9, if it still runs) and waits until the cluster has promoted one of
     /// its replicas and is ok again; the dead node leaves `nodes`. Returns
     /// the index (in `nodes`, after the removal) of the promoted replica.
     pub fn fail_master(&mut self, i: usize) -> usize {
         let port = self.nodes[i].port.to_string();
+        // (Node `i` itself may be dead already.)
         let replicas: Vec<u16> = self
             .nodes
             .iter()
-            .filter(|n| n.info_field("master_port").as_deref() == Some(port.as_str()))
-            .map(|n| n.port)
+            .enumerate()
+            .filter(|(j, n)| {
+                *j != i && n.info_field("master_port").as_deref() == Some(port.as_str())
+            })
+            .map(|(_, n)| n.port)
             .collect();
         assert!(!replicas.is_empty(), "node {i} has no replica");
         let dead = self.nodes.remove(i);
