@@ -160,3 +160,52 @@ fn sigterm_drains_and_exits_zero_with_everything_applied() {
         "counter {counter} and list length {list_len} must advance together"
     );
 }
+
+/// A planned failover of a standalone source: shardsync stopped, writes
+/// stopped, the replica promoted (`REPLICAOF NO ONE`), writes on the new
+/// master, then the same command against the new master. The promoted
+/// replica continues the old master's history (PSYNC2: `master_replid2`),
+/// so shardsync adopts the marker the old master's sync left on the target
+/// and continues with a partial resync: no "target not empty", no second
+/// copy of everything.
+#[test]
+fn a_promoted_replica_continues_the_sync_with_a_partial_resync() {
+    let master = RedisServer::start();
+    let replica = RedisServer::config()
+        .arg("replicaof", &["127.0.0.1", &master.port.to_string()])
+        .start();
+    let target = RedisServer::start();
+    set_many(&master, "before:", 2000);
+    let mut sync = Shardsync::sync(BIN, &["--source", &master.url(), "--target", &target.url()]);
+    sync.wait_state("incremental", Duration::from_secs(60));
+    set_many(&master, "stream:", 500);
+    sync.wait_caught_up(&master, SHORT);
+    let done = sync.terminate(SHORT);
+    assert_eq!(done.code(), Some(0), "{}", done.log);
+    // Planned failover: the replica has everything, then takes over.
+    wait_for("the replica to catch up", SHORT, || {
+        replica.info_field("master_repl_offset") == master.info_field("master_repl_offset")
+    });
+    replica.cmd::<()>(&["REPLICAOF", "NO", "ONE"]);
+    drop(master);
+    set_many(&replica, "after:", 500);
+
+    let sync = Shardsync::sync(
+        BIN,
+        &["--source", &replica.url(), "--target", &target.url()],
+    );
+    sync.wait_state("incremental", Duration::from_secs(60));
+    sync.wait_caught_up(&replica, SHORT);
+    let log = sync.log();
+    assert!(
+        log.contains("continues the history of an earlier master"),
+        "{log}"
+    );
+    assert!(log.contains("partial resync accepted"), "{log}");
+    assert_eq!(
+        replica.sync_full(),
+        0,
+        "the new master never made an RDB for us\n{log}"
+    );
+    assert_same(&replica, &target);
+}

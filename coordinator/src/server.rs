@@ -44,6 +44,9 @@ pub struct ServerInfo {
     pub master_repl_offset: u64,
     /// `repl_backlog_size`, bytes.
     pub repl_backlog_size: Option<u64>,
+    /// The history this server continues after a promotion (PSYNC2):
+    /// `master_replid2` and `second_repl_offset`, when it has one.
+    pub earlier_history: Option<(String, u64)>,
     /// `CONFIG GET repl-timeout`, seconds.
     pub repl_timeout: Option<u64>,
     /// `CONFIG GET client-output-buffer-limit`, its replica class.
@@ -264,6 +267,11 @@ pub fn parse_info(addr: &str, text: &str) -> ServerInfo {
         maxmemory: number("maxmemory").unwrap_or(0),
         master_repl_offset: number("master_repl_offset").unwrap_or(0),
         repl_backlog_size: number("repl_backlog_size"),
+        earlier_history: fields
+            .get("master_replid2")
+            .filter(|id| !id.is_empty() && id.bytes().any(|b| b != b'0'))
+            .zip(number("second_repl_offset").filter(|&o| o > 0))
+            .map(|(id, offset)| (id.clone(), offset)),
         repl_timeout: None,
         replica_buffer_limit: None,
     }
@@ -312,6 +320,17 @@ mod tests {
         assert_eq!(info.used_memory_dataset, Some(5000));
         assert_eq!(info.maxmemory, 8388608);
         assert_eq!(info.master_repl_offset, 777);
+        assert_eq!(info.earlier_history, None, "no second history");
+        let promoted = parse_info(
+            "h:1",
+            "master_replid:aa\r\nmaster_replid2:bb\r\nsecond_repl_offset:4242\r\n",
+        );
+        assert_eq!(promoted.earlier_history, Some(("bb".to_string(), 4242)));
+        let fresh = parse_info(
+            "h:1",
+            "master_replid2:0000000000000000000000000000000000000000\r\nsecond_repl_offset:-1\r\n",
+        );
+        assert_eq!(fresh.earlier_history, None);
         assert_eq!(info.repl_backlog_size, Some(1048576));
     }
 

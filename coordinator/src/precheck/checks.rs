@@ -534,6 +534,25 @@ pub fn cluster_markers(
     (floor.map(|(m, _)| m.clone()), Some(skip))
 }
 
+/// A source master promoted from a replica continues the history it
+/// replicated (`history`: its `master_replid2` and `second_repl_offset`).
+/// A marker an earlier run left under the old master's name (another
+/// address, so another key and task id) is this shard's if it names that
+/// history at a position the new master can continue from: the newest such
+/// one, else `None`.
+pub fn adopted_marker(history: (&str, u64), found: &[Marker]) -> Option<Marker> {
+    let (replid2, second_offset) = history;
+    engine::marker::newest(
+        found
+            .iter()
+            .filter(|m| {
+                matches!(m, Marker::Applied { replid, offset, .. }
+            if replid == replid2 && *offset <= second_offset)
+            })
+            .cloned(),
+    )
+}
+
 /// Where a shard starts, from what an earlier run of the task left.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Start {

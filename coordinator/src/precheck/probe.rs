@@ -324,13 +324,62 @@ pub(super) async fn markers(
         let read = async {
             let mut conn = Conn::open_authenticated(&t.endpoint).await?;
             end_earlier_connections(&mut conn, &spec.client_name).await?;
-            read_markers(&mut conn, &spec).await
+            let mut found = read_markers(&mut conn, &spec).await?;
+            adopt_markers(&mut conn, sources, &mut found, checks).await?;
+            Ok::<_, shard_worker::WorkerError>(found)
         };
         match read.await {
             Ok(found) => t.markers = found,
             Err(e) => checks.fail("target markers", e.to_string()),
         }
     }
+}
+
+/// A source master without a marker of its own that was promoted from a
+/// replica (a planned failover, then the same command against the new
+/// master): a marker left under the old master's name that names the
+/// history it continues is taken as its own (`checks::adopted_marker`).
+/// Markers are in database 0 of a standalone target.
+async fn adopt_markers(
+    conn: &mut Conn,
+    sources: &Sources,
+    found: &mut [Option<engine::marker::Marker>],
+    checks: &mut Checks,
+) -> Result<(), shard_worker::WorkerError> {
+    let pattern = format!("{}*", engine::marker::MARK);
+    for (shard, marker) in found.iter_mut().enumerate() {
+        let Some(master) = sources.masters.get(shard) else {
+            continue;
+        };
+        let (None, Some((replid2, second))) = (&marker, &master.info.earlier_history) else {
+            continue;
+        };
+        let mut others = Vec::new();
+        let mut cursor = "0".to_string();
+        loop {
+            let (next, keys) = conn.scan_page(&cursor, Some(&pattern)).await?;
+            for key in keys {
+                if let engine::resp::Frame::Bulk(v) = conn.request(&[&b"GET"[..], &key]).await? {
+                    others.extend(engine::marker::Marker::parse(&v));
+                }
+            }
+            if next == "0" {
+                break;
+            }
+            cursor = next;
+        }
+        if let Some(m) = super::checks::adopted_marker((replid2, *second), &others) {
+            checks.pass(
+                "source failover",
+                format!(
+                    "{} continues the history of an earlier master ({replid2}): resuming from the marker that master's sync left",
+                    master.endpoint
+                ),
+            );
+            *marker = Some(m);
+        }
+    }
+    Ok(())
 }
 
 /// One shard's markers on every master of a cluster target: its node-wide

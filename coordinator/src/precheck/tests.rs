@@ -551,3 +551,33 @@ fn a_cluster_target_starts_over_unless_every_node_names_the_same_sync() {
         (None, None)
     );
 }
+
+#[test]
+fn a_promoted_source_adopts_the_marker_of_the_history_it_continues() {
+    let applied = |replid: &str, offset| Marker::Applied {
+        epoch: 1,
+        fresh: true,
+        replid: replid.into(),
+        offset,
+        db: 0,
+    };
+    let found = [
+        applied("old", 900),
+        applied("old", 1200),
+        applied("other", 500),
+        Marker::Full {
+            epoch: 2,
+            fresh: true,
+        },
+    ];
+    assert_eq!(
+        checks::adopted_marker(("old", 1000), &found),
+        Some(applied("old", 900)),
+        "the newest the new master can continue from (it has the history up to 1000)"
+    );
+    assert_eq!(
+        checks::adopted_marker(("old", 2000), &found),
+        Some(applied("old", 1200))
+    );
+    assert_eq!(checks::adopted_marker(("unrelated", 2000), &found), None);
+}
