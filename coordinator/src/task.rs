@@ -340,7 +340,9 @@ impl Actor for Task {
                     }
                     Some(Child::Writer(w)) => {
                         state.writer_refs[w] = None;
-                        if matches!(worker_err, Some(WorkerError::TargetFailedOver { .. })) {
+                        if !state.stopping
+                            && matches!(worker_err, Some(WorkerError::TargetFailedOver { .. }))
+                        {
                             tracing::warn!("{message}: starting again from the target's markers");
                             finish(&myself, state, Outcome::Restart(message));
                         } else {

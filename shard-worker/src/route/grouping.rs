@@ -232,6 +232,9 @@ impl Dispatcher {
                 .get_or_insert_with(|| engine::marker::in_slot(base, slot).into())
                 .clone()
         };
+        // Noted first: a slot later in this batch may wait for an earlier
+        // one of it (after a keyless batch, its first slot's).
+        order.note_batch(w, seq, value.clone().into());
         let mut first = None;
         b.group_by_slot(&value, |slot| {
             first.get_or_insert(slot);
@@ -248,7 +251,6 @@ impl Dispatcher {
                 guard,
             }
         });
-        order.note_batch(w, seq, value.clone().into());
         if let (true, Some(slot)) = (keyless, first) {
             order.note_barrier(w, seq, slot);
         }

@@ -98,7 +98,7 @@ pub(crate) struct PipelineCtx {
 pub enum OnError {
     #[default]
     Stop,
-    /// Count it (`target_errors_total{class="replay"}`), log it, go on.
+    /// Count it (`target_errors_total{code}`, `target_refusals_total{class="replay"}`), log it, go on.
     Skip,
 }
 

@@ -188,8 +188,9 @@ impl Verdict {
                     && !self.tx_refused.is_empty() =>
             {
                 self.left_out.append(&mut self.tx_refused);
-                if let Some(begin) = self.tx_open {
-                    self.partial.push(begin..i + 1);
+                if self.tx_open.is_some() {
+                    // With its guard: what is resent still waits its turn.
+                    self.partial.push(self.tx_from..i + 1);
                 }
                 true
             }
