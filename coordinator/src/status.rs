@@ -212,12 +212,16 @@ impl TaskStatus {
                 });
             }
             for t in &w.writers() {
+                let errors = ErrorsJson::of(&t.error_counts());
                 targets.push(TargetJson {
                     target: t.target.clone(),
                     connected: t.connected.load(Ordering::Relaxed),
                     commands_applied: t.counters.commands_applied.get(),
-                    errors: t.error_counts().iter().map(|(_, _, n)| n).sum(),
-                    errors_by_class: ErrorsJson::of(&t.error_counts()),
+                    // Commands refused for themselves (what it always
+                    // counted); refusals that were resent are in
+                    // `errors_by_class`.
+                    errors: errors.replay,
+                    errors_by_class: errors,
                 });
             }
         }

@@ -74,19 +74,18 @@ fn untagged(key: &[u8]) -> Option<&[u8]> {
 /// command's transaction discard itself at EXEC, so `WATCH m`, this script
 /// and then `MULTI ... EXEC` run the transaction only if `m` holds
 /// `ARGV[1]`: only if the transaction before it in the same slot ran. The
-/// value never
-/// changes, so a marker a restart reads is never disturbed.
+/// value never changes, so a marker a restart reads is never disturbed.
 pub const GUARD_SCRIPT: &str = "local v = redis.call('GET', KEYS[1]) \
 if v ~= ARGV[1] then if v then redis.call('SET', KEYS[1], v) \
 else redis.call('SET', KEYS[1], ''); redis.call('DEL', KEYS[1]) end end";
 
-/// The two commands of an order guard (see [`GUARD_SCRIPT`]): the
-/// transaction after them runs only if marker `key` holds `expected`.
-pub fn guard_commands<'a>(key: &'a [u8], expected: &'a [u8]) -> [Vec<&'a [u8]>; 2] {
-    [
-        vec![&b"WATCH"[..], key],
-        vec![&b"EVAL"[..], GUARD_SCRIPT.as_bytes(), b"1", key, expected],
-    ]
+/// The two commands of an order guard (see [`GUARD_SCRIPT`]), each handed
+/// to `each` as its arguments (no allocation: they are built on the data
+/// path): the transaction after them runs only if marker `key` holds
+/// `expected`.
+pub fn guard_commands(key: &[u8], expected: &[u8], mut each: impl FnMut(&[&[u8]])) {
+    each(&[b"WATCH", key]);
+    each(&[b"EVAL", GUARD_SCRIPT.as_bytes(), b"1", key, expected]);
 }
 
 /// The marker and the value an order guard's script expects, from its
@@ -238,7 +237,13 @@ mod tests {
 
     #[test]
     fn a_guard_names_its_marker_and_expected_value() {
-        let [watch, eval] = guard_commands(b"{a}shardsync:applied:t:s", b"1 2 f r 9 0");
+        let mut cmds: Vec<Vec<Vec<u8>>> = Vec::new();
+        guard_commands(b"{a}shardsync:applied:t:s", b"1 2 f r 9 0", |c| {
+            cmds.push(c.iter().map(|a| a.to_vec()).collect())
+        });
+        let args = |i: usize| -> Vec<&[u8]> { cmds[i].iter().map(Vec::as_slice).collect() };
+        let (watch, eval) = (args(0), args(1));
+        assert_eq!(cmds.len(), 2);
         assert_eq!(watch, [&b"WATCH"[..], b"{a}shardsync:applied:t:s"]);
         assert_eq!(
             parse_guard(&eval),

@@ -222,10 +222,10 @@ impl BatchBuilder {
             let slot = self.slots[order[k]];
             let SlotMark { key, guard } = mark(slot);
             if let Some((watch, expected)) = guard {
-                for cmd in engine::marker::guard_commands(&watch, &expected) {
+                engine::marker::guard_commands(&watch, &expected, |cmd| {
                     expect(&buf, ExpectKind::TxGuard);
-                    encode::command(&mut buf, &cmd);
-                }
+                    encode::command(&mut buf, cmd);
+                });
             }
             expect(&buf, ExpectKind::TxBegin);
             buf.extend_from_slice(MULTI);

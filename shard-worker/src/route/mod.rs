@@ -465,9 +465,9 @@ impl Dispatcher {
             if db != MARKER_DB {
                 b.push(None, ExpectKind::TxGuard, |buf| select(buf, MARKER_DB));
             }
-            for cmd in engine::marker::guard_commands(&marking.key, &pred.value) {
-                b.push(None, ExpectKind::TxGuard, |buf| encode::command(buf, &cmd));
-            }
+            engine::marker::guard_commands(&marking.key, &pred.value, |cmd| {
+                b.push(None, ExpectKind::TxGuard, |buf| encode::command(buf, cmd))
+            });
             if db != MARKER_DB {
                 b.push(None, ExpectKind::TxGuard, |buf| select(buf, db));
             }
@@ -485,40 +485,30 @@ impl Dispatcher {
         if let (Some(_), Some(at)) = (&self.grouping, at) {
             return self.seal_grouped(w, at);
         }
-        let b = &mut self.builders[w];
-        if let (Some(marking), Some((epoch, replid)), Some(at)) = (&self.marking, &self.stream, at)
-        {
-            if self.marked.len() <= w {
-                self.marked.resize(w + 1, None);
-            }
-            self.marked[w] = Some((at.offset, Instant::now()));
-            let value: Bytes = Marker::Applied {
-                epoch: *epoch,
-                fresh: marking.fresh,
-                replid: replid.clone(),
-                offset: at.offset,
-                db: at.db,
-            }
-            .encode()
-            .into();
+        if let (Some(marking), Some(_), Some(at)) = (&self.marking, &self.stream, at) {
+            let key = marking.key.clone();
+            let value: Bytes = self.applied_value(at).into();
+            self.note_marked(w, at);
             let (dispatched, _) = self.stats.link_seqs(w);
             self.stats.order.lock().expect("order lock").note_batch(
                 w,
                 dispatched + 1,
                 value.clone(),
             );
+            let b = &mut self.builders[w];
             b.default_db(MARKER_DB);
             let db = b.db().unwrap_or(MARKER_DB);
             if db != MARKER_DB {
                 b.push(None, ExpectKind::TxQueued, |buf| select(buf, MARKER_DB));
             }
             b.push(None, ExpectKind::TxQueued, |buf| {
-                encode::command(buf, &[&b"SET"[..], &marking.key, &value])
+                encode::command(buf, &[&b"SET"[..], &key, &value])
             });
             if db != MARKER_DB {
                 b.push(None, ExpectKind::TxQueued, |buf| select(buf, db));
             }
         }
+        let b = &mut self.builders[w];
         b.push(None, ExpectKind::TxEnd, |buf| buf.extend_from_slice(EXEC));
     }
 

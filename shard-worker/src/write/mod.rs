@@ -511,7 +511,7 @@ pub(crate) fn marked_transactions(batch: &Batch) -> Vec<(usize, Vec<u8>)> {
                 }
             }
             _ if begin.is_some() => {
-                if let Some(k) = marker_set(batch.command_bytes(i)) {
+                if let Some((k, _)) = resend::marker_set(batch.command_bytes(i)) {
                     key = Some(k);
                 }
             }
@@ -519,18 +519,6 @@ pub(crate) fn marked_transactions(batch: &Batch) -> Vec<(usize, Vec<u8>)> {
         }
     }
     out
-}
-
-/// The key of `SET <marker key> ...`, if the command is that.
-fn marker_set(cmd: &[u8]) -> Option<Vec<u8>> {
-    let mut buf = bytes::BytesMut::from(cmd);
-    let parsed = engine::resp::parse_command(&mut buf).ok()??;
-    let mut args = parsed.args();
-    if !args.next()?.eq_ignore_ascii_case(b"SET") {
-        return None;
-    }
-    let key = args.next()?;
-    engine::marker::is_marker(key).then(|| key.to_vec())
 }
 
 /// The marker of each shard on the node (`None` where there is none). The

@@ -107,44 +107,32 @@ pub(crate) fn drop_settled_guards<'a>(batches: impl IntoIterator<Item = &'a mut 
         if !batch.replies.iter().any(|e| e.kind == ExpectKind::TxGuard) {
             continue;
         }
-        let mut keep: Vec<Range<usize>> = Vec::new();
-        let mut dropped = false;
+        let mut drop = vec![false; batch.len()];
         let mut i = 0;
         while i < batch.len() {
-            let kind = batch.replies[i].kind;
-            if kind == ExpectKind::TxGuard {
-                let from = i;
-                let mut waits = None;
-                while i < batch.len() && batch.replies[i].kind == ExpectKind::TxGuard {
-                    waits = waits.or_else(|| {
-                        with_args(batch.command_bytes(i), |args| {
-                            engine::marker::parse_guard(args).map(|(k, v)| (k.to_vec(), v.to_vec()))
-                        })
-                    });
-                    i += 1;
+            if batch.replies[i].kind != ExpectKind::TxGuard {
+                if batch.replies[i].kind == ExpectKind::TxQueued {
+                    resent.extend(marker_set(batch.command_bytes(i)));
                 }
-                if waits.is_some_and(|w| resent.contains(&w)) {
-                    keep.push(from..i);
-                } else {
-                    dropped = true;
-                }
+                i += 1;
                 continue;
             }
-            if kind == ExpectKind::TxQueued {
-                if let Some(set) = with_args(batch.command_bytes(i), |args| {
-                    engine::marker::parse_marker_set(args).map(|(k, v)| (k.to_vec(), v.to_vec()))
-                }) {
-                    resent.insert(set);
-                }
+            let from = i;
+            let mut waits = None;
+            while i < batch.len() && batch.replies[i].kind == ExpectKind::TxGuard {
+                waits = waits.or_else(|| {
+                    with_args(batch.command_bytes(i), |args| {
+                        engine::marker::parse_guard(args).map(|(k, v)| (k.to_vec(), v.to_vec()))
+                    })
+                });
+                i += 1;
             }
-            match keep.last_mut() {
-                Some(r) if r.end == i => r.end = i + 1,
-                _ => keep.push(i..i + 1),
+            if !waits.is_some_and(|w| resent.contains(&w)) {
+                drop[from..i].iter_mut().for_each(|d| *d = true);
             }
-            i += 1;
         }
-        if dropped {
-            *batch = sub_batch(batch, &keep, None);
+        if drop.contains(&true) {
+            *batch = kept(batch, &drop);
         }
     }
 }
@@ -164,6 +152,11 @@ pub(crate) fn without_transactions(batch: &Batch, begins: &[usize]) -> Batch {
             .map_or(batch.len(), |i| i + 1);
         drop[from..to].iter_mut().for_each(|d| *d = true);
     }
+    kept(batch, &drop)
+}
+
+/// The commands of `batch` not marked in `drop`, as a batch of their own.
+fn kept(batch: &Batch, drop: &[bool]) -> Batch {
     let mut keep: Vec<Range<usize>> = Vec::new();
     for i in (0..batch.len()).filter(|&i| !drop[i]) {
         match keep.last_mut() {
@@ -172,6 +165,14 @@ pub(crate) fn without_transactions(batch: &Batch, begins: &[usize]) -> Batch {
         }
     }
     sub_batch(batch, &keep, None)
+}
+
+/// The marker and value of `SET <marker> <value>`, if the encoded command
+/// `cmd` is that.
+pub(crate) fn marker_set(cmd: &[u8]) -> Option<(Vec<u8>, Vec<u8>)> {
+    with_args(cmd, |args| {
+        engine::marker::parse_marker_set(args).map(|(k, v)| (k.to_vec(), v.to_vec()))
+    })
 }
 
 /// `f` of the arguments of the encoded command `cmd`.
@@ -328,12 +329,12 @@ mod tests {
     fn slot_tx(cmds: &mut Vec<(Vec<Vec<u8>>, ExpectKind)>, waits: Option<&str>, value: &str) {
         let m = b"{a}shardsync:applied:t:s".to_vec();
         if let Some(w) = waits {
-            for cmd in engine::marker::guard_commands(&m, w.as_bytes()) {
+            engine::marker::guard_commands(&m, w.as_bytes(), |cmd| {
                 cmds.push((
                     cmd.iter().map(|a| a.to_vec()).collect(),
                     ExpectKind::TxGuard,
-                ));
-            }
+                ))
+            });
         }
         cmds.push((vec![b"MULTI".to_vec()], ExpectKind::TxBegin));
         cmds.push((

@@ -62,21 +62,14 @@ impl Cluster {
 
     pub fn start_with(masters: usize, config: ServerConfig) -> Cluster {
         let nodes: Vec<RedisServer> = (0..masters).map(|_| Self::node(config.clone())).collect();
-        let mut cmd = Command::new("redis-cli");
-        cmd.arg("--cluster").arg("create");
-        for n in &nodes {
-            cmd.arg(n.addr());
-        }
-        cmd.args(["--cluster-replicas", "0", "--cluster-yes"]);
-        if let Some(p) = &config.password {
-            cmd.args(["-a", p, "--no-auth-warning"]);
-        }
-        let out = cmd.output().expect("run redis-cli --cluster create");
-        assert!(
-            out.status.success(),
-            "cluster create failed: {}",
-            String::from_utf8_lossy(&out.stdout)
-        );
+        let mut args = vec!["create".to_string()];
+        args.extend(nodes.iter().map(RedisServer::addr));
+        args.extend([
+            "--cluster-replicas".into(),
+            "0".into(),
+            "--cluster-yes".into(),
+        ]);
+        cluster_cli(&args, config.password.as_deref());
         let cluster = Cluster { nodes };
         cluster.wait_stable();
         cluster
@@ -142,21 +135,18 @@ impl Cluster {
     /// Moves `count` slots from node `from` to node `to` with
     /// `redis-cli --cluster reshard` (keys migrate with MIGRATE).
     pub fn reshard(&self, from: usize, to: usize, count: usize) {
-        let mut cmd = Command::new("redis-cli");
-        cmd.args(["--cluster", "reshard", &self.nodes[0].addr()])
-            .args(["--cluster-from", &self.id(from)])
-            .args(["--cluster-to", &self.id(to)])
-            .args(["--cluster-slots", &count.to_string(), "--cluster-yes"]);
-        if let Some(p) = &self.nodes[0].password {
-            cmd.args(["-a", p, "--no-auth-warning"]);
-        }
-        let out = cmd.output().expect("run redis-cli --cluster reshard");
-        assert!(
-            out.status.success(),
-            "reshard failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let args = [
+            "reshard".to_string(),
+            self.nodes[0].addr(),
+            "--cluster-from".into(),
+            self.id(from),
+            "--cluster-to".into(),
+            self.id(to),
+            "--cluster-slots".into(),
+            count.to_string(),
+            "--cluster-yes".into(),
+        ];
+        cluster_cli(&args, self.nodes[0].password.as_deref());
         self.wait_stable();
     }
 
@@ -164,25 +154,15 @@ impl Cluster {
     /// `master`; returns once it has synced.
     pub fn add_replica(&mut self, master: usize, config: ServerConfig) {
         let node = Self::node(config);
-        let mut cmd = Command::new("redis-cli");
-        cmd.args([
-            "--cluster",
-            "add-node",
-            &node.addr(),
-            &self.nodes[master].addr(),
-        ])
-        .args(["--cluster-slave", "--cluster-master-id", &self.id(master)]);
-        if let Some(p) = &node.password {
-            cmd.args(["-a", p, "--no-auth-warning"]);
-        }
-        let out = cmd
-            .output()
-            .expect("run redis-cli --cluster add-node --cluster-slave");
-        assert!(
-            out.status.success(),
-            "add-node (replica) failed: {}",
-            String::from_utf8_lossy(&out.stdout)
-        );
+        let args = [
+            "add-node".to_string(),
+            node.addr(),
+            self.nodes[master].addr(),
+            "--cluster-slave".into(),
+            "--cluster-master-id".into(),
+            self.id(master),
+        ];
+        cluster_cli(&args, node.password.as_deref());
         wait_for("the replica to sync", Duration::from_secs(30), || {
             node.info_field("master_link_status").as_deref() == Some("up")
         });
@@ -229,14 +209,9 @@ impl Cluster {
 
     /// Adds `node` to the cluster as an empty master.
     pub fn add_master(&mut self, node: RedisServer) {
-        let out = Command::new("redis-cli")
-            .args(["--cluster", "add-node", &node.addr(), &self.nodes[0].addr()])
-            .output()
-            .expect("run redis-cli --cluster add-node");
-        assert!(
-            out.status.success(),
-            "add-node failed: {}",
-            String::from_utf8_lossy(&out.stdout)
+        cluster_cli(
+            &["add-node".to_string(), node.addr(), self.nodes[0].addr()],
+            None,
         );
         self.nodes.push(node);
         self.wait_stable();
@@ -375,4 +350,24 @@ impl ClusterClient {
             let _: redis::Value = cmd.query(self.conn(port)).unwrap();
         }
     }
+}
+
+/// Runs `redis-cli --cluster <args>` (with `-a password` when given) and
+/// panics with its output if it fails.
+fn cluster_cli(args: &[String], password: Option<&str>) {
+    let mut cmd = Command::new("redis-cli");
+    cmd.arg("--cluster").args(args);
+    if let Some(p) = password {
+        cmd.args(["-a", p, "--no-auth-warning"]);
+    }
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("run redis-cli --cluster {}: {e}", args[0]));
+    assert!(
+        out.status.success(),
+        "redis-cli --cluster {} failed: {}{}",
+        args[0],
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
