@@ -29,6 +29,7 @@ use engine::slot::SLOTS;
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
 use shard_worker::progress::{ResumePoint, ShardState, ShardStats, WriterStats};
 use shard_worker::route::{ClusterRouting, NodeRequest, Overflow, Router, WriterHandle};
+use shard_worker::source::handover::{Peer, Peers};
 use shard_worker::source::{IntakeOptions, SourceArgs, SourceMsg, SourceWorker};
 use shard_worker::write::{
     Backoff, RetryPolicy, Writer, WriterArgs, WriterMsg, DEFAULT_QUEUE, DEFAULT_WINDOW,
@@ -139,6 +140,9 @@ pub struct TaskState {
     fresh: Vec<bool>,
     /// Per shard, the slot ranges its source master serves (cluster source).
     source_slots: Vec<Vec<(u16, u16)>>,
+    /// On a cluster source, every shard, for hand-overs of keys that
+    /// change masters (`shard_worker::source::handover`).
+    peers: Option<Arc<Peers>>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -177,6 +181,18 @@ impl Actor for Task {
         let group = args
             .status
             .add_group(Workers::new(args.name.clone(), shards.clone()));
+        let cluster_source = args.shards.iter().any(|s| !s.slots.is_empty());
+        let peers = cluster_source.then(|| {
+            let peers = Arc::new(Peers::new());
+            for (shard, (plan, stats)) in args.shards.iter().zip(&shards).enumerate() {
+                peers.add(Peer {
+                    shard,
+                    endpoint: plan.endpoint.clone(),
+                    stats: stats.clone(),
+                });
+            }
+            peers
+        });
         let marker_keys = args.exactly_once.then(|| {
             args.shards
                 .iter()
@@ -188,6 +204,7 @@ impl Actor for Task {
             writer_name: shard_worker::write::client_name(&args.task_id),
             fresh: args.shards.iter().map(|s| s.fresh).collect(),
             source_slots: args.shards.iter().map(|s| s.slots.clone()).collect(),
+            peers,
             shard_eps: args.shards.iter().map(|s| s.endpoint.clone()).collect(),
             skips: args.shards.iter().map(|s| s.skip.clone()).collect(),
             initial_resume: args.shards.into_iter().map(|s| s.resume).collect(),
@@ -498,6 +515,8 @@ async fn spawn_source(
                 .as_ref()
                 .map(|keys| marking(state, keys, shard)),
             skip: state.skips[shard].clone(),
+            peers: state.peers.clone(),
+            slots: state.source_slots[shard].clone(),
         },
         myself.get_cell(),
     )

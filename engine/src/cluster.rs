@@ -10,6 +10,8 @@ pub struct ClusterNode {
     pub host: String,
     pub port: u16,
     pub master: bool,
+    /// The node that answered (flag `myself`).
+    pub myself: bool,
     /// For a replica: the id of its master.
     pub master_id: Option<String>,
     /// Flagged `fail`/`fail?`/`handshake`/`noaddr`: not usable now.
@@ -46,6 +48,7 @@ fn parse_node_line(line: &str) -> Option<ClusterNode> {
     let port: u16 = port.parse().ok()?;
     let flags: Vec<&str> = fields[2].split(',').collect();
     let master = flags.contains(&"master");
+    let myself = flags.contains(&"myself");
     let unusable = flags
         .iter()
         .any(|f| matches!(*f, "fail" | "fail?" | "handshake" | "noaddr"))
@@ -76,6 +79,7 @@ fn parse_node_line(line: &str) -> Option<ClusterNode> {
             .to_string(),
         port,
         master,
+        myself,
         master_id,
         unusable,
         slots,

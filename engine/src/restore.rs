@@ -190,6 +190,24 @@ pub fn parse_restore(cmd: &crate::resp::Command, now_ms: i64) -> Option<RestoreA
     })
 }
 
+/// The RESTORE that a slot migration's `RESTORE-ASKING key ttl payload`
+/// stands for on the target: with REPLACE (the target may still hold the
+/// key from the exporting master's stream; the copy is its whole value),
+/// and with an absolute TTL (the importing master counted it from when it
+/// ran the command: `now_ms`). `None` when it does not parse.
+pub fn import_restore(cmd: &crate::resp::Command, now_ms: i64) -> Option<crate::resp::Command> {
+    let args = parse_restore(cmd, now_ms)?;
+    let ttl = itoa::Buffer::new()
+        .format(args.expire_ms.unwrap_or(0))
+        .to_owned();
+    let mut argv: Vec<&[u8]> = vec![b"RESTORE", &args.key, ttl.as_bytes(), &args.payload];
+    argv.push(b"REPLACE");
+    if args.expire_ms.is_some() {
+        argv.push(b"ABSTTL");
+    }
+    Some(crate::resp::Command::from_args(&argv))
+}
+
 /// Decodes the value a DUMP payload holds.
 pub fn decode_payload(payload: &[u8]) -> Result<crate::rdb::value::Value, String> {
     let (t, _) = check_dump_payload(payload).map_err(|e| e.to_string())?;
@@ -239,6 +257,24 @@ mod tests {
         // Module values: RESTORE whatever the versions or the option.
         assert_eq!(carry(TYPE_MODULE_2, 10, v70, true), Carry::Restore);
         assert_eq!(carry(TYPE_MODULE_2, 11, v62, true), Carry::Restamp);
+    }
+
+    #[test]
+    fn a_migrations_restore_replaces_with_an_absolute_ttl() {
+        let cmd = Command::from_args(&["RESTORE-ASKING", "k", "5000", "P"]);
+        let import = import_restore(&cmd, 1_000).unwrap();
+        let argv: Vec<&[u8]> = import.args().collect();
+        assert_eq!(
+            argv,
+            [&b"RESTORE"[..], b"k", b"6000", b"P", b"REPLACE", b"ABSTTL"]
+        );
+        let cmd = Command::from_args(&["RESTORE-ASKING", "k", "0", "P", "REPLACE"]);
+        let argv: Vec<Vec<u8>> = import_restore(&cmd, 1_000)
+            .unwrap()
+            .args()
+            .map(<[u8]>::to_vec)
+            .collect();
+        assert_eq!(argv, [&b"RESTORE"[..], b"k", b"0", b"P", b"REPLACE"]);
     }
 
     #[test]

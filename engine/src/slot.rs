@@ -21,9 +21,77 @@ pub fn slot(key: &[u8]) -> u16 {
     crc16::State::<crc16::XMODEM>::calculate(hash_tag(key)) % SLOTS
 }
 
+/// A set of cluster slots (a bitmap: 2 KiB, no allocation per slot).
+#[derive(Clone, PartialEq, Eq)]
+pub struct SlotSet(Box<[u64; SLOTS as usize / 64]>);
+
+impl SlotSet {
+    pub fn empty() -> SlotSet {
+        SlotSet(Box::new([0; SLOTS as usize / 64]))
+    }
+
+    /// The slots of these inclusive ranges.
+    pub fn of_ranges(ranges: &[(u16, u16)]) -> SlotSet {
+        let mut set = SlotSet::empty();
+        for &(a, b) in ranges {
+            for slot in a..=b.min(SLOTS - 1) {
+                set.insert(slot);
+            }
+        }
+        set
+    }
+
+    #[inline]
+    pub fn contains(&self, slot: u16) -> bool {
+        let slot = slot % SLOTS;
+        self.0[slot as usize / 64] & (1 << (slot % 64)) != 0
+    }
+
+    pub fn insert(&mut self, slot: u16) {
+        let slot = slot % SLOTS;
+        self.0[slot as usize / 64] |= 1 << (slot % 64);
+    }
+
+    pub fn remove(&mut self, slot: u16) {
+        let slot = slot % SLOTS;
+        self.0[slot as usize / 64] &= !(1 << (slot % 64));
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.iter().map(|w| w.count_ones() as usize).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.iter().all(|&w| w == 0)
+    }
+
+    /// The slots in the set, in order.
+    pub fn iter(&self) -> impl Iterator<Item = u16> + '_ {
+        (0..SLOTS).filter(|&s| self.contains(s))
+    }
+}
+
+impl std::fmt::Debug for SlotSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SlotSet({} slots)", self.len())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn slot_sets_hold_ranges_and_single_slots() {
+        let mut set = SlotSet::of_ranges(&[(0, 2), (16383, 16383)]);
+        assert_eq!(set.len(), 4);
+        assert!(set.contains(0) && set.contains(2) && set.contains(16383));
+        assert!(!set.contains(3));
+        set.remove(1);
+        set.insert(100);
+        assert_eq!(set.iter().collect::<Vec<_>>(), vec![0, 2, 100, 16383]);
+        assert!(!set.is_empty() && SlotSet::empty().is_empty());
+    }
 
     #[test]
     fn hash_tags_follow_redis_rules() {

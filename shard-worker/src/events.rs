@@ -14,6 +14,7 @@ use bytes::BytesMut;
 use engine::rebuild::Loss;
 use engine::resp::parse_command;
 
+use crate::error::WorkerError;
 use crate::progress::{ErrorClass, ShardCounters, WriterCounters, WriterStats};
 
 /// Keeps a flood of identical warnings (say, a million WRONGTYPE replies)
@@ -294,6 +295,99 @@ pub struct TransactionSplit;
 impl TransactionSplit {
     pub fn emit(self, counters: &ShardCounters) {
         counters.transactions_split.add(1);
+    }
+}
+
+/// A hand-over ended (`source::handover`): how long the shard waited.
+pub struct HandOver {
+    pub waited: Duration,
+}
+
+impl HandOver {
+    pub fn emit(self, counters: &ShardCounters) {
+        let ms = self.waited.as_millis() as u64;
+        counters.handovers.add(1);
+        counters.handover_wait_ms.add(ms);
+        if ms > counters.handover_wait_max_ms.get() {
+            counters.handover_wait_max_ms.set(ms);
+        }
+    }
+}
+
+/// A hand-over has waited long for another shard.
+pub struct HandOverSlow<'a> {
+    pub source: &'a str,
+    pub other: &'a str,
+    pub slot: u16,
+    pub offset: u64,
+    pub applied: Option<u64>,
+    pub secs: u64,
+}
+
+impl HandOverSlow<'_> {
+    pub fn emit(self) {
+        tracing::info!(
+            source = self.source,
+            other = self.other,
+            slot = self.slot,
+            offset = self.offset,
+            applied = self.applied.map_or_else(|| "none yet".to_string(), |a| a.to_string()),
+            secs = self.secs,
+            "a key of this slot came from another source master: waiting until that master's writes up to its offset are applied"
+        );
+    }
+}
+
+/// Two shards waited on each other at hand-overs; this one went on.
+pub struct HandOverCycle<'a> {
+    pub source: &'a str,
+    pub other: &'a str,
+    pub slot: u16,
+}
+
+impl HandOverCycle<'_> {
+    pub fn emit(self, counters: &ShardCounters) {
+        counters.handover_cycles.add(1);
+        tracing::warn!(
+            source = self.source,
+            other = self.other,
+            slot = self.slot,
+            "this shard and another wait on each other (slots moving both ways between their masters at once); going on: keys of this slot may differ until `shardsync verify` is run and they are written again"
+        );
+    }
+}
+
+/// A source master could not be asked its offset for a hand-over.
+pub struct HandOverBlind<'a> {
+    pub source: &'a str,
+    pub other: &'a str,
+    pub error: &'a WorkerError,
+}
+
+impl HandOverBlind<'_> {
+    pub fn emit(self) {
+        tracing::warn!(
+            source = self.source,
+            other = self.other,
+            error = %self.error,
+            "could not ask another source master its offset for a hand-over; waiting only for what its shard read"
+        );
+    }
+}
+
+/// A source master serves slots and no shard of the task reads it.
+pub struct UnknownSourceMaster<'a> {
+    pub source: &'a str,
+    pub master: &'a str,
+}
+
+impl UnknownSourceMaster<'_> {
+    pub fn emit(self) {
+        tracing::warn!(
+            source = self.source,
+            master = self.master,
+            "a source master serves slots that no shard of this task reads (added to the cluster mid-sync): its writes are not copied; restart the task to include it"
+        );
     }
 }
 

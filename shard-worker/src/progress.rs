@@ -154,6 +154,14 @@ crate::counters! {
             "Cross-slot commands replaced by an equivalent (cluster targets).",
         transactions_split: Counter "transactions_split_total" =
             "Transactions whose keys span slots, applied per slot.",
+        handovers: Counter "source_handovers_total" =
+            "Waits for the other source masters' writes before a key that changed masters (slot migrations on a cluster source).",
+        handover_wait_ms: Counter "source_handover_wait_ms_total" =
+            "Milliseconds the shard waited at hand-overs.",
+        handover_wait_max_ms: Gauge "source_handover_wait_max_ms" =
+            "The longest wait at one hand-over, in milliseconds.",
+        handover_cycles: Counter "source_handover_cycles_total" =
+            "Hand-overs ended because two shards waited on each other (slots moving both ways at once).",
         barriers: Counter "barriers_total" =
             "Waits for everything dispatched to be confirmed (slot moves, rewrites).",
         values_restamped: Counter "values_converted_total" {"how" = "restamped"} =
@@ -240,6 +248,9 @@ pub struct ShardStats {
     /// its slot did not: what the target holds is out of order, and only a
     /// full sync makes it right.
     out_of_order: AtomicBool,
+    /// On a cluster source: what the shard's hand-over sampler and intake
+    /// share (`source::handover`), kept across intakes.
+    pub handover: crate::source::handover::Shared,
 }
 
 /// How often heartbeats are written.
@@ -278,6 +289,7 @@ impl ShardStats {
             marker_keys: AtomicU64::new(0),
             order: Mutex::new(Default::default()),
             out_of_order: AtomicBool::new(false),
+            handover: Default::default(),
         }
     }
 
@@ -291,6 +303,23 @@ impl ShardStats {
     /// last asked.
     pub fn take_out_of_order(&self) -> bool {
         self.out_of_order.swap(false, Ordering::SeqCst)
+    }
+
+    /// Waits until the applied offset reaches `offset`, or `timeout`
+    /// passed; returns whether it did.
+    pub async fn wait_applied(&self, offset: u64, timeout: std::time::Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.confirmed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.applied().is_some_and(|a| a >= offset) {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return self.applied().is_some_and(|a| a >= offset);
+            }
+        }
     }
 
     /// The current sync epoch (see `engine::marker`).
@@ -487,6 +516,8 @@ impl ShardStats {
     /// Publishes that everything up to `at` has been dispatched.
     pub fn publish_processed(&self, at: StreamPos) {
         *self.processed.lock().expect("processed lock") = Some(at);
+        // The applied offset may move with it (hand-overs wait for it).
+        self.confirmed.notify_waiters();
         self.settle_heartbeats();
         let mut samples = self.samples.lock().expect("samples lock");
         if samples.back().is_none_or(|&(o, _)| o < at.offset) {

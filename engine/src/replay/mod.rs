@@ -37,6 +37,7 @@ use crate::command::{self, CommandSpec, Role};
 use crate::filter::{DbFilter, KeyFilter};
 use crate::rebuild::{Loss, Step, TargetCaps};
 use crate::resp::Command;
+use crate::slot::SlotSet;
 use crate::split::{Plan, TmpNames};
 
 /// What a command's reply must be, beyond "not an error".
@@ -206,6 +207,16 @@ pub enum Action {
     /// cross-slot equivalent of the command over control connections
     /// (boxed, as events are: rare, and every action stays small to move).
     Rewrite(Box<(Plan, Command)>),
+    /// A key changes hands between masters of a cluster source (a slot
+    /// migration's `RESTORE-ASKING`, or a command in a slot that this
+    /// shard's master did not serve for long enough): what the other
+    /// masters did before it must be applied before it is sent. `import`:
+    /// a migration's copy of the key (it always waits for the other masters'
+    /// latest writes).
+    HandOver {
+        slot: u16,
+        import: bool,
+    },
     /// The master asked for an acknowledgement.
     GetAck,
     /// Our heartbeat, written on the source at `written_ms` (Unix ms),
@@ -312,6 +323,9 @@ pub struct Replay {
     tmp: TmpNames,
     /// Reused for the units of one command (no allocation per command).
     scratch: Vec<Unit>,
+    /// On a cluster source: the slots whose commands need no hand-over
+    /// (the shard's master has served them long enough); `None` otherwise.
+    settled: Option<SlotSet>,
 }
 
 impl Replay {
@@ -324,6 +338,7 @@ impl Replay {
             tdb: None,
             tx: None,
             scratch: Vec::new(),
+            settled: None,
         };
         replay.select(0);
         replay
@@ -360,6 +375,21 @@ impl Replay {
     pub fn start_at(&mut self, db: u32) {
         self.select(db);
         self.tx = None;
+    }
+
+    /// On a cluster source, the slots whose commands go without a
+    /// [`Action::HandOver`]: every command with a key in any other slot
+    /// gets one (see `shard-worker`'s `source/handover.rs`).
+    pub fn set_settled(&mut self, settled: Option<SlotSet>) {
+        self.settled = settled;
+    }
+
+    pub fn settled_mut(&mut self) -> Option<&mut SlotSet> {
+        self.settled.as_mut()
+    }
+
+    pub fn settled(&self) -> Option<&SlotSet> {
+        self.settled.as_ref()
     }
 
     /// Whether a transaction is open (its commands are held until EXEC).

@@ -44,8 +44,8 @@ impl Replay {
     pub(super) fn write(
         &mut self,
         role: Role,
-        cmd: Command,
-        spec: Option<&'static CommandSpec>,
+        mut cmd: Command,
+        mut spec: Option<&'static CommandSpec>,
         now_ms: &dyn Fn() -> i64,
         out: &mut Vec<Action>,
         units: &mut Vec<Unit>,
@@ -56,6 +56,24 @@ impl Replay {
             }
             out.push(Action::event(Event::Filtered));
             return;
+        }
+        if cmd.is("RESTORE-ASKING") {
+            // A slot migration's copy of a key: the exporting master's
+            // history of it goes first, and the copy replaces what that
+            // history left on the target.
+            if let Some(import) = restore::import_restore(&cmd, now_ms()) {
+                out.push(Action::HandOver {
+                    slot: crate::slot::slot(import.arg(1)),
+                    import: true,
+                });
+                spec = crate::command::lookup(&import);
+                cmd = import;
+            }
+        } else if let Some(slot) = self.unsettled_slot(spec, &cmd) {
+            out.push(Action::HandOver {
+                slot,
+                import: false,
+            });
         }
         if matches!(role, Role::Data | Role::Script | Role::Move) {
             match self.cfg.key_filter.keep(spec, &cmd) {
@@ -110,6 +128,17 @@ impl Replay {
             }
             _ => self.in_its_db(Unit::of(None, cmd, spec), out, units),
         }
+    }
+
+    /// On a cluster source, the first slot of `cmd`'s keys that is not
+    /// settled (see [`Replay::set_settled`]).
+    #[inline]
+    fn unsettled_slot(&self, spec: Option<&CommandSpec>, cmd: &Command) -> Option<u16> {
+        let settled = self.settled.as_ref()?;
+        crate::command::key_positions(spec?, cmd)
+            .into_iter()
+            .map(|i| crate::slot::slot(cmd.arg(i)))
+            .find(|&slot| !settled.contains(slot))
     }
 
     /// `unit` in the target database of the selected source database, or

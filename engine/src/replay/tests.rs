@@ -93,6 +93,12 @@ fn show(action: &Action) -> String {
             };
             format!("rewrite {kind} {}", show_cmd(cmd))
         }
+        Action::HandOver { slot, import } => {
+            format!(
+                "handover{} slot{slot}",
+                if *import { " import" } else { "" }
+            )
+        }
         Action::GetAck => "getack".into(),
         Action::Heartbeat { written_ms } => format!("heartbeat {written_ms}"),
         Action::Event(e) => match &**e {
@@ -137,8 +143,18 @@ fn words(line: &str) -> Vec<Vec<u8>> {
 /// Feeds the RESP bytes of `input` through a fresh [`Replay`] and returns
 /// the actions, one line each.
 fn run_args(base: (ReplayConfig, bool), input: &[Vec<Vec<u8>>]) -> Result<String, ReplayError> {
+    run_settled(base, None, input)
+}
+
+/// As [`run_args`], from a cluster source whose settled slots are `settled`.
+fn run_settled(
+    base: (ReplayConfig, bool),
+    settled: Option<crate::slot::SlotSet>,
+    input: &[Vec<Vec<u8>>],
+) -> Result<String, ReplayError> {
     let (cfg, is_cluster) = base;
     let mut replay = Replay::new(cfg, is_cluster);
+    replay.set_settled(settled);
     let mut buf = stream(input);
     let mut out = Vec::new();
     while let Some(cmd) = parse_command(&mut buf).expect("valid RESP") {
@@ -894,4 +910,84 @@ fn snapshot_values_on_a_cluster_go_to_their_slot_and_heartbeats_nowhere() {
     );
     assert_eq!(r.plan_entry(0, b"b", TYPE_STRING, 10), EntryPlan::Skip);
     assert_eq!(r.dest_of_functions(), Dest::Everywhere);
+}
+
+// ------------------------------------------- cluster sources: hand-overs
+
+/// Every slot but those of `keys`.
+fn settled_but(keys: &[&str]) -> crate::slot::SlotSet {
+    let mut set = crate::slot::SlotSet::of_ranges(&[(0, 16383)]);
+    for k in keys {
+        set.remove(slot(k.as_bytes()));
+    }
+    set
+}
+
+fn lines(input: &[&str]) -> Vec<Vec<Vec<u8>>> {
+    input.iter().map(|l| words(l)).collect()
+}
+
+#[test]
+fn a_migrations_restore_asking_waits_for_a_hand_over_and_replaces() {
+    // Whatever the settled slots: a migration copy always hands over.
+    let mut args = restore("k", string_payload(b"v", 10), &[]);
+    args[0] = b"RESTORE-ASKING".to_vec();
+    args[2] = b"5000".to_vec();
+    let got = run_settled(cluster(), Some(settled_but(&[])), &[args]).unwrap();
+    let s = slot(b"k");
+    let want = format!(
+        "handover import slot{s}\nslot{s} ok RESTORE k {} <13 bytes> REPLACE ABSTTL",
+        NOW + 5000
+    );
+    assert_eq!(got, want);
+}
+
+#[test]
+fn a_restore_asking_into_a_standalone_target_hands_over_too() {
+    let mut args = restore("k", string_payload(b"v", 10), &["REPLACE"]);
+    args[0] = b"RESTORE-ASKING".to_vec();
+    let got = run_settled(standalone(), Some(settled_but(&[])), &[args]).unwrap();
+    assert_eq!(
+        got,
+        format!(
+            "handover import slot{}\ndb0 ok RESTORE k 0 <13 bytes> REPLACE",
+            slot(b"k")
+        )
+    );
+}
+
+#[test]
+fn a_command_in_a_slot_not_settled_hands_over_first() {
+    let input = lines(&["SET a 1", "SET b 2"]);
+    let got = run_settled(cluster(), Some(settled_but(&["b"])), &input).unwrap();
+    let (a, b) = (slot(b"a"), slot(b"b"));
+    assert_eq!(
+        got,
+        format!("slot{a} ok SET a 1\nhandover slot{b}\nslot{b} ok SET b 2")
+    );
+    // Any key of a multi-key command; keyless commands never.
+    let input = lines(&["DEL a b", "FLUSHALL"]);
+    let got = run_settled(standalone(), Some(settled_but(&["b"])), &input).unwrap();
+    assert_eq!(
+        got,
+        format!("handover slot{b}\ndb0 ok DEL a b\nflushed FLUSHALL all\ndb- ok FLUSHALL")
+    );
+}
+
+#[test]
+fn without_a_cluster_source_nothing_hands_over() {
+    check(standalone(), &["SET b 2"], "db0 ok SET b 2");
+}
+
+#[test]
+fn a_transactions_hand_over_comes_before_any_of_its_commands() {
+    let input = lines(&["MULTI", "SET a 1", "SET b 2", "EXEC"]);
+    let got = run_settled(standalone(), Some(settled_but(&["b"])), &input).unwrap();
+    assert_eq!(
+        got,
+        format!(
+            "handover slot{}\ndb0 begin MULTI\ndb- queued SET a 1\ndb- queued SET b 2\ndb- end EXEC",
+            slot(b"b")
+        )
+    );
 }

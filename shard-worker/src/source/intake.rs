@@ -26,6 +26,9 @@ use engine::restore::Existing;
 use ractor::ActorRef;
 use tokio::sync::watch;
 
+use engine::slot::SlotSet;
+
+use super::handover::{HandOvers, Peers, Settling, View};
 use super::rewrite::TargetControl;
 use super::SourceMsg;
 use crate::error::WorkerError;
@@ -89,6 +92,16 @@ pub(crate) struct IntakeParts {
     pub actor: ActorRef<SourceMsg>,
     pub stop: watch::Receiver<bool>,
     pub options: IntakeOptions,
+    /// On a cluster source: the task's shards, this one's index and
+    /// master, and the slots its master served at the precheck.
+    pub handover: Option<HandOverParts>,
+}
+
+/// What hand-overs need (see `handover.rs`).
+pub(crate) struct HandOverParts {
+    pub peers: Arc<Peers>,
+    pub me: usize,
+    pub slots: Vec<(u16, u16)>,
 }
 
 pub(crate) struct Intake {
@@ -112,6 +125,13 @@ pub(crate) struct Intake {
     /// Connections for cross-slot rewrites (cluster targets only).
     control: Option<TargetControl>,
     pub(super) log: LogLimiter,
+    /// Hand-overs between the shards of a cluster source.
+    pub(super) handovers: Option<HandOvers>,
+    /// Where the command being carried out began.
+    pub(super) cmd_start: u64,
+    /// Where the stream must be for a slot that left to stop being
+    /// settled (`u64::MAX`: none).
+    pub(super) next_leave: u64,
 }
 
 impl Intake {
@@ -126,6 +146,7 @@ impl Intake {
             actor,
             stop,
             options,
+            handover,
         } = parts;
         let cluster = dispatcher.router().is_cluster();
         let control = match &dispatcher.router().topology {
@@ -137,6 +158,24 @@ impl Intake {
         };
         let mut replay = Replay::new(options.replay.clone(), cluster);
         replay.start_at(start.db);
+        let handovers = handover.map(|parts| {
+            let view = stats
+                .handover
+                .view
+                .lock()
+                .expect("view lock")
+                .clone()
+                .unwrap_or_else(|| View {
+                    settled: SlotSet::of_ranges(&parts.slots),
+                    settling: Settling::default(),
+                });
+            replay.set_settled(Some(view.settled));
+            HandOvers {
+                peers: parts.peers,
+                me: parts.me,
+                settling: view.settling,
+            }
+        });
         Intake {
             addr,
             input,
@@ -152,6 +191,11 @@ impl Intake {
             safe: None,
             control,
             log: LogLimiter::new(),
+            next_leave: handovers
+                .as_ref()
+                .map_or(u64::MAX, |h| h.settling.next_leave()),
+            handovers,
+            cmd_start: start.offset,
         }
     }
 

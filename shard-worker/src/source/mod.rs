@@ -8,6 +8,7 @@
 //! second and whenever the master asks (GETACK). It never blocks on the
 //! socket: the tasks report back by message.
 
+pub mod handover;
 mod handshake;
 mod intake;
 mod rewrite;
@@ -62,6 +63,11 @@ pub struct SourceArgs {
     /// Exactly-once on a cluster target, after a restart: what its nodes
     /// applied already.
     pub skip: Option<crate::route::Skip>,
+    /// On a cluster source: every shard of the task, for hand-overs
+    /// (`handover.rs`), and the slots this one's master served at the
+    /// precheck.
+    pub peers: Option<Arc<handover::Peers>>,
+    pub slots: Vec<(u16, u16)>,
 }
 
 pub enum SourceMsg {
@@ -86,6 +92,8 @@ pub struct SourceState {
     intake: Option<JoinHandle<()>>,
     socket_reader: Option<JoinHandle<()>>,
     ticker: Option<JoinHandle<()>>,
+    /// On a cluster source: the hand-over sampler (`handover.rs`).
+    sampler: Option<JoinHandle<()>>,
     /// Acknowledging starts once the RDB (if any) is read.
     acking: bool,
 }
@@ -112,6 +120,7 @@ impl Actor for SourceWorker {
             intake: None,
             socket_reader: None,
             ticker: None,
+            sampler: None,
             acking: false,
         })
     }
@@ -179,7 +188,20 @@ impl Actor for SourceWorker {
             actor: myself.clone(),
             stop: state.stop.subscribe(),
             options: args.options,
+            handover: args.peers.clone().map(|peers| intake::HandOverParts {
+                peers,
+                me: args.shard,
+                slots: args.slots.clone(),
+            }),
         };
+        if let Some(peers) = args.peers.clone() {
+            state.sampler = Some(tokio::spawn(handover::sampler(
+                peers,
+                args.shard,
+                args.endpoint.clone(),
+                args.stats.clone(),
+            )));
+        }
         let mut intake = Intake::new(parts, replid, start);
         let me = myself.clone();
         state.intake = Some(tokio::spawn(async move {
@@ -202,6 +224,9 @@ impl Actor for SourceWorker {
         state: &mut SourceState,
     ) -> Result<(), ActorProcessingErr> {
         if let Some(t) = state.ticker.take() {
+            t.abort();
+        }
+        if let Some(t) = state.sampler.take() {
             t.abort();
         }
         if let Some(t) = state.intake.take() {

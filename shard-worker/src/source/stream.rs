@@ -39,6 +39,10 @@ impl Intake {
                     source,
                 })?
             {
+                self.cmd_start = self.offset;
+                if self.cmd_start >= self.next_leave {
+                    self.leave_slots();
+                }
                 self.offset += cmd.wire_len() as u64;
                 events::CommandsReceived { n: 1 }.emit(&self.stats.counters);
                 self.replay.step(cmd, unix_ms, &mut actions).map_err(|e| {
@@ -48,7 +52,15 @@ impl Intake {
                         reply: e.to_string(),
                     }
                 })?;
-                self.execute(&mut actions).await?;
+                if !self.execute(&mut actions).await? {
+                    // Asked to stop while a hand-over waited: the command
+                    // is not sent, and the position stays before it.
+                    self.dispatcher.flush_all(self.safe).await?;
+                    if let Some(at) = self.safe {
+                        self.stats.publish_processed(at);
+                    }
+                    return Ok(IntakeEnd::Stopped);
+                }
                 if !self.replay.in_tx() {
                     self.safe = Some(self.here());
                 }
@@ -67,6 +79,8 @@ impl Intake {
                 self.stats.publish_processed(at);
             }
             self.stats.counters.source_offset.set(self.offset);
+            self.absorb_samples();
+            self.settle_ready();
 
             if self.stop_requested() {
                 return Ok(IntakeEnd::Stopped);
@@ -82,7 +96,8 @@ impl Intake {
 
     /// Carries out (and empties) `actions`. On a cluster target, a change
     /// of the slot map is followed before the first command is routed.
-    async fn execute(&mut self, actions: &mut Vec<Action>) -> Result<(), WorkerError> {
+    /// `false`: asked to stop at a hand-over (the rest is not carried out).
+    async fn execute(&mut self, actions: &mut Vec<Action>) -> Result<bool, WorkerError> {
         let mut followed = false;
         for action in actions.drain(..) {
             match action {
@@ -108,8 +123,13 @@ impl Intake {
                     self.stats.heartbeat_seen(written_ms, self.offset)
                 }
                 Action::Event(event) => self.report(*event),
+                Action::HandOver { slot, import } => {
+                    if !self.hand_over(slot, import, self.cmd_start).await? {
+                        return Ok(false);
+                    }
+                }
             }
         }
-        Ok(())
+        Ok(true)
     }
 }

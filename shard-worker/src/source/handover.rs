@@ -1,0 +1,802 @@
+//! Hand-overs between the shards of a cluster source.
+//!
+//! Each master of a cluster source has its own stream, replayed by its own
+//! shard, and the streams are not ordered with each other. That is right
+//! while every key stays on one master. When a slot migrates (`redis-cli
+//! --cluster reshard`, `MIGRATE`), a key's history goes on on another
+//! master: the exporting master's stream ends it (its writes, then the
+//! `DEL` that `MIGRATE` propagates), the importing master's stream goes on
+//! (the `RESTORE-ASKING` copy, then what clients send it with `ASKING`
+//! and, once the slot is its own, without). So a command of the importing
+//! shard that may continue another master's history — a `RESTORE-ASKING`,
+//! or any command in a slot that its master has not served long enough
+//! (the replay rules' `Action::HandOver`) — waits until every other shard
+//! has applied what its master had done by the time the command ran.
+//!
+//! **Samples.** A sampler task per shard asks its master `CLUSTER NODES`
+//! and then its offset (`at`), and right after every other master its
+//! offset: whatever the others had done before any command of this master
+//! that ends at or before `at` is within those offsets. (`MIGRATE` is
+//! synchronous: the exporting master answers nothing before it has
+//! propagated its `DEL`, so an offset asked after the copy ran covers the
+//! `DEL`.) The sampler runs every second, ten times a second while keys
+//! change hands, and at once when a hand-over needs a sample later than
+//! the newest. A hand-over waits for the first sample past its command,
+//! not for now: a shard that lags behind never waits for what happened
+//! after its command ran (two shards each waiting for the other's present
+//! would wait for ever).
+//!
+//! **Settled slots.** A slot the master serves in a sample and that is not
+//! settled becomes *pending* from the sample's `at`: its later commands
+//! wait only for that sample, and once those offsets are applied (and the
+//! stream is past `at`) the slot is settled and its commands go without a
+//! wait. A settled slot the master no longer serves stops being settled
+//! from the sample's `at` on (what ran before is its own). Slots the master
+//! exports (`MIGRATING`) stay settled: the keys it still has were always
+//! its own.
+//!
+//! The view (settled slots, pending ones, samples not yet passed) lives in
+//! the shard's [`ShardStats`], so a reconnected intake goes on with it.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use engine::resp::Frame;
+use engine::slot::SlotSet;
+use tokio::sync::Notify;
+
+use crate::conn::Conn;
+use crate::endpoint::Endpoint;
+use crate::error::WorkerError;
+use crate::events;
+use crate::progress::ShardStats;
+
+/// The shards of one task on a cluster source, as each other's hand-overs
+/// see them.
+#[derive(Default)]
+pub struct Peers {
+    list: RwLock<Vec<Peer>>,
+}
+
+/// One shard: its master and its progress.
+#[derive(Clone)]
+pub struct Peer {
+    pub shard: usize,
+    pub endpoint: Endpoint,
+    pub stats: Arc<ShardStats>,
+}
+
+impl Peers {
+    pub fn new() -> Peers {
+        Peers::default()
+    }
+
+    /// A shard joins (at start, or a master added to the source mid-sync).
+    pub fn add(&self, peer: Peer) {
+        let mut list = self.list.write().expect("peers lock");
+        list.retain(|p| p.shard != peer.shard);
+        list.push(peer);
+    }
+
+    /// Every shard but `me`.
+    pub fn others(&self, me: usize) -> Vec<Peer> {
+        let list = self.list.read().expect("peers lock");
+        list.iter().filter(|p| p.shard != me).cloned().collect()
+    }
+
+    /// Whether a shard reads the master at `addr` (`host:port`).
+    pub fn knows(&self, addr: &str) -> bool {
+        let list = self.list.read().expect("peers lock");
+        list.iter().any(|p| p.endpoint.addr() == addr)
+    }
+}
+
+/// Each other shard with the offset of its master it must have applied.
+pub type Offsets = Vec<(usize, u64)>;
+
+/// One look at the masters (see the module's doc).
+#[derive(Clone, Debug)]
+pub struct Sample {
+    /// This shard's master's offset, asked after its slots.
+    pub at: u64,
+    /// The slots it served (`None`: `CLUSTER NODES` gave nothing usable).
+    pub served: Option<SlotSet>,
+    /// The other masters' offsets, asked after `at`.
+    pub peers: Offsets,
+}
+
+/// Slots found served by this shard's master, not settled yet.
+#[derive(Clone, Debug)]
+struct Pending {
+    /// The master's offset when it was found serving them: commands from
+    /// here on ran while it did.
+    from: u64,
+    slots: SlotSet,
+    /// The other masters' offsets asked after that.
+    peers: Offsets,
+}
+
+/// The pure part of a shard's hand-overs (settled slots are the replay
+/// rules' own set).
+#[derive(Clone, Debug, Default)]
+pub struct Settling {
+    pending: Vec<Pending>,
+    /// Settled slots the master no longer serves, from its offset then.
+    leaving: Vec<(u64, SlotSet)>,
+    /// Samples the stream has not passed: (`at`, the others' offsets).
+    samples: VecDeque<(u64, Offsets)>,
+}
+
+impl Settling {
+    /// What a hand-over for a command in `slot` that spans `start..end` of
+    /// the stream waits for: the others' offsets of the slot's pending
+    /// sample, or of the first sample taken after the command ran; `None`
+    /// while no sample is that late. A migration's copy (`import`) ran
+    /// after its slot was found served (a pending slot is served: the copy
+    /// came late): it waits for a sample after it.
+    pub fn need(&self, slot: u16, start: u64, end: u64, import: bool) -> Option<Offsets> {
+        if !import {
+            if let Some(p) = self
+                .pending
+                .iter()
+                .find(|p| p.from <= start && p.slots.contains(slot))
+            {
+                return Some(p.peers.clone());
+            }
+        }
+        self.samples
+            .iter()
+            .find(|(at, _)| *at >= end)
+            .map(|(_, peers)| peers.clone())
+    }
+
+    /// Takes in a sample: its slots (against the replay rules' `settled`),
+    /// and its offsets for later hand-overs. Returns the newly pending
+    /// slots' count.
+    pub fn absorb(&mut self, settled: &SlotSet, sample: Sample) -> usize {
+        let mut n = 0;
+        if let Some(served) = &sample.served {
+            let fresh = self.served(settled, served, sample.at);
+            n = fresh.len();
+            if !fresh.is_empty() {
+                self.pending.push(Pending {
+                    from: sample.at,
+                    slots: fresh,
+                    peers: sample.peers.clone(),
+                });
+            }
+        }
+        // Samples come in order; one per offset is enough (the earliest).
+        if self.samples.back().is_none_or(|(at, _)| *at < sample.at) {
+            self.samples.push_back((sample.at, sample.peers));
+        }
+        n
+    }
+
+    /// The master serves `served` as of its offset `at`: what it no longer
+    /// serves is no longer settled for the commands from `at` on (those
+    /// before ran while it did) and no longer pending; what it serves and
+    /// is neither is returned, to become pending.
+    fn served(&mut self, settled: &SlotSet, served: &SlotSet, at: u64) -> SlotSet {
+        let mut fresh = SlotSet::empty();
+        let mut leaving = SlotSet::empty();
+        for slot in 0..engine::slot::SLOTS {
+            let serves = served.contains(slot);
+            let left = self.leaving.iter_mut().find(|(_, l)| l.contains(slot));
+            if settled.contains(slot) {
+                match (serves, left) {
+                    (true, Some((_, l))) => l.remove(slot),
+                    (false, None) => leaving.insert(slot),
+                    _ => {}
+                }
+                continue;
+            }
+            let pending = self.pending.iter_mut().find(|p| p.slots.contains(slot));
+            match (serves, pending) {
+                (false, Some(p)) => p.slots.remove(slot),
+                (true, None) => fresh.insert(slot),
+                _ => {}
+            }
+        }
+        self.pending.retain(|p| !p.slots.is_empty());
+        self.leaving.retain(|(_, l)| !l.is_empty());
+        if !leaving.is_empty() {
+            self.leaving.push((at, leaving));
+        }
+        fresh
+    }
+
+    /// Where the stream must be for a slot that left to stop being
+    /// settled (`u64::MAX`: none is leaving).
+    pub fn next_leave(&self) -> u64 {
+        self.leaving
+            .iter()
+            .map(|&(at, _)| at)
+            .min()
+            .unwrap_or(u64::MAX)
+    }
+
+    /// The stream is at `offset`: slots that left before it are no longer
+    /// settled, and samples before it can serve no later command.
+    pub fn leave(&mut self, settled: &mut SlotSet, offset: u64) {
+        self.leaving.retain(|(at, slots)| {
+            if *at > offset {
+                return true;
+            }
+            for slot in slots.iter() {
+                settled.remove(slot);
+            }
+            false
+        });
+        self.prune(offset);
+    }
+
+    /// Samples before `offset` can serve no later command.
+    pub fn prune(&mut self, offset: u64) {
+        while self.samples.front().is_some_and(|(at, _)| *at < offset) {
+            self.samples.pop_front();
+        }
+    }
+
+    /// Settles the pending slots whose other masters' offsets are applied
+    /// (`applied` of each shard), once the stream is at `offset` past where
+    /// they were found served. Returns how many slots were settled.
+    pub fn settle(
+        &mut self,
+        settled: &mut SlotSet,
+        offset: u64,
+        applied: impl Fn(usize) -> Option<u64>,
+    ) -> usize {
+        let mut n = 0;
+        self.pending.retain(|p| {
+            let ready = p.from <= offset && applied_all(&p.peers, &applied);
+            if ready {
+                for slot in p.slots.iter() {
+                    settled.insert(slot);
+                    n += 1;
+                }
+            }
+            !ready
+        });
+        n
+    }
+
+    /// Slots pending, for logs.
+    pub fn pending_slots(&self) -> usize {
+        self.pending.iter().map(|p| p.slots.len()).sum()
+    }
+}
+
+/// Whether every shard in `offsets` applied its offset.
+pub fn applied_all(offsets: &Offsets, applied: impl Fn(usize) -> Option<u64>) -> bool {
+    offsets
+        .iter()
+        .all(|&(shard, o)| applied(shard).is_some_and(|a| a >= o))
+}
+
+/// A shard's hand-over view, kept in its [`ShardStats`] across intakes.
+#[derive(Clone, Debug)]
+pub struct View {
+    pub settled: SlotSet,
+    pub settling: Settling,
+}
+
+/// What a shard's sampler and intake share (in its [`ShardStats`]).
+pub struct Shared {
+    pub view: Mutex<Option<View>>,
+    /// Samples the intake has not taken in yet.
+    samples: Mutex<Vec<Sample>>,
+    /// A sample was taken.
+    sampled: Notify,
+    /// The intake wants a sample now.
+    wanted: Notify,
+    /// Until when (Unix ms) the sampler runs ten times a second.
+    busy_until: AtomicU64,
+    /// Where the intake waits at a hand-over (`u64::MAX`: it does not).
+    waiting_at: AtomicU64,
+}
+
+impl Default for Shared {
+    fn default() -> Self {
+        Shared {
+            view: Mutex::new(None),
+            samples: Mutex::new(Vec::new()),
+            sampled: Notify::new(),
+            wanted: Notify::new(),
+            busy_until: AtomicU64::new(0),
+            waiting_at: AtomicU64::new(u64::MAX),
+        }
+    }
+}
+
+impl Shared {
+    /// Where the intake waits at a hand-over, if it does.
+    pub fn waiting_at(&self) -> Option<u64> {
+        let at = self.waiting_at.load(Ordering::SeqCst);
+        (at != u64::MAX).then_some(at)
+    }
+
+    fn take_samples(&self) -> Vec<Sample> {
+        std::mem::take(&mut *self.samples.lock().expect("samples lock"))
+    }
+
+    fn busy(&self) {
+        let until = crate::clock::unix_ms() as u64 + BUSY_FOR.as_millis() as u64;
+        self.busy_until.fetch_max(until, Ordering::Relaxed);
+    }
+
+    fn period(&self) -> Duration {
+        if self.busy_until.load(Ordering::Relaxed) > crate::clock::unix_ms() as u64 {
+            BUSY_PERIOD
+        } else {
+            IDLE_PERIOD
+        }
+    }
+}
+
+/// How long a hand-over waits before it says so in the log.
+const SLOW_WAIT: Duration = Duration::from_secs(5);
+/// How long two shards that wait on each other wait before the lower one
+/// goes on (see `Intake::wait_for`).
+const CYCLE_WAIT: Duration = Duration::from_secs(2);
+/// How often the sampler looks, and while keys change hands.
+const IDLE_PERIOD: Duration = Duration::from_secs(1);
+const BUSY_PERIOD: Duration = Duration::from_millis(100);
+/// How long after a hand-over the sampler stays fast.
+const BUSY_FOR: Duration = Duration::from_secs(10);
+
+/// The sampler task of one shard (see the module's doc); runs until
+/// aborted with its worker.
+pub async fn sampler(peers: Arc<Peers>, me: usize, own: Endpoint, stats: Arc<ShardStats>) {
+    let shared = &stats.handover;
+    let mut conns: HashMap<String, Conn> = HashMap::new();
+    let mut unknown = std::collections::HashSet::new();
+    let mut log = events::LogLimiter::new();
+    loop {
+        let sample = take_sample(&mut conns, &peers, me, &own, &mut unknown).await;
+        match sample {
+            Ok(sample) => {
+                shared.samples.lock().expect("samples lock").push(sample);
+                shared.sampled.notify_waiters();
+            }
+            Err(e) => {
+                if log.allow().is_some() {
+                    tracing::warn!(source = %own, error = %e, "could not ask the source masters where they are (slot migrations wait); asking again");
+                }
+            }
+        }
+        let period = shared.period();
+        tokio::select! {
+            _ = tokio::time::sleep(period) => {}
+            _ = shared.wanted.notified() => {}
+        }
+    }
+}
+
+/// One sample: this master's slots and offset, then the others' offsets.
+async fn take_sample(
+    conns: &mut HashMap<String, Conn>,
+    peers: &Peers,
+    me: usize,
+    own: &Endpoint,
+    unknown: &mut std::collections::HashSet<String>,
+) -> Result<Sample, WorkerError> {
+    let (text, at) = ask(conns, own, true).await?;
+    let nodes = engine::cluster::parse_nodes(&text);
+    let (served, masters) = served_slots(&nodes);
+    for master in masters {
+        if !peers.knows(&master) && unknown.insert(master.clone()) {
+            events::UnknownSourceMaster {
+                source: &own.addr(),
+                master: &master,
+            }
+            .emit();
+        }
+    }
+    let mut offsets = Vec::new();
+    for peer in peers.others(me) {
+        let offset = match ask(conns, &peer.endpoint, false).await {
+            Ok((_, offset)) => offset,
+            Err(e) => {
+                // What its shard read is all that can be waited for.
+                events::HandOverBlind {
+                    source: &own.addr(),
+                    other: &peer.stats.source,
+                    error: &e,
+                }
+                .emit();
+                peer.stats.processed().unwrap_or(0)
+            }
+        };
+        offsets.push((peer.shard, offset));
+    }
+    Ok(Sample {
+        at,
+        served: nodes.iter().any(|n| n.myself).then_some(served),
+        peers: offsets,
+    })
+}
+
+/// Asks the master at `ep` (with `nodes`: `CLUSTER NODES` first) and then
+/// its offset, pipelined on one connection kept open: the offset is taken
+/// after the slots were.
+async fn ask(
+    conns: &mut HashMap<String, Conn>,
+    ep: &Endpoint,
+    nodes: bool,
+) -> Result<(String, u64), WorkerError> {
+    let addr = ep.addr();
+    let mut conn = match conns.remove(&addr) {
+        Some(conn) => conn,
+        None => Conn::open_authenticated(ep).await?,
+    };
+    let mut requests: Vec<Vec<&str>> = Vec::with_capacity(2);
+    if nodes {
+        requests.push(vec!["CLUSTER", "NODES"]);
+    }
+    requests.push(vec!["INFO", "replication"]);
+    let replies = conn.pipeline(&requests).await?;
+    let text = |f: &Frame| match f {
+        Frame::Bulk(b) => Ok(String::from_utf8_lossy(b).into_owned()),
+        other => Err(WorkerError::Unexpected {
+            addr: addr.clone(),
+            context: "asking a source master where it is (hand-overs)",
+            reply: other.to_text(),
+        }),
+    };
+    let info = text(replies.last().expect("one reply per request"))?;
+    let offset = info
+        .lines()
+        .find_map(|l| l.trim_end().strip_prefix("master_repl_offset:"))
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| WorkerError::Unexpected {
+            addr: addr.clone(),
+            context: "reading master_repl_offset (hand-overs)",
+            reply: info.lines().take(3).collect::<Vec<_>>().join(" "),
+        })?;
+    let nodes_text = if nodes {
+        text(&replies[0])?
+    } else {
+        String::new()
+    };
+    conns.insert(addr, conn);
+    Ok((nodes_text, offset))
+}
+
+/// The slots `CLUSTER NODES` (as the node that answered) says it serves,
+/// and the serving masters it names, as `host:port`.
+pub fn served_slots(nodes: &[engine::cluster::ClusterNode]) -> (SlotSet, Vec<String>) {
+    let served = nodes
+        .iter()
+        .find(|n| n.myself)
+        .map_or_else(SlotSet::empty, |n| SlotSet::of_ranges(&n.slots));
+    let masters = nodes
+        .iter()
+        .filter(|n| n.serving_master())
+        .map(|n| crate::endpoint::addr_of(&n.host, n.port))
+        .collect();
+    (served, masters)
+}
+
+/// The intake's side.
+pub(super) struct HandOvers {
+    pub peers: Arc<Peers>,
+    pub me: usize,
+    pub settling: Settling,
+}
+
+impl super::intake::Intake {
+    /// Carries out `Action::HandOver` for the command that spans
+    /// `start..` the intake's offset. Returns `false` when the intake was
+    /// asked to stop meanwhile: the command is not sent.
+    pub(super) async fn hand_over(
+        &mut self,
+        slot: u16,
+        import: bool,
+        start: u64,
+    ) -> Result<bool, WorkerError> {
+        let end = self.offset;
+        if self.handovers.is_none() {
+            return Ok(true);
+        }
+        self.stats.handover.busy();
+        let began = Instant::now();
+        let offsets = loop {
+            self.absorb_samples();
+            let h = self.handovers.as_ref().expect("hand-overs on");
+            if let Some(offsets) = h.settling.need(slot, start, end, import) {
+                break offsets;
+            }
+            // No sample is late enough: ask for one.
+            let shared = &self.stats.handover;
+            let sampled = shared.sampled.notified();
+            tokio::pin!(sampled);
+            sampled.as_mut().enable();
+            if !shared.samples.lock().expect("samples lock").is_empty() {
+                continue;
+            }
+            shared.wanted.notify_one();
+            let mut stop = self.stop.clone();
+            tokio::select! {
+                _ = &mut sampled => {}
+                _ = stop.changed() => return Ok(false),
+                _ = tokio::time::sleep(SLOW_WAIT) => {
+                    tracing::info!(source = %self.addr, slot, "a hand-over waits for the source masters' offsets");
+                }
+            }
+        };
+        if !self.applied(&offsets) {
+            // What this shard read before the command goes out first (a
+            // shard waiting for it waits for no more than that).
+            self.dispatcher.flush_all(self.safe).await?;
+            if let Some(at) = self.safe {
+                self.stats.publish_processed(at);
+            }
+            if !self.wait_for(&offsets, slot, start).await {
+                return Ok(false);
+            }
+        }
+        events::HandOver {
+            waited: began.elapsed(),
+        }
+        .emit(&self.stats.counters);
+        self.settle_ready();
+        Ok(true)
+    }
+
+    /// Whether each other shard applied its offset in `offsets`.
+    fn applied(&self, offsets: &Offsets) -> bool {
+        let Some(h) = self.handovers.as_ref() else {
+            return true;
+        };
+        let peers = h.peers.others(h.me);
+        applied_all(offsets, |shard| {
+            peers
+                .iter()
+                .find(|p| p.shard == shard)
+                .map_or(Some(u64::MAX), |p| p.stats.applied())
+        })
+    }
+
+    /// Waits until each other shard applied its offset in `offsets`;
+    /// `false` when asked to stop meanwhile. Two shards whose commands ran
+    /// within one sample of each other may each wait for the other: after
+    /// [`CYCLE_WAIT`] the one with the lower index goes on once the other
+    /// applied everything it handed over, and says so.
+    async fn wait_for(&mut self, offsets: &[(usize, u64)], slot: u16, start: u64) -> bool {
+        let Some(h) = self.handovers.as_ref() else {
+            return true;
+        };
+        let me = h.me;
+        let peers = h.peers.others(me);
+        let began = Instant::now();
+        let mut said = began;
+        let shared = &self.stats.handover;
+        shared.waiting_at.store(start, Ordering::SeqCst);
+        let mut done = true;
+        'peers: for &(shard, offset) in offsets {
+            let Some(peer) = peers.iter().find(|p| p.shard == shard) else {
+                continue;
+            };
+            while !peer
+                .stats
+                .wait_applied(offset, Duration::from_millis(100))
+                .await
+            {
+                if *self.stop.borrow() {
+                    done = false;
+                    break 'peers;
+                }
+                let waits_too = peer.stats.handover.waiting_at().is_some();
+                let handed_over = peer.stats.applied().is_some()
+                    && peer.stats.applied() == peer.stats.processed();
+                if waits_too && handed_over && me < shard && began.elapsed() >= CYCLE_WAIT {
+                    events::HandOverCycle {
+                        source: &self.addr,
+                        other: &peer.stats.source,
+                        slot,
+                    }
+                    .emit(&self.stats.counters);
+                    continue 'peers;
+                }
+                if said.elapsed() >= SLOW_WAIT {
+                    said = Instant::now();
+                    events::HandOverSlow {
+                        source: &self.addr,
+                        other: &peer.stats.source,
+                        slot,
+                        offset,
+                        applied: peer.stats.applied(),
+                        secs: began.elapsed().as_secs(),
+                    }
+                    .emit();
+                }
+            }
+        }
+        shared.waiting_at.store(u64::MAX, Ordering::SeqCst);
+        done
+    }
+
+    /// Takes in the samples taken since the last call.
+    pub(super) fn absorb_samples(&mut self) {
+        let samples = self.stats.handover.take_samples();
+        if samples.is_empty() {
+            return;
+        }
+        let (Some(h), Some(settled)) = (self.handovers.as_mut(), self.replay.settled()) else {
+            return;
+        };
+        for sample in samples {
+            h.settling.absorb(settled, sample);
+        }
+        h.settling.prune(self.offset);
+        self.next_leave = h.settling.next_leave();
+        self.settle_ready();
+    }
+
+    /// Settles the pending slots that are ready, and keeps the view in the
+    /// shard's stats.
+    pub(super) fn settle_ready(&mut self) {
+        let (Some(h), Some(settled)) = (self.handovers.as_mut(), self.replay.settled_mut()) else {
+            return;
+        };
+        if h.settling.pending_slots() > 0 {
+            let peers = h.peers.others(h.me);
+            let applied = |shard: usize| {
+                peers
+                    .iter()
+                    .find(|p| p.shard == shard)
+                    .map_or(Some(u64::MAX), |p| p.stats.applied())
+            };
+            let n = h.settling.settle(settled, self.offset, applied);
+            if n > 0 {
+                tracing::debug!(source = %self.addr, slots = n, "slots settled");
+            }
+        }
+        *self.stats.handover.view.lock().expect("view lock") = Some(View {
+            settled: settled.clone(),
+            settling: h.settling.clone(),
+        });
+    }
+
+    /// The stream passed where a slot that left stops being settled.
+    pub(super) fn leave_slots(&mut self) {
+        let (Some(h), Some(settled)) = (self.handovers.as_mut(), self.replay.settled_mut()) else {
+            return;
+        };
+        h.settling.leave(settled, self.offset);
+        self.next_leave = h.settling.next_leave();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(slots: &[u16]) -> SlotSet {
+        let mut s = SlotSet::empty();
+        for &slot in slots {
+            s.insert(slot);
+        }
+        s
+    }
+
+    fn sample(at: u64, served: &[u16], peers: Offsets) -> Sample {
+        Sample {
+            at,
+            served: Some(set(served)),
+            peers,
+        }
+    }
+
+    #[test]
+    fn a_hand_over_waits_for_the_first_sample_after_its_command() {
+        let settled = set(&[1]);
+        let mut s = Settling::default();
+        assert_eq!(s.need(7, 100, 120, false), None, "no sample yet");
+        s.absorb(&settled, sample(110, &[1], vec![(1, 50)]));
+        assert_eq!(s.need(7, 100, 120, false), None, "too early for it");
+        s.absorb(&settled, sample(120, &[1], vec![(1, 60)]));
+        s.absorb(&settled, sample(300, &[1], vec![(1, 90)]));
+        assert_eq!(s.need(7, 100, 120, false), Some(vec![(1, 60)]));
+        assert_eq!(s.need(7, 120, 200, true), Some(vec![(1, 90)]));
+        // Passed samples are dropped.
+        let mut settled = settled;
+        s.leave(&mut settled, 121);
+        assert_eq!(s.need(7, 100, 120, false), Some(vec![(1, 90)]));
+    }
+
+    #[test]
+    fn a_slot_newly_served_settles_once_the_others_applied_that_sample() {
+        let mut settled = set(&[1, 2]);
+        let mut s = Settling::default();
+        // Slot 2 moved away, 3 moved in.
+        assert_eq!(
+            s.absorb(&settled, sample(1000, &[1, 3], vec![(1, 50), (2, 70)])),
+            1
+        );
+        // 2 stays settled for what ran before the master was seen without it.
+        assert_eq!(s.next_leave(), 1000);
+        s.leave(&mut settled, 999);
+        assert_eq!(settled, set(&[1, 2]));
+        s.leave(&mut settled, 1000);
+        assert_eq!(settled, set(&[1]));
+        assert_eq!(s.next_leave(), u64::MAX);
+        // Commands that ran before it was seen served wait for a later
+        // sample; later ones for the offsets of that sample.
+        assert_eq!(s.need(3, 900, 1001, false), None);
+        assert_eq!(s.need(3, 1000, 1050, false), Some(vec![(1, 50), (2, 70)]));
+        // A migration's copy waits for a sample after it.
+        assert_eq!(s.need(3, 1000, 1050, true), None);
+        // Not settled while a shard is behind, or the stream before `from`.
+        let applied = |shard: usize| Some(if shard == 1 { 50 } else { 69 });
+        assert_eq!(s.settle(&mut settled, 2000, applied), 0);
+        let applied = |_| Some(100);
+        assert_eq!(s.settle(&mut settled, 999, applied), 0);
+        assert_eq!(s.settle(&mut settled, 1000, applied), 1);
+        assert_eq!(settled, set(&[1, 3]));
+        assert_eq!(s.pending_slots(), 0);
+    }
+
+    #[test]
+    fn a_shard_in_a_full_sync_holds_settling_back() {
+        let mut settled = SlotSet::empty();
+        let mut s = Settling::default();
+        s.absorb(&settled, sample(0, &[5], vec![(1, 10)]));
+        assert_eq!(s.settle(&mut settled, 10, |_| None), 0);
+        assert!(!settled.contains(5));
+    }
+
+    #[test]
+    fn a_pending_slot_that_leaves_again_is_forgotten() {
+        let mut settled = SlotSet::empty();
+        let mut s = Settling::default();
+        assert_eq!(s.absorb(&settled, sample(10, &[5, 6], vec![])), 2);
+        assert_eq!(s.absorb(&settled, sample(15, &[6], vec![])), 0);
+        assert_eq!(s.pending_slots(), 1);
+        assert_eq!(s.need(5, 20, 30, false), None);
+        assert_eq!(s.settle(&mut settled, 20, |_| Some(0)), 1);
+        assert_eq!(settled, set(&[6]));
+    }
+
+    #[test]
+    fn a_slot_that_comes_back_before_it_left_stays_settled() {
+        let mut settled = set(&[1]);
+        let mut s = Settling::default();
+        s.absorb(&settled, sample(100, &[], vec![]));
+        s.absorb(&settled, sample(150, &[1], vec![]));
+        assert_eq!(s.next_leave(), u64::MAX);
+        s.leave(&mut settled, 200);
+        assert_eq!(settled, set(&[1]));
+    }
+
+    #[test]
+    fn a_sample_without_slots_only_gives_offsets() {
+        let settled = SlotSet::empty();
+        let mut s = Settling::default();
+        let blind = Sample {
+            at: 10,
+            served: None,
+            peers: vec![(0, 4)],
+        };
+        assert_eq!(s.absorb(&settled, blind), 0);
+        assert_eq!(s.pending_slots(), 0);
+        assert_eq!(s.need(9, 0, 10, false), Some(vec![(0, 4)]));
+    }
+
+    #[test]
+    fn served_slots_are_the_answering_nodes() {
+        let text = "\
+a 127.0.0.1:7000@17000 myself,master - 0 0 1 connected 0-100 [100->-b]
+b 127.0.0.1:7001@17001 master - 0 0 2 connected 101-200 [50-<-a]
+c 127.0.0.1:7002@17002 master - 0 0 3 connected
+";
+        let nodes = engine::cluster::parse_nodes(text);
+        let (served, masters) = served_slots(&nodes);
+        // The slot it exports is still its own.
+        assert_eq!(served, SlotSet::of_ranges(&[(0, 100)]));
+        assert_eq!(masters, vec!["127.0.0.1:7000", "127.0.0.1:7001"]);
+    }
+}

@@ -1,0 +1,151 @@
+//! A cluster source resharded during the sync (issue 13, part 1): keys
+//! move between masters with MIGRATE while clients write, and every key's
+//! history stays in order across the two shards' streams.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use harness::cluster::{Cluster, ClusterClient};
+use harness::compare::assert_same_nodes;
+use harness::data::load_all_types_into;
+use harness::{wait_for, RedisServer, Shardsync, SHORT};
+
+const BIN: &str = env!("CARGO_BIN_EXE_shardsync");
+const LONG: Duration = Duration::from_secs(120);
+
+fn wait_all_caught_up(sync: &Shardsync, masters: &[&RedisServer]) {
+    for m in masters {
+        sync.wait_caught_up(m, LONG);
+    }
+}
+
+/// A command that may meet a slot being migrated: MOVED, ASK and TRYAGAIN
+/// are followed.
+fn run(c: &mut ClusterClient, key: &[u8], args: &[&[u8]]) {
+    c.run_on(key, args);
+}
+
+/// A transaction on one hash tag, sent to the node that serves it; during a
+/// migration it may be refused (ASK, TRYAGAIN, EXECABORT): then it did not
+/// run on the source either.
+fn transaction(c: &mut ClusterClient, tag: &str, i: u64) {
+    let k = |s: &str| format!("{tag}{s}");
+    let result: redis::RedisResult<()> = redis::pipe()
+        .atomic()
+        .cmd("INCR")
+        .arg(k("t"))
+        .ignore()
+        .cmd("RPUSH")
+        .arg(k("tl"))
+        .arg(i)
+        .ignore()
+        .cmd("SET")
+        .arg(k("tx"))
+        .arg(i)
+        .arg("EX")
+        .arg(300)
+        .ignore()
+        .query(c.node_for(tag.as_bytes()));
+    if result.is_err() {
+        c.refresh();
+    }
+}
+
+/// Writes of every type (with TTLs, deletes, MULTI/EXEC, multi-key
+/// commands in one slot) over 2,000 hash tags until stopped.
+fn reshard_load(source: &Cluster, stop: Arc<AtomicBool>, rounds: Arc<AtomicU64>) -> JoinHandle<()> {
+    let mut c = source.client();
+    std::thread::spawn(move || {
+        let mut i = 0u64;
+        while !stop.load(Ordering::Relaxed) {
+            let tag = format!("{{r{}}}", (i * 7919) % 2000);
+            let k = |s: &str| format!("{tag}{s}").into_bytes();
+            let n = i.to_string();
+            let n = n.as_bytes();
+            run(&mut c, &k("s"), &[b"SET", &k("s"), n]);
+            run(&mut c, &k("e"), &[b"SET", &k("e"), n, b"EX", b"600"]);
+            run(&mut c, &k("c"), &[b"INCR", &k("c")]);
+            run(&mut c, &k("l"), &[b"RPUSH", &k("l"), n]);
+            run(&mut c, &k("l"), &[b"LTRIM", &k("l"), b"-15", b"-1"]);
+            run(&mut c, &k("h"), &[b"HINCRBY", &k("h"), b"f", b"3"]);
+            run(&mut c, &k("z"), &[b"ZINCRBY", &k("z"), b"1", n]);
+            run(
+                &mut c,
+                &k("x"),
+                &[b"XADD", &k("x"), b"MAXLEN", b"10", b"*", b"f", n],
+            );
+            run(&mut c, &k("m"), &[b"MSET", &k("m"), n, &k("m2"), n]);
+            if i.is_multiple_of(3) {
+                run(&mut c, &k("s"), &[b"DEL", &k("s"), &k("m2")]);
+                run(&mut c, &k("g"), &[b"SADD", &k("g"), n]);
+            }
+            if i.is_multiple_of(4) {
+                transaction(&mut c, &tag, i);
+            }
+            i += 1;
+            rounds.store(i, Ordering::Relaxed);
+        }
+    })
+}
+
+fn metric(sync: &Shardsync, name: &str) -> u64 {
+    let text = sync.metrics().unwrap_or_default();
+    text.lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .map(|v| v as u64)
+        .sum()
+}
+
+fn metric_max(sync: &Shardsync, name: &str) -> u64 {
+    let text = sync.metrics().unwrap_or_default();
+    text.lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .map(|v| v as u64)
+        .max()
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_source_resharded_there_and_back_under_live_writes_ends_identical() {
+    let source = Cluster::start(3);
+    load_all_types_into(&mut source.client());
+    harness::data::load_strings_into(&mut source.client(), 20_000, "k:");
+    let target = Cluster::start(3);
+    let sync = Shardsync::sync(
+        BIN,
+        &["--source", &source.url(0), "--target", &target.url(0)],
+    );
+    sync.wait_state("incremental", LONG);
+    let stop = Arc::new(AtomicBool::new(false));
+    let rounds = Arc::new(AtomicU64::new(0));
+    let load = reshard_load(&source, stop.clone(), rounds.clone());
+    wait_for("writes", SHORT, || rounds.load(Ordering::Relaxed) > 200);
+
+    let keys_before: Vec<u64> = source.masters().iter().map(|m| m.dbsize(0)).collect();
+    source.reshard(0, 1, 1000);
+    source.reshard(1, 0, 1000);
+    let before = rounds.load(Ordering::Relaxed);
+    wait_for("writes after the resharding", SHORT, || {
+        rounds.load(Ordering::Relaxed) > before + 200
+    });
+    stop.store(true, Ordering::Relaxed);
+    load.join().unwrap();
+    wait_all_caught_up(&sync, &source.masters());
+    assert_same_nodes(&source.masters(), &target.masters());
+
+    let log = sync.log();
+    assert!(!log.contains("refused a replayed command"), "{log}");
+    assert!(!log.contains("wait on each other"), "{log}");
+    let handovers = metric(&sync, "shardsync_source_handovers_total");
+    let longest = metric_max(&sync, "shardsync_source_handover_wait_max_ms");
+    assert!(handovers > 0, "the migrations were handed over\n{log}");
+    eprintln!(
+        "keys per master before: {keys_before:?}; hand-overs: {handovers}; longest wait: {longest} ms; \
+         rounds of writes: {}",
+        rounds.load(Ordering::Relaxed)
+    );
+}
