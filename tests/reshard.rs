@@ -149,3 +149,59 @@ fn a_source_resharded_there_and_back_under_live_writes_ends_identical() {
         rounds.load(Ordering::Relaxed)
     );
 }
+
+#[test]
+fn a_masters_slots_spread_over_two_masters_added_mid_sync_end_identical() {
+    let mut source = Cluster::start(3);
+    load_all_types_into(&mut source.client());
+    harness::data::load_strings_into(&mut source.client(), 20_000, "k:");
+    let target = Cluster::start(3);
+    let sync = Shardsync::sync(
+        BIN,
+        &["--source", &source.url(0), "--target", &target.url(0)],
+    );
+    sync.wait_state("incremental", LONG);
+    let stop = Arc::new(AtomicBool::new(false));
+    let rounds = Arc::new(AtomicU64::new(0));
+    let load = reshard_load(&source, stop.clone(), rounds.clone());
+    wait_for("writes", SHORT, || rounds.load(Ordering::Relaxed) > 200);
+
+    // Two empty masters join; master 0's slots are spread over them.
+    source.add_master(Cluster::node(RedisServer::config()));
+    source.add_master(Cluster::node(RedisServer::config()));
+    let half = source.nodes[0].dbsize(0);
+    source.reshard(0, 3, 2731);
+    source.reshard(0, 4, 2730);
+    // Emptied, master 0 follows the master that took its last slot.
+    wait_for("master 0 to follow another master", SHORT, || {
+        source.nodes[0].info_field("role").as_deref() == Some("slave")
+    });
+    assert!(harness::cluster::own_slots(&source.nodes[0]).is_empty());
+    let before = rounds.load(Ordering::Relaxed);
+    wait_for("writes after the resharding", SHORT, || {
+        rounds.load(Ordering::Relaxed) > before + 200
+    });
+    stop.store(true, Ordering::Relaxed);
+    load.join().unwrap();
+    wait_for("five shards in /status", SHORT, || {
+        sync.status()
+            .and_then(|s| s["shards"].as_array().map(|a| a.len()))
+            == Some(5)
+    });
+    wait_all_caught_up(&sync, &source.masters());
+    assert_same_nodes(&source.masters(), &target.masters());
+    let log = sync.log();
+    assert_eq!(
+        log.matches("a master joined the source cluster: starting a shard for it")
+            .count(),
+        2,
+        "{log}"
+    );
+    assert!(!log.contains("wait on each other"), "{log}");
+    assert!(log.contains("its shard is done"), "{log}");
+    eprintln!(
+        "keys moved off master 0: {half}; hand-overs: {}; longest wait: {} ms",
+        metric(&sync, "shardsync_source_handovers_total"),
+        metric_max(&sync, "shardsync_source_handover_wait_max_ms")
+    );
+}

@@ -183,7 +183,7 @@ pub fn render(status: &TaskStatus) -> String {
     let groups = status.groups();
     let many = groups.len() > 1;
     for g in &groups {
-        for s in &g.shards {
+        for s in &g.shards() {
             let labels: Labels = if many {
                 vec![("shard", s.source.as_str()), ("target", g.target.as_str())]
             } else {
@@ -419,7 +419,7 @@ mod tests {
     #[test]
     fn a_counter_bumped_by_its_event_is_exported() {
         let status = one_of_each();
-        let shard = status.groups()[0].shards[0].clone();
+        let shard = status.groups()[0].shards()[0].clone();
         shard_worker::events::CommandsFiltered { n: 3 }.emit(&shard.counters);
         let text = render(&status);
         assert!(

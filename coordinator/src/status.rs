@@ -23,7 +23,8 @@ use shard_worker::progress::{ShardState, ShardStats, WriterStats};
 pub struct Workers {
     /// The target as named on the command line.
     pub target: String,
-    pub shards: Vec<Arc<ShardStats>>,
+    /// Shards are added when a cluster source gains a master.
+    shards: RwLock<Vec<Arc<ShardStats>>>,
     writers: RwLock<Vec<Arc<WriterStats>>>,
 }
 
@@ -31,9 +32,17 @@ impl Workers {
     pub fn new(target: String, shards: Vec<Arc<ShardStats>>) -> Workers {
         Workers {
             target,
-            shards,
+            shards: RwLock::new(shards),
             writers: RwLock::new(Vec::new()),
         }
+    }
+
+    pub fn shards(&self) -> Vec<Arc<ShardStats>> {
+        self.shards.read().expect("shards lock").clone()
+    }
+
+    pub fn add_shard(&self, stats: Arc<ShardStats>) {
+        self.shards.write().expect("shards lock").push(stats);
     }
 
     pub fn writers(&self) -> Vec<Arc<WriterStats>> {
@@ -46,7 +55,7 @@ impl Workers {
 
     /// Marks every shard that did not fail as stopped.
     pub fn set_stopped(&self) {
-        for s in &self.shards {
+        for s in &self.shards() {
             if s.state() != ShardState::Failed {
                 s.set_state(ShardState::Stopped);
             }
@@ -151,7 +160,12 @@ impl TaskStatus {
         }
         let states: Vec<ShardState> = groups
             .iter()
-            .flat_map(|g| g.shards.iter().map(|s| g.shard_state(s)))
+            .flat_map(|g| {
+                g.shards()
+                    .iter()
+                    .map(|s| g.shard_state(s))
+                    .collect::<Vec<_>>()
+            })
             .collect();
         let any = |st: ShardState| states.contains(&st);
         if any(ShardState::Failed) {
@@ -180,7 +194,7 @@ impl TaskStatus {
         let mut shards = Vec::new();
         let mut targets = Vec::new();
         for w in self.groups() {
-            for s in &w.shards {
+            for s in &w.shards() {
                 let (stream_lag_ms, applied_lag_ms) = s.heartbeat_lags();
                 shards.push(ShardJson {
                     source: s.source.clone(),

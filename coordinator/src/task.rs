@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use engine::slot::SLOTS;
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
-use shard_worker::progress::{ResumePoint, ShardState, ShardStats, WriterStats};
+use shard_worker::progress::{ResumePoint, ShardList, ShardState, ShardStats, WriterStats};
 use shard_worker::route::{ClusterRouting, NodeRequest, Overflow, Router, WriterHandle};
 use shard_worker::source::handover::{Peer, Peers};
 use shard_worker::source::{IntakeOptions, SourceArgs, SourceMsg, SourceWorker};
@@ -93,6 +93,11 @@ pub enum TaskMsg {
     },
     /// A writer needs a writer for a node not seen before.
     AddNode(NodeRequest),
+    /// A master joined the source cluster: it gets a shard.
+    AddShard {
+        host: String,
+        port: u16,
+    },
     Checkpoint,
 }
 
@@ -106,6 +111,8 @@ struct Outage {
 
 pub struct TaskState {
     shards: Vec<Arc<ShardStats>>,
+    /// The same, as writers see them (shards may be added).
+    shard_list: Arc<ShardList>,
     shard_eps: Vec<Endpoint>,
     targets: Vec<Endpoint>,
     target_addrs: Vec<String>,
@@ -143,6 +150,9 @@ pub struct TaskState {
     /// On a cluster source, every shard, for hand-overs of keys that
     /// change masters (`shard_worker::source::handover`).
     peers: Option<Arc<Peers>>,
+    /// Per shard: its master joined the source cluster mid-sync.
+    joined: Vec<bool>,
+    task_id: String,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -202,14 +212,17 @@ impl Actor for Task {
         Ok(TaskState {
             marker_keys,
             writer_name: shard_worker::write::client_name(&args.task_id),
+            task_id: args.task_id.clone(),
             fresh: args.shards.iter().map(|s| s.fresh).collect(),
             source_slots: args.shards.iter().map(|s| s.slots.clone()).collect(),
+            joined: vec![false; args.shards.len()],
             peers,
             shard_eps: args.shards.iter().map(|s| s.endpoint.clone()).collect(),
             skips: args.shards.iter().map(|s| s.skip.clone()).collect(),
             initial_resume: args.shards.into_iter().map(|s| s.resume).collect(),
             outages: shards.iter().map(|_| None).collect(),
             sources: shards.iter().map(|_| None).collect(),
+            shard_list: Arc::new(ShardList::new(&shards)),
             shards,
             target_addrs: targets.iter().map(Endpoint::addr).collect(),
             cluster: match args.target {
@@ -284,6 +297,18 @@ impl Actor for Task {
             let resume = state.initial_resume[shard].take();
             spawn_source(&myself, state, shard, resume).await?;
         }
+        if let Some(peers) = &state.peers {
+            let (tx, mut rx) = mpsc::unbounded_channel::<(String, u16)>();
+            peers.announce_to(tx);
+            let me = myself.clone();
+            tokio::spawn(async move {
+                while let Some((host, port)) = rx.recv().await {
+                    if me.send_message(TaskMsg::AddShard { host, port }).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
         myself.send_interval(CHECKPOINT_PERIOD, || TaskMsg::Checkpoint);
         Ok(())
     }
@@ -321,6 +346,7 @@ impl Actor for Task {
                 }
             }
             TaskMsg::AddNode(request) => add_node(&myself, state, request).await?,
+            TaskMsg::AddShard { host, port } => add_shard(&myself, state, host, port).await?,
             TaskMsg::Checkpoint => write_checkpoints(state),
         }
         Ok(())
@@ -423,7 +449,7 @@ async fn spawn_writer(
             redirects,
             routing: state.routing.clone(),
             overflow: handle.overflow.clone(),
-            shards: state.shards.clone().into(),
+            shards: state.shard_list.clone(),
             stats: handle.stats.clone(),
             retry: state.retry.clone(),
             window: DEFAULT_WINDOW,
@@ -485,6 +511,53 @@ async fn add_node(
     Ok(())
 }
 
+/// A master joined the source cluster mid-sync (a shard's sampler saw it
+/// serve slots): it gets a shard of its own, with a full sync whose
+/// snapshot waits for the other shards (`handover.rs`). Its heartbeat is
+/// not written (no lag measured for it until a restart).
+async fn add_shard(
+    myself: &ActorRef<TaskMsg>,
+    state: &mut TaskState,
+    host: String,
+    port: u16,
+) -> Result<(), ActorProcessingErr> {
+    let endpoint = state.shard_eps[0].with_addr(host, port);
+    let addr = endpoint.addr();
+    if state.stopping || state.shard_eps.iter().any(|e| e.addr() == addr) {
+        return Ok(());
+    }
+    let Some(peers) = state.peers.clone() else {
+        return Ok(());
+    };
+    let shard = state.shards.len();
+    let stats = Arc::new(ShardStats::new(addr.clone(), state.max_writers));
+    if !state.shard_list.set(shard, stats.clone()) {
+        tracing::warn!(master = %addr, "a master joined the source cluster and the task has no room for another shard: its writes are not copied");
+        return Ok(());
+    }
+    state.group.add_shard(stats.clone());
+    peers.add(Peer {
+        shard,
+        endpoint: endpoint.clone(),
+        stats: stats.clone(),
+    });
+    if let Some(keys) = &mut state.marker_keys {
+        keys.push(engine::marker::key(&state.task_id, &addr, None).into());
+    }
+    state.shards.push(stats);
+    state.shard_eps.push(endpoint);
+    state
+        .fresh
+        .push(state.fresh.first().copied().unwrap_or(true));
+    state.source_slots.push(Vec::new());
+    state.skips.push(None);
+    state.initial_resume.push(None);
+    state.outages.push(None);
+    state.sources.push(None);
+    state.joined.push(true);
+    spawn_source(myself, state, shard, None).await
+}
+
 async fn spawn_source(
     myself: &ActorRef<TaskMsg>,
     state: &mut TaskState,
@@ -517,6 +590,7 @@ async fn spawn_source(
             skip: state.skips[shard].clone(),
             peers: state.peers.clone(),
             slots: state.source_slots[shard].clone(),
+            joined: state.joined[shard],
         },
         myself.get_cell(),
     )

@@ -375,18 +375,44 @@ impl HandOverBlind<'_> {
     }
 }
 
-/// A source master serves slots and no shard of the task reads it.
-pub struct UnknownSourceMaster<'a> {
+/// A source master serves slots and no shard of the task reads it (added
+/// to the cluster mid-sync).
+pub struct SourceMasterJoined<'a> {
     pub source: &'a str,
     pub master: &'a str,
+    /// A shard is started for it.
+    pub followed: bool,
 }
 
-impl UnknownSourceMaster<'_> {
+impl SourceMasterJoined<'_> {
     pub fn emit(self) {
-        tracing::warn!(
+        if self.followed {
+            tracing::info!(
+                seen_by = self.source,
+                master = self.master,
+                "a master joined the source cluster: starting a shard for it"
+            );
+        } else {
+            tracing::warn!(
+                seen_by = self.source,
+                master = self.master,
+                "a master joined the source cluster and no shard reads it: its writes are not copied; restart the task to include it"
+            );
+        }
+    }
+}
+
+/// A cluster source master became a replica (it lost its slots): its
+/// shard is done.
+pub struct SourceMasterDemoted<'a> {
+    pub source: &'a str,
+}
+
+impl SourceMasterDemoted<'_> {
+    pub fn emit(self) {
+        tracing::info!(
             source = self.source,
-            master = self.master,
-            "a source master serves slots that no shard of this task reads (added to the cluster mid-sync): its writes are not copied; restart the task to include it"
+            "this source master lost all its slots and follows another master now: its shard is done (the master it follows has its own)"
         );
     }
 }

@@ -208,6 +208,42 @@ crate::counters! {
     }
 }
 
+/// The task's shards as writers see them: a fixed number of places,
+/// filled as shards start (a cluster source may gain masters mid-sync), so
+/// that a writer finds a batch's shard without a lock.
+pub struct ShardList(Box<[std::sync::OnceLock<Arc<ShardStats>>]>);
+
+/// Shards a task can have (Redis Cluster's own limit is about 1000 nodes).
+pub const MAX_SHARDS: usize = 1024;
+
+impl ShardList {
+    pub fn new(shards: &[Arc<ShardStats>]) -> ShardList {
+        let list = ShardList(
+            (0..MAX_SHARDS.max(shards.len()))
+                .map(|_| Default::default())
+                .collect(),
+        );
+        for (i, s) in shards.iter().enumerate() {
+            list.set(i, s.clone());
+        }
+        list
+    }
+
+    /// Shard `i` starts; `false` when there is no place for it.
+    pub fn set(&self, i: usize, stats: Arc<ShardStats>) -> bool {
+        self.0.get(i).is_some_and(|place| place.set(stats).is_ok())
+    }
+}
+
+impl std::ops::Index<usize> for ShardList {
+    type Output = Arc<ShardStats>;
+
+    /// Shard `i`, which must have started (a batch names its shard).
+    fn index(&self, i: usize) -> &Arc<ShardStats> {
+        self.0[i].get().expect("a batch's shard has started")
+    }
+}
+
 /// Counters and progress of one shard (one source master).
 pub struct ShardStats {
     /// `host:port` of the source master.

@@ -58,6 +58,11 @@ use crate::progress::ShardStats;
 #[derive(Default)]
 pub struct Peers {
     list: RwLock<Vec<Peer>>,
+    /// Where a master that joined the source (serving slots no shard
+    /// reads) is announced: the task starts a shard for it.
+    announce: Mutex<Option<tokio::sync::mpsc::UnboundedSender<(String, u16)>>>,
+    /// Masters announced already (`host:port`).
+    announced: Mutex<std::collections::HashSet<String>>,
 }
 
 /// One shard: its master and its progress.
@@ -84,6 +89,34 @@ impl Peers {
     pub fn others(&self, me: usize) -> Vec<Peer> {
         let list = self.list.read().expect("peers lock");
         list.iter().filter(|p| p.shard != me).cloned().collect()
+    }
+
+    /// Masters that join the source are sent to `tx`.
+    pub fn announce_to(&self, tx: tokio::sync::mpsc::UnboundedSender<(String, u16)>) {
+        *self.announce.lock().expect("announce lock") = Some(tx);
+    }
+
+    /// Announces a master no shard reads, once: `None` when it was
+    /// already, else whether someone listens.
+    fn announce(&self, host: &str, port: u16) -> Option<bool> {
+        let addr = crate::endpoint::addr_of(host, port);
+        if self.knows(&addr) || !self.announced.lock().expect("announced lock").insert(addr) {
+            return None;
+        }
+        let tx = self.announce.lock().expect("announce lock");
+        Some(
+            tx.as_ref()
+                .is_some_and(|tx| tx.send((host.to_string(), port)).is_ok()),
+        )
+    }
+
+    /// A shard whose master stopped being one (it lost its slots and
+    /// follows another master now): nobody waits for it any more.
+    pub fn remove(&self, shard: usize) {
+        self.list
+            .write()
+            .expect("peers lock")
+            .retain(|p| p.shard != shard);
     }
 
     /// Whether a shard reads the master at `addr` (`host:port`).
@@ -352,10 +385,9 @@ const BUSY_FOR: Duration = Duration::from_secs(10);
 pub async fn sampler(peers: Arc<Peers>, me: usize, own: Endpoint, stats: Arc<ShardStats>) {
     let shared = &stats.handover;
     let mut conns: HashMap<String, Conn> = HashMap::new();
-    let mut unknown = std::collections::HashSet::new();
     let mut log = events::LogLimiter::new();
     loop {
-        let sample = take_sample(&mut conns, &peers, me, &own, &mut unknown).await;
+        let sample = take_sample(&mut conns, &peers, me, &own).await;
         match sample {
             Ok(sample) => {
                 shared.samples.lock().expect("samples lock").push(sample);
@@ -381,16 +413,16 @@ async fn take_sample(
     peers: &Peers,
     me: usize,
     own: &Endpoint,
-    unknown: &mut std::collections::HashSet<String>,
 ) -> Result<Sample, WorkerError> {
-    let (text, at) = ask(conns, own, true).await?;
+    let (text, at, _) = ask(conns, own, true).await?;
     let nodes = engine::cluster::parse_nodes(&text);
     let (served, masters) = served_slots(&nodes);
-    for master in masters {
-        if !peers.knows(&master) && unknown.insert(master.clone()) {
-            events::UnknownSourceMaster {
+    for (host, port) in masters {
+        if let Some(followed) = peers.announce(&host, port) {
+            events::SourceMasterJoined {
                 source: &own.addr(),
-                master: &master,
+                master: &crate::endpoint::addr_of(&host, port),
+                followed,
             }
             .emit();
         }
@@ -398,7 +430,10 @@ async fn take_sample(
     let mut offsets = Vec::new();
     for peer in peers.others(me) {
         let offset = match ask(conns, &peer.endpoint, false).await {
-            Ok((_, offset)) => offset,
+            // A master that became a replica (it lost its slots) has a new
+            // history: what its shard read of the old one is all there is.
+            Ok((_, _, false)) => peer.stats.processed().unwrap_or(0),
+            Ok((_, offset, true)) => offset,
             Err(e) => {
                 // What its shard read is all that can be waited for.
                 events::HandOverBlind {
@@ -420,13 +455,13 @@ async fn take_sample(
 }
 
 /// Asks the master at `ep` (with `nodes`: `CLUSTER NODES` first) and then
-/// its offset, pipelined on one connection kept open: the offset is taken
-/// after the slots were.
+/// its offset and whether it is still a master, pipelined on one
+/// connection kept open: the offset is taken after the slots were.
 async fn ask(
     conns: &mut HashMap<String, Conn>,
     ep: &Endpoint,
     nodes: bool,
-) -> Result<(String, u64), WorkerError> {
+) -> Result<(String, u64, bool), WorkerError> {
     let addr = ep.addr();
     let mut conn = match conns.remove(&addr) {
         Some(conn) => conn,
@@ -461,13 +496,14 @@ async fn ask(
     } else {
         String::new()
     };
+    let master = !info.lines().any(|l| l.trim_end() == "role:slave");
     conns.insert(addr, conn);
-    Ok((nodes_text, offset))
+    Ok((nodes_text, offset, master))
 }
 
 /// The slots `CLUSTER NODES` (as the node that answered) says it serves,
-/// and the serving masters it names, as `host:port`.
-pub fn served_slots(nodes: &[engine::cluster::ClusterNode]) -> (SlotSet, Vec<String>) {
+/// and the serving masters it names.
+pub fn served_slots(nodes: &[engine::cluster::ClusterNode]) -> (SlotSet, Vec<(String, u16)>) {
     let served = nodes
         .iter()
         .find(|n| n.myself)
@@ -475,7 +511,7 @@ pub fn served_slots(nodes: &[engine::cluster::ClusterNode]) -> (SlotSet, Vec<Str
     let masters = nodes
         .iter()
         .filter(|n| n.serving_master())
-        .map(|n| crate::endpoint::addr_of(&n.host, n.port))
+        .map(|n| (n.host.clone(), n.port))
         .collect();
     (served, masters)
 }
@@ -485,6 +521,8 @@ pub(super) struct HandOvers {
     pub peers: Arc<Peers>,
     pub me: usize,
     pub settling: Settling,
+    /// The master joined the source mid-sync (see `hand_over_snapshot`).
+    pub joined: bool,
 }
 
 impl super::intake::Intake {
@@ -501,6 +539,27 @@ impl super::intake::Intake {
         if self.handovers.is_none() {
             return Ok(true);
         }
+        self.hand_over_until(slot, import, start, end).await
+    }
+
+    /// A shard for a master that joined the source mid-sync: its snapshot
+    /// holds keys other masters' streams may still be deleting (the `DEL`
+    /// of the `MIGRATE` that copied them), so it waits for the others'
+    /// offsets of a sample taken after its `+FULLRESYNC` (at `offset`).
+    pub(super) async fn hand_over_snapshot(&mut self, offset: u64) -> Result<bool, WorkerError> {
+        if !self.handovers.as_ref().is_some_and(|h| h.joined) {
+            return Ok(true);
+        }
+        self.hand_over_until(0, true, offset, offset).await
+    }
+
+    async fn hand_over_until(
+        &mut self,
+        slot: u16,
+        import: bool,
+        start: u64,
+        end: u64,
+    ) -> Result<bool, WorkerError> {
         self.stats.handover.busy();
         let began = Instant::now();
         let offsets = loop {
@@ -797,6 +856,12 @@ c 127.0.0.1:7002@17002 master - 0 0 3 connected
         let (served, masters) = served_slots(&nodes);
         // The slot it exports is still its own.
         assert_eq!(served, SlotSet::of_ranges(&[(0, 100)]));
-        assert_eq!(masters, vec!["127.0.0.1:7000", "127.0.0.1:7001"]);
+        assert_eq!(
+            masters,
+            vec![
+                ("127.0.0.1".to_string(), 7000),
+                ("127.0.0.1".to_string(), 7001)
+            ]
+        );
     }
 }

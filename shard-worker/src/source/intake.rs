@@ -102,6 +102,8 @@ pub(crate) struct HandOverParts {
     pub peers: Arc<Peers>,
     pub me: usize,
     pub slots: Vec<(u16, u16)>,
+    /// The master joined the source mid-sync.
+    pub joined: bool,
 }
 
 pub(crate) struct Intake {
@@ -174,6 +176,7 @@ impl Intake {
                 peers: parts.peers,
                 me: parts.me,
                 settling: view.settling,
+                joined: parts.joined,
             }
         });
         Intake {

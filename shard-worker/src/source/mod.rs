@@ -68,6 +68,9 @@ pub struct SourceArgs {
     /// precheck.
     pub peers: Option<Arc<handover::Peers>>,
     pub slots: Vec<(u16, u16)>,
+    /// The master joined the source cluster mid-sync: its snapshot waits
+    /// for a hand-over (`handover.rs`).
+    pub joined: bool,
 }
 
 pub enum SourceMsg {
@@ -132,6 +135,22 @@ impl Actor for SourceWorker {
     ) -> Result<(), ActorProcessingErr> {
         let args = state.args.take().expect("arguments are used once");
         let mut conn = Conn::open_authenticated(&args.endpoint).await?;
+        if let Some(peers) = &args.peers {
+            if is_replica(&mut conn).await? {
+                // A cluster master that lost all its slots follows the
+                // master that took the last one (Redis 7's replica
+                // migration): its own history ended, and another shard
+                // reads the one it follows.
+                events::SourceMasterDemoted {
+                    source: &state.addr,
+                }
+                .emit();
+                peers.remove(args.shard);
+                args.stats.set_state(crate::progress::ShardState::Stopped);
+                myself.stop(Some("the master became a replica".into()));
+                return Ok(());
+            }
+        }
         let start = sweep::handshake_swept(&mut conn, &args, &state.addr).await?;
         let (reader, writer) = conn.stream.into_split();
         state.writer = Some(writer);
@@ -192,6 +211,7 @@ impl Actor for SourceWorker {
                 peers,
                 me: args.shard,
                 slots: args.slots.clone(),
+                joined: args.joined,
             }),
         };
         if let Some(peers) = args.peers.clone() {
@@ -271,6 +291,16 @@ impl Actor for SourceWorker {
         }
         Ok(())
     }
+}
+
+/// Whether the server is a replica now (`INFO replication`).
+async fn is_replica(conn: &mut Conn) -> Result<bool, WorkerError> {
+    Ok(match conn.request(&["INFO", "replication"]).await? {
+        engine::resp::Frame::Bulk(text) => String::from_utf8_lossy(&text)
+            .lines()
+            .any(|l| l.trim_end() == "role:slave"),
+        _ => false,
+    })
 }
 
 /// Sends `REPLCONF ACK <applied offset>`. Right after an RDB (`first`),

@@ -84,6 +84,9 @@ impl Intake {
         if self.dispatcher.begin_full(epoch, over_earlier).await? {
             events::TargetEmptied { source: &self.addr }.emit();
         }
+        if !self.hand_over_snapshot(self.offset).await? {
+            return Ok(false);
+        }
         let started = Instant::now();
         let mut snap = Snapshot {
             keys: 0,

@@ -31,7 +31,7 @@ use crate::conn::Conn;
 use crate::endpoint::Endpoint;
 use crate::error::{Recovery, WorkerError};
 use crate::events::{self, describe_command};
-use crate::progress::{ShardStats, WriterStats};
+use crate::progress::WriterStats;
 use crate::route::{Batch, ClusterRouting, ExpectKind, Overflow, Redirected};
 use pipeline::{PipelineCtx, PipelineStart, Work};
 use receiver::Awaiting;
@@ -53,7 +53,7 @@ pub struct WriterArgs {
     /// Batches that did not fit in the queue (shared with producers).
     pub overflow: Arc<Overflow>,
     /// Every shard's stats, indexed by shard, to confirm batches into.
-    pub shards: Arc<[Arc<ShardStats>]>,
+    pub shards: Arc<crate::progress::ShardList>,
     pub stats: Arc<WriterStats>,
     pub retry: RetryPolicy,
     pub window: usize,

@@ -39,7 +39,7 @@ use super::receiver::{Awaiting, Receiver};
 use crate::conn::Conn;
 use crate::error::WorkerError;
 use crate::events;
-use crate::progress::{ShardStats, WriterStats};
+use crate::progress::WriterStats;
 use crate::route::{Batch, ClusterRouting, Overflow, Redirected};
 use engine::rebuild::TargetCaps;
 
@@ -73,7 +73,7 @@ pub struct PipelineExit {
 
 pub(crate) struct PipelineCtx {
     pub writer: usize,
-    pub shards: Arc<[Arc<ShardStats>]>,
+    pub shards: Arc<crate::progress::ShardList>,
     pub stats: Arc<WriterStats>,
     /// The cluster slot map, for MOVED/ASK; `None` on a standalone target.
     pub routing: Option<Arc<ClusterRouting>>,
