@@ -199,6 +199,7 @@ impl Actor for Task {
                     shard,
                     endpoint: plan.endpoint.clone(),
                     stats: stats.clone(),
+                    joined: false,
                 });
             }
             peers
@@ -540,6 +541,7 @@ async fn add_shard(
         shard,
         endpoint: endpoint.clone(),
         stats: stats.clone(),
+        joined: true,
     });
     if let Some(keys) = &mut state.marker_keys {
         keys.push(engine::marker::key(&state.task_id, &addr, None).into());

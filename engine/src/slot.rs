@@ -65,9 +65,19 @@ impl SlotSet {
         self.0.iter().all(|&w| w == 0)
     }
 
-    /// The slots in the set, in order.
+    /// The slots in the set, in order (a word at a time).
     pub fn iter(&self) -> impl Iterator<Item = u16> + '_ {
-        (0..SLOTS).filter(|&s| self.contains(s))
+        self.0.iter().enumerate().flat_map(|(i, &word)| {
+            let mut w = word;
+            std::iter::from_fn(move || {
+                if w == 0 {
+                    return None;
+                }
+                let bit = w.trailing_zeros();
+                w &= w - 1;
+                Some((i * 64) as u16 + bit as u16)
+            })
+        })
     }
 }
 

@@ -417,6 +417,23 @@ impl SourceMasterDemoted<'_> {
     }
 }
 
+/// A command on keys a migration copied to another master, not replayed.
+pub struct CommandMovedAway<'a> {
+    pub source: &'a str,
+    pub command: &'a str,
+}
+
+impl CommandMovedAway<'_> {
+    pub fn emit(self, counters: &ShardCounters) {
+        counters.commands_moved_away.add(1);
+        tracing::debug!(
+            source = self.source,
+            command = self.command,
+            "not replayed: a slot migration copied these keys to another master, whose stream carries them on"
+        );
+    }
+}
+
 /// The intake waited for everything it dispatched to be confirmed.
 pub struct Barrier;
 

@@ -160,6 +160,8 @@ crate::counters! {
             "Milliseconds the shard waited at hand-overs.",
         handover_wait_max_ms: Gauge "source_handover_wait_max_ms" =
             "The longest wait at one hand-over, in milliseconds.",
+        commands_moved_away: Counter "commands_moved_away_total" =
+            "Commands of a source master on keys a slot migration copied to another master (MIGRATE COPY): not replayed, that master's stream carries the keys on.",
         handover_cycles: Counter "source_handover_cycles_total" =
             "Hand-overs ended because two shards waited on each other (slots moving both ways at once).",
         barriers: Counter "barriers_total" =

@@ -190,6 +190,9 @@ pub enum Event {
     TxSplit,
     /// A RESTORE payload restamped with the target's RDB version.
     Restamped,
+    /// A command on keys a slot migration copied to another master, not
+    /// replayed (see [`MovedKeys`]).
+    MovedAway { command: String },
     /// A value rebuilt with ordinary commands, and what it lost.
     Rebuilt { key: Bytes, loss: Loss },
 }
@@ -211,11 +214,12 @@ pub enum Action {
     /// migration's `RESTORE-ASKING`, or a command in a slot that this
     /// shard's master did not serve for long enough): what the other
     /// masters did before it must be applied before it is sent. `import`:
-    /// a migration's copy of the key (it always waits for the other masters'
-    /// latest writes).
+    /// the key of a migration's copy (it always waits for a look at the
+    /// other masters taken after it, and the key's history continues on
+    /// this shard's master from here: see [`MovedKeys`]).
     HandOver {
         slot: u16,
-        import: bool,
+        import: Option<Bytes>,
     },
     /// The master asked for an acknowledgement.
     GetAck,
@@ -231,6 +235,15 @@ impl Action {
     pub(crate) fn event(event: Event) -> Action {
         Action::Event(Box::new(event))
     }
+}
+
+/// Keys a slot migration copied to another master of a cluster source
+/// (`RESTORE-ASKING` in that master's stream): their history continues
+/// there. What this master still does to them afterwards (after a
+/// `MIGRATE ... COPY`: its clean-up `DEL`, writes the cluster drops once the
+/// slot moves) is not replayed.
+pub trait MovedKeys: Send + Sync {
+    fn moved_away(&self, key: &[u8]) -> bool;
 }
 
 /// A stream the rules cannot follow.
@@ -326,6 +339,8 @@ pub struct Replay {
     /// On a cluster source: the slots whose commands need no hand-over
     /// (the shard's master has served them long enough); `None` otherwise.
     settled: Option<SlotSet>,
+    /// On a cluster source: keys copied to another master.
+    moved: Option<std::sync::Arc<dyn MovedKeys>>,
 }
 
 impl Replay {
@@ -339,6 +354,7 @@ impl Replay {
             tx: None,
             scratch: Vec::new(),
             settled: None,
+            moved: None,
         };
         replay.select(0);
         replay
@@ -390,6 +406,11 @@ impl Replay {
 
     pub fn settled(&self) -> Option<&SlotSet> {
         self.settled.as_ref()
+    }
+
+    /// On a cluster source: which keys were copied to another master.
+    pub fn set_moved_keys(&mut self, moved: std::sync::Arc<dyn MovedKeys>) {
+        self.moved = Some(moved);
     }
 
     /// Whether a transaction is open (its commands are held until EXEC).

@@ -22,9 +22,18 @@ use crate::filter::Kept;
 use crate::rebuild::{self, Rebuilt};
 use crate::resp::Command;
 use crate::restore::{self, Carry};
+use smallvec::SmallVec;
 
 const DBS_FILTERED: &str = "databases are filtered or renamed (--db / --db-map), so moving data between them cannot be mirrored";
 const CLUSTER_ONE_DB: &str = "a cluster has only database 0";
+
+/// What [`Replay::moved_away`] found.
+enum MovedAway {
+    None,
+    All,
+    /// The command without the keys that moved away.
+    Rest(Command),
+}
 
 /// What version adaptation made of a command.
 enum Adapted {
@@ -64,16 +73,30 @@ impl Replay {
             if let Some(import) = restore::import_restore(&cmd, now_ms()) {
                 out.push(Action::HandOver {
                     slot: crate::slot::slot(import.arg(1)),
-                    import: true,
+                    import: Some(import.arg_bytes(1)),
                 });
                 spec = crate::command::lookup(&import);
                 cmd = import;
             }
-        } else if let Some(slot) = self.unsettled_slot(spec, &cmd) {
-            out.push(Action::HandOver {
-                slot,
-                import: false,
-            });
+        } else {
+            if let Some(slot) = self.unsettled_slot(spec, &cmd) {
+                out.push(Action::HandOver { slot, import: None });
+            }
+            match self.moved_away(spec, &cmd) {
+                MovedAway::None => {}
+                MovedAway::All => {
+                    return out.push(Action::event(Event::MovedAway {
+                        command: describe(&cmd),
+                    }))
+                }
+                MovedAway::Rest(rest) => {
+                    out.push(Action::event(Event::MovedAway {
+                        command: describe(&cmd),
+                    }));
+                    spec = crate::command::lookup(&rest);
+                    cmd = rest;
+                }
+            }
         }
         if matches!(role, Role::Data | Role::Script | Role::Move) {
             match self.cfg.key_filter.keep(spec, &cmd) {
@@ -127,6 +150,34 @@ impl Replay {
                 self.between_dbs(Unit::of(tdb, cmd, spec), &dbs, out, units)
             }
             _ => self.in_its_db(Unit::of(None, cmd, spec), out, units),
+        }
+    }
+
+    /// Whether `cmd` touches keys copied to another master (see
+    /// [`super::MovedKeys`]): none, all (dropped), or some of a command
+    /// whose keys are independent (DEL, UNLINK, MSET, ...: the rest).
+    fn moved_away(&self, spec: Option<&CommandSpec>, cmd: &Command) -> MovedAway {
+        let (Some(moved), Some(spec)) = (&self.moved, spec) else {
+            return MovedAway::None;
+        };
+        let positions = crate::command::key_positions(spec, cmd);
+        let away: SmallVec<[bool; 4]> = positions
+            .iter()
+            .map(|&p| moved.moved_away(cmd.arg(p)))
+            .collect();
+        if !away.contains(&true) {
+            return MovedAway::None;
+        }
+        if !away.contains(&false) {
+            return MovedAway::All;
+        }
+        match crate::split::split_by(spec, cmd, &positions, |k| !moved.moved_away(k)) {
+            Some(Ok(parts)) => parts
+                .into_iter()
+                .find(|(stays, _)| *stays)
+                .map_or(MovedAway::All, |(_, rest)| MovedAway::Rest(rest)),
+            // Keys that depend on each other: the command stays whole.
+            _ => MovedAway::None,
         }
     }
 

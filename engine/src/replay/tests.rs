@@ -93,12 +93,10 @@ fn show(action: &Action) -> String {
             };
             format!("rewrite {kind} {}", show_cmd(cmd))
         }
-        Action::HandOver { slot, import } => {
-            format!(
-                "handover{} slot{slot}",
-                if *import { " import" } else { "" }
-            )
-        }
+        Action::HandOver { slot, import } => match import {
+            Some(key) => format!("handover import {} slot{slot}", show_arg(key)),
+            None => format!("handover slot{slot}"),
+        },
         Action::GetAck => "getack".into(),
         Action::Heartbeat { written_ms } => format!("heartbeat {written_ms}"),
         Action::Event(e) => match &**e {
@@ -114,6 +112,7 @@ fn show(action: &Action) -> String {
             Event::Rewritten => "rewritten".into(),
             Event::TxSplit => "tx-split".into(),
             Event::Restamped => "restamped".into(),
+            Event::MovedAway { command } => format!("moved-away {command}"),
             Event::Rebuilt { key, loss } => {
                 let mut s = format!("rebuilt {}", show_arg(key));
                 if loss.field_ttls > 0 {
@@ -936,7 +935,7 @@ fn a_migrations_restore_asking_waits_for_a_hand_over_and_replaces() {
     let got = run_settled(cluster(), Some(settled_but(&[])), &[args]).unwrap();
     let s = slot(b"k");
     let want = format!(
-        "handover import slot{s}\nslot{s} ok RESTORE k {} <13 bytes> REPLACE ABSTTL",
+        "handover import k slot{s}\nslot{s} ok RESTORE k {} <13 bytes> REPLACE ABSTTL",
         NOW + 5000
     );
     assert_eq!(got, want);
@@ -950,7 +949,7 @@ fn a_restore_asking_into_a_standalone_target_hands_over_too() {
     assert_eq!(
         got,
         format!(
-            "handover import slot{}\ndb0 ok RESTORE k 0 <13 bytes> REPLACE",
+            "handover import k slot{}\ndb0 ok RESTORE k 0 <13 bytes> REPLACE",
             slot(b"k")
         )
     );
@@ -989,5 +988,66 @@ fn a_transactions_hand_over_comes_before_any_of_its_commands() {
             "handover slot{}\ndb0 begin MULTI\ndb- queued SET a 1\ndb- queued SET b 2\ndb- end EXEC",
             slot(b"b")
         )
+    );
+}
+
+/// Keys copied away, for the tests.
+struct Away(Vec<&'static str>);
+
+impl MovedKeys for Away {
+    fn moved_away(&self, key: &[u8]) -> bool {
+        self.0.iter().any(|k| k.as_bytes() == key)
+    }
+}
+
+fn run_moved(base: (ReplayConfig, bool), away: &[&'static str], input: &[&str]) -> String {
+    let (cfg, is_cluster) = base;
+    let mut replay = Replay::new(cfg, is_cluster);
+    replay.set_moved_keys(std::sync::Arc::new(Away(away.to_vec())));
+    let mut buf = stream(&lines(input));
+    let mut out = Vec::new();
+    while let Some(cmd) = parse_command(&mut buf).expect("valid RESP") {
+        replay.step(cmd, || NOW, &mut out).unwrap();
+    }
+    out.iter().map(show).collect::<Vec<_>>().join("\n")
+}
+
+#[test]
+fn what_a_master_still_does_to_keys_copied_away_is_not_replayed() {
+    let got = run_moved(
+        standalone(),
+        &["{t}a"],
+        &[
+            "DEL {t}a {t}b",
+            "SET {t}a 1",
+            "SET {t}c 2",
+            "SMOVE {t}a {t}s x",
+        ],
+    );
+    assert_eq!(
+        got,
+        "moved-away DEL {t}a\ndb0 ok DEL {t}b\nmoved-away SET {t}a\ndb0 ok SET {t}c 2\n\
+         moved-away SMOVE {t}a\ndb0 ok SADD {t}s x"
+    );
+}
+
+#[test]
+fn a_migrations_copy_is_never_taken_for_a_key_moved_away() {
+    let mut args = restore("{t}a", string_payload(b"v", 10), &[]);
+    args[0] = b"RESTORE-ASKING".to_vec();
+    let (cfg, is_cluster) = standalone();
+    let mut replay = Replay::new(cfg, is_cluster);
+    replay.set_moved_keys(std::sync::Arc::new(Away(vec!["{t}a"])));
+    let mut buf = stream(&[args]);
+    let mut out = Vec::new();
+    let cmd = parse_command(&mut buf).unwrap().unwrap();
+    replay.step(cmd, || NOW, &mut out).unwrap();
+    let got: Vec<String> = out.iter().map(show).collect();
+    assert_eq!(
+        got,
+        [
+            format!("handover import {{t}}a slot{}", slot(b"{t}a")),
+            "db0 ok RESTORE {t}a 0 <13 bytes> REPLACE".to_string()
+        ]
     );
 }

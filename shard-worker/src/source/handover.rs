@@ -63,6 +63,12 @@ pub struct Peers {
     announce: Mutex<Option<tokio::sync::mpsc::UnboundedSender<(String, u16)>>>,
     /// Masters announced already (`host:port`).
     announced: Mutex<std::collections::HashSet<String>>,
+    /// Keys a migration copied, and the shard whose master has them now
+    /// (see `engine::replay::MovedKeys`); forgotten once their slot is
+    /// settled there (nobody else can touch them any more).
+    imports: Mutex<HashMap<Box<[u8]>, usize>>,
+    /// How many keys `imports` holds (no lock taken while it is empty).
+    n_imports: AtomicU64,
 }
 
 /// One shard: its master and its progress.
@@ -71,6 +77,20 @@ pub struct Peer {
     pub shard: usize,
     pub endpoint: Endpoint,
     pub stats: Arc<ShardStats>,
+    /// Its master joined the source mid-sync.
+    pub joined: bool,
+}
+
+impl Peer {
+    /// Its applied offset, for hand-overs: a master that joined mid-sync
+    /// holds, while its first full sync loads, nothing of another
+    /// master's keys' history (its snapshot waits for theirs).
+    fn applied(&self) -> Option<u64> {
+        self.stats.applied().or_else(|| {
+            (self.joined && self.stats.state() == crate::progress::ShardState::FullSync)
+                .then_some(u64::MAX)
+        })
+    }
 }
 
 impl Peers {
@@ -119,25 +139,87 @@ impl Peers {
             .retain(|p| p.shard != shard);
     }
 
+    /// Shard `by` took a migration's copy of `key`: its history continues
+    /// there.
+    pub fn imported(&self, key: &[u8], by: usize) {
+        let mut imports = self.imports.lock().expect("imports lock");
+        imports.insert(key.into(), by);
+        self.n_imports
+            .store(imports.len() as u64, Ordering::Release);
+    }
+
+    /// The shard whose master took `key` by a migration, if any did.
+    pub fn importer(&self, key: &[u8]) -> Option<usize> {
+        if self.n_imports.load(Ordering::Acquire) == 0 {
+            return None;
+        }
+        self.imports.lock().expect("imports lock").get(key).copied()
+    }
+
+    /// `slots` are settled on shard `by`: its imports there are forgotten.
+    pub fn settled(&self, by: usize, slots: &SlotSet) {
+        if self.n_imports.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        let mut imports = self.imports.lock().expect("imports lock");
+        imports.retain(|key, &mut shard| shard != by || !slots.contains(engine::slot::slot(key)));
+        self.n_imports
+            .store(imports.len() as u64, Ordering::Release);
+    }
+
     /// Whether a shard reads the master at `addr` (`host:port`).
     pub fn knows(&self, addr: &str) -> bool {
+        self.shard_of(addr).is_some()
+    }
+
+    /// The shard that reads the master at `addr` (`host:port`).
+    pub fn shard_of(&self, addr: &str) -> Option<usize> {
         let list = self.list.read().expect("peers lock");
-        list.iter().any(|p| p.endpoint.addr() == addr)
+        list.iter()
+            .find(|p| p.endpoint.addr() == addr)
+            .map(|p| p.shard)
+    }
+}
+
+/// The keys copied away from one shard's master (`MovedKeys` for its
+/// replay rules).
+pub struct MovedAway {
+    pub peers: Arc<Peers>,
+    pub me: usize,
+}
+
+impl engine::replay::MovedKeys for MovedAway {
+    fn moved_away(&self, key: &[u8]) -> bool {
+        self.peers.importer(key).is_some_and(|by| by != self.me)
     }
 }
 
 /// Each other shard with the offset of its master it must have applied.
 pub type Offsets = Vec<(usize, u64)>;
 
+/// What one hand-over waits for, and when its command ran, as far as the
+/// samples tell: after `after`, at or before `by`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Need {
+    pub offsets: Offsets,
+    pub after: Option<Instant>,
+    pub by: Option<Instant>,
+}
+
 /// One look at the masters (see the module's doc).
 #[derive(Clone, Debug)]
 pub struct Sample {
+    /// When it was taken.
+    pub taken: Instant,
     /// This shard's master's offset, asked after its slots.
     pub at: u64,
     /// The slots it served (`None`: `CLUSTER NODES` gave nothing usable).
     pub served: Option<SlotSet>,
     /// The other masters' offsets, asked after `at`.
     pub peers: Offsets,
+    /// Which shard's master serves each slot range, as this master sees
+    /// the cluster (masters no shard reads are left out).
+    pub owners: Vec<(u16, u16, usize)>,
 }
 
 /// Slots found served by this shard's master, not settled yet.
@@ -146,6 +228,8 @@ struct Pending {
     /// The master's offset when it was found serving them: commands from
     /// here on ran while it did.
     from: u64,
+    /// When that was.
+    taken: Instant,
     slots: SlotSet,
     /// The other masters' offsets asked after that.
     peers: Offsets,
@@ -158,8 +242,17 @@ pub struct Settling {
     pending: Vec<Pending>,
     /// Settled slots the master no longer serves, from its offset then.
     leaving: Vec<(u64, SlotSet)>,
-    /// Samples the stream has not passed: (`at`, the others' offsets).
-    samples: VecDeque<(u64, Offsets)>,
+    /// Samples the stream has not passed: (`at`, when, the others'
+    /// offsets), and the last one it passed.
+    samples: VecDeque<(u64, Instant, Offsets)>,
+    passed: Option<(u64, Instant)>,
+    /// Per slot, the shard whose master served it in the last sample
+    /// (`u16::MAX`: none known), and the ones that served it before: a
+    /// key of the slot has its history on those masters only.
+    owner: Option<Box<[u16]>>,
+    previous: HashMap<u16, Vec<usize>>,
+    /// This shard.
+    pub me: Option<usize>,
 }
 
 impl Settling {
@@ -169,26 +262,94 @@ impl Settling {
     /// while no sample is that late. A migration's copy (`import`) ran
     /// after its slot was found served (a pending slot is served: the copy
     /// came late): it waits for a sample after it.
-    pub fn need(&self, slot: u16, start: u64, end: u64, import: bool) -> Option<Offsets> {
+    pub fn need(&self, slot: u16, start: u64, end: u64, import: bool) -> Option<Need> {
+        let first = self.samples.iter().position(|(at, _, _)| *at >= end);
+        let by = first.map(|i| self.samples[i].1);
+        // The last look before the command ran.
+        let before = match first {
+            Some(0) | None => self.samples.back().filter(|_| first.is_none()).map(|s| s.1),
+            Some(i) => Some(self.samples[i - 1].1),
+        }
+        .or_else(|| self.passed.filter(|(at, _)| *at < end).map(|(_, t)| t));
         if !import {
             if let Some(p) = self
                 .pending
                 .iter()
                 .find(|p| p.from <= start && p.slots.contains(slot))
             {
-                return Some(p.peers.clone());
+                return Some(Need {
+                    offsets: self.relevant(slot, &p.peers),
+                    after: before.map_or(Some(p.taken), |b| Some(b.max(p.taken))),
+                    by,
+                });
             }
         }
-        self.samples
+        let i = first?;
+        Some(Need {
+            offsets: self.relevant(slot, &self.samples[i].2),
+            after: before,
+            by,
+        })
+    }
+
+    /// Of `offsets`, those of the shards whose masters served `slot` (its
+    /// keys' history is there); all of them when none is known but this
+    /// one (`me` is never in `offsets`), or for [`ANY_SLOT`].
+    fn relevant(&self, slot: u16, offsets: &Offsets) -> Offsets {
+        if slot >= engine::slot::SLOTS {
+            return offsets.clone();
+        }
+        let owner = self
+            .owner
+            .as_ref()
+            .map(|o| o[slot as usize])
+            .filter(|&o| o != u16::MAX)
+            .map(usize::from);
+        let mut served: Vec<usize> = self.previous.get(&slot).cloned().unwrap_or_default();
+        served.extend(owner);
+        served.retain(|&s| Some(s) != self.me);
+        if served.is_empty() {
+            // Nobody else is known to have served it: all of them.
+            return offsets.clone();
+        }
+        // Masters that served it and are gone (a master emptied into a
+        // replica) have nothing left to wait for.
+        offsets
             .iter()
-            .find(|(at, _)| *at >= end)
-            .map(|(_, peers)| peers.clone())
+            .copied()
+            .filter(|(shard, _)| served.contains(shard))
+            .collect()
+    }
+
+    /// The owners a sample names: a slot whose owner changed keeps the
+    /// earlier one among those that served it.
+    fn owners(&mut self, owners: &[(u16, u16, usize)]) {
+        let owner = self
+            .owner
+            .get_or_insert_with(|| vec![u16::MAX; engine::slot::SLOTS as usize].into());
+        for &(a, b, shard) in owners {
+            let shard16 = shard.min(u16::MAX as usize - 1) as u16;
+            for slot in a..=b.min(engine::slot::SLOTS - 1) {
+                let was = owner[slot as usize];
+                if was == shard16 {
+                    continue;
+                }
+                if was != u16::MAX {
+                    let before = self.previous.entry(slot).or_default();
+                    if !before.contains(&usize::from(was)) {
+                        before.push(usize::from(was));
+                    }
+                }
+                owner[slot as usize] = shard16;
+            }
+        }
     }
 
     /// Takes in a sample: its slots (against the replay rules' `settled`),
     /// and its offsets for later hand-overs. Returns the newly pending
     /// slots' count.
     pub fn absorb(&mut self, settled: &SlotSet, sample: Sample) -> usize {
+        self.owners(&sample.owners);
         let mut n = 0;
         if let Some(served) = &sample.served {
             let fresh = self.served(settled, served, sample.at);
@@ -196,14 +357,16 @@ impl Settling {
             if !fresh.is_empty() {
                 self.pending.push(Pending {
                     from: sample.at,
+                    taken: sample.taken,
                     slots: fresh,
                     peers: sample.peers.clone(),
                 });
             }
         }
         // Samples come in order; one per offset is enough (the earliest).
-        if self.samples.back().is_none_or(|(at, _)| *at < sample.at) {
-            self.samples.push_back((sample.at, sample.peers));
+        if self.samples.back().is_none_or(|(at, _, _)| *at < sample.at) {
+            self.samples
+                .push_back((sample.at, sample.taken, sample.peers));
         }
         n
     }
@@ -215,7 +378,16 @@ impl Settling {
     fn served(&mut self, settled: &SlotSet, served: &SlotSet, at: u64) -> SlotSet {
         let mut fresh = SlotSet::empty();
         let mut leaving = SlotSet::empty();
-        for slot in 0..engine::slot::SLOTS {
+        let mut look = served.clone();
+        for slot in settled.iter() {
+            look.insert(slot);
+        }
+        for p in &self.pending {
+            for slot in p.slots.iter() {
+                look.insert(slot);
+            }
+        }
+        for slot in look.iter() {
             let serves = served.contains(slot);
             let left = self.leaving.iter_mut().find(|(_, l)| l.contains(slot));
             if settled.contains(slot) {
@@ -268,32 +440,57 @@ impl Settling {
 
     /// Samples before `offset` can serve no later command.
     pub fn prune(&mut self, offset: u64) {
-        while self.samples.front().is_some_and(|(at, _)| *at < offset) {
-            self.samples.pop_front();
+        while self.samples.front().is_some_and(|(at, _, _)| *at < offset) {
+            if let Some((at, taken, _)) = self.samples.pop_front() {
+                self.passed = Some((at, taken));
+            }
         }
     }
 
     /// Settles the pending slots whose other masters' offsets are applied
     /// (`applied` of each shard), once the stream is at `offset` past where
-    /// they were found served. Returns how many slots were settled.
+    /// they were found served. Returns the slots settled.
     pub fn settle(
         &mut self,
         settled: &mut SlotSet,
         offset: u64,
         applied: impl Fn(usize) -> Option<u64>,
-    ) -> usize {
-        let mut n = 0;
-        self.pending.retain(|p| {
-            let ready = p.from <= offset && applied_all(&p.peers, &applied);
-            if ready {
+    ) -> SlotSet {
+        let mut now = SlotSet::empty();
+        for p in &self.pending {
+            if p.from > offset {
+                continue;
+            }
+            if applied_all(&p.peers, &applied) {
                 for slot in p.slots.iter() {
-                    settled.insert(slot);
-                    n += 1;
+                    now.insert(slot);
+                }
+                continue;
+            }
+            for slot in p.slots.iter() {
+                if applied_all(&self.relevant(slot, &p.peers), &applied) {
+                    now.insert(slot);
                 }
             }
-            !ready
-        });
-        n
+        }
+        if now.is_empty() {
+            return now;
+        }
+        for p in &mut self.pending {
+            for slot in now.iter() {
+                p.slots.remove(slot);
+            }
+        }
+        self.pending.retain(|p| !p.slots.is_empty());
+        for slot in now.iter() {
+            settled.insert(slot);
+        }
+        now
+    }
+
+    /// Whether `slot` is pending (served by the master, not settled).
+    pub fn is_pending(&self, slot: u16) -> bool {
+        self.pending.iter().any(|p| p.slots.contains(slot))
     }
 
     /// Slots pending, for logs.
@@ -327,8 +524,15 @@ pub struct Shared {
     wanted: Notify,
     /// Until when (Unix ms) the sampler runs ten times a second.
     busy_until: AtomicU64,
-    /// Where the intake waits at a hand-over (`u64::MAX`: it does not).
+    /// Where the intake waits at a hand-over (`u64::MAX`: it does not),
+    /// and when the command it waits with ran (see [`Need`]).
     waiting_at: AtomicU64,
+    window: Mutex<(Option<Instant>, Option<Instant>)>,
+    /// The slot of the migration copy the intake waits with
+    /// (`u32::MAX`: none).
+    waiting_import: std::sync::atomic::AtomicU32,
+    /// The shard it waits for now (`u64::MAX`: none).
+    waiting_on: AtomicU64,
 }
 
 impl Default for Shared {
@@ -340,6 +544,9 @@ impl Default for Shared {
             wanted: Notify::new(),
             busy_until: AtomicU64::new(0),
             waiting_at: AtomicU64::new(u64::MAX),
+            window: Mutex::new((None, None)),
+            waiting_import: std::sync::atomic::AtomicU32::new(u32::MAX),
+            waiting_on: AtomicU64::new(u64::MAX),
         }
     }
 }
@@ -369,14 +576,17 @@ impl Shared {
     }
 }
 
+/// A hand-over for keys of any slot (a joined shard's snapshot).
+const ANY_SLOT: u16 = u16::MAX;
+
 /// How long a hand-over waits before it says so in the log.
 const SLOW_WAIT: Duration = Duration::from_secs(5);
 /// How long two shards that wait on each other wait before the lower one
 /// goes on (see `Intake::wait_for`).
-const CYCLE_WAIT: Duration = Duration::from_secs(2);
+const CYCLE_WAIT: Duration = Duration::from_millis(100);
 /// How often the sampler looks, and while keys change hands.
 const IDLE_PERIOD: Duration = Duration::from_secs(1);
-const BUSY_PERIOD: Duration = Duration::from_millis(100);
+const BUSY_PERIOD: Duration = Duration::from_millis(20);
 /// How long after a hand-over the sampler stays fast.
 const BUSY_FOR: Duration = Duration::from_secs(10);
 
@@ -414,6 +624,7 @@ async fn take_sample(
     me: usize,
     own: &Endpoint,
 ) -> Result<Sample, WorkerError> {
+    let taken = Instant::now();
     let (text, at, _) = ask(conns, own, true).await?;
     let nodes = engine::cluster::parse_nodes(&text);
     let (served, masters) = served_slots(&nodes);
@@ -447,10 +658,25 @@ async fn take_sample(
         };
         offsets.push((peer.shard, offset));
     }
+    let mut owners = Vec::new();
+    let me_addr = own.addr();
+    for node in nodes.iter().filter(|n| n.serving_master()) {
+        let addr = crate::endpoint::addr_of(&node.host, node.port);
+        let shard = if addr == me_addr {
+            Some(me)
+        } else {
+            peers.shard_of(&addr)
+        };
+        if let Some(shard) = shard {
+            owners.extend(node.slots.iter().map(|&(a, b)| (a, b, shard)));
+        }
+    }
     Ok(Sample {
+        taken,
         at,
         served: nodes.iter().any(|n| n.myself).then_some(served),
         peers: offsets,
+        owners,
     })
 }
 
@@ -532,14 +758,23 @@ impl super::intake::Intake {
     pub(super) async fn hand_over(
         &mut self,
         slot: u16,
-        import: bool,
+        import: Option<bytes::Bytes>,
         start: u64,
     ) -> Result<bool, WorkerError> {
         let end = self.offset;
         if self.handovers.is_none() {
             return Ok(true);
         }
-        self.hand_over_until(slot, import, start, end).await
+        if !self
+            .hand_over_until(slot, import.is_some(), start, end)
+            .await?
+        {
+            return Ok(false);
+        }
+        if let (Some(key), Some(h)) = (import, self.handovers.as_ref()) {
+            h.peers.imported(&key, h.me);
+        }
+        Ok(true)
     }
 
     /// A shard for a master that joined the source mid-sync: its snapshot
@@ -550,7 +785,7 @@ impl super::intake::Intake {
         if !self.handovers.as_ref().is_some_and(|h| h.joined) {
             return Ok(true);
         }
-        self.hand_over_until(0, true, offset, offset).await
+        self.hand_over_until(ANY_SLOT, true, offset, offset).await
     }
 
     async fn hand_over_until(
@@ -562,11 +797,11 @@ impl super::intake::Intake {
     ) -> Result<bool, WorkerError> {
         self.stats.handover.busy();
         let began = Instant::now();
-        let offsets = loop {
+        let mut need = loop {
             self.absorb_samples();
             let h = self.handovers.as_ref().expect("hand-overs on");
-            if let Some(offsets) = h.settling.need(slot, start, end, import) {
-                break offsets;
+            if let Some(need) = h.settling.need(slot, start, end, import) {
+                break need;
             }
             // No sample is late enough: ask for one.
             let shared = &self.stats.handover;
@@ -586,14 +821,26 @@ impl super::intake::Intake {
                 }
             }
         };
-        if !self.applied(&offsets) {
+        if slot == ANY_SLOT {
+            // A joined shard's snapshot: shards in a full sync of their own
+            // (another master that joined) hold none of its keys' history.
+            let h = self.handovers.as_ref().expect("hand-overs on");
+            let peers = h.peers.others(h.me);
+            need.offsets.retain(|(shard, _)| {
+                peers
+                    .iter()
+                    .find(|p| p.shard == *shard)
+                    .is_some_and(|p| p.stats.state() != crate::progress::ShardState::FullSync)
+            });
+        }
+        if !self.applied(&need.offsets) {
             // What this shard read before the command goes out first (a
             // shard waiting for it waits for no more than that).
             self.dispatcher.flush_all(self.safe).await?;
             if let Some(at) = self.safe {
                 self.stats.publish_processed(at);
             }
-            if !self.wait_for(&offsets, slot, start).await {
+            if !self.wait_for(&need, slot, start, import).await {
                 return Ok(false);
             }
         }
@@ -615,16 +862,19 @@ impl super::intake::Intake {
             peers
                 .iter()
                 .find(|p| p.shard == shard)
-                .map_or(Some(u64::MAX), |p| p.stats.applied())
+                .map_or(Some(u64::MAX), Peer::applied)
         })
     }
 
-    /// Waits until each other shard applied its offset in `offsets`;
-    /// `false` when asked to stop meanwhile. Two shards whose commands ran
-    /// within one sample of each other may each wait for the other: after
-    /// [`CYCLE_WAIT`] the one with the lower index goes on once the other
-    /// applied everything it handed over, and says so.
-    async fn wait_for(&mut self, offsets: &[(usize, u64)], slot: u16, start: u64) -> bool {
+    /// Waits until each other shard applied its offset in `need`; `false`
+    /// when asked to stop meanwhile. Two shards whose commands ran within
+    /// one sample of each other may each wait for the other. Then the one
+    /// whose command ran first goes on once the other applied everything it
+    /// handed over (the other's blocked command ran later, so what it did
+    /// before this one is in there); when the samples cannot tell which ran
+    /// first, after [`CYCLE_WAIT`] the one with the lower index goes on, and
+    /// says so.
+    async fn wait_for(&mut self, need: &Need, slot: u16, start: u64, import: bool) -> bool {
         let Some(h) = self.handovers.as_ref() else {
             return true;
         };
@@ -633,32 +883,68 @@ impl super::intake::Intake {
         let began = Instant::now();
         let mut said = began;
         let shared = &self.stats.handover;
+        *shared.window.lock().expect("window lock") = (need.after, need.by);
+        let copy = if import && slot < engine::slot::SLOTS {
+            u32::from(slot)
+        } else {
+            u32::MAX
+        };
+        shared.waiting_import.store(copy, Ordering::SeqCst);
         shared.waiting_at.store(start, Ordering::SeqCst);
         let mut done = true;
-        'peers: for &(shard, offset) in offsets {
+        'peers: for &(shard, offset) in &need.offsets {
             let Some(peer) = peers.iter().find(|p| p.shard == shard) else {
                 continue;
             };
+            shared.waiting_on.store(shard as u64, Ordering::SeqCst);
             while !peer
                 .stats
-                .wait_applied(offset, Duration::from_millis(100))
+                .wait_applied(offset, Duration::from_millis(20))
                 .await
+                && peer.applied().is_none_or(|a| a < offset)
             {
                 if *self.stop.borrow() {
                     done = false;
                     break 'peers;
                 }
-                let waits_too = peer.stats.handover.waiting_at().is_some();
+                let other = &peer.stats.handover;
                 let handed_over = peer.stats.applied().is_some()
                     && peer.stats.applied() == peer.stats.processed();
-                if waits_too && handed_over && me < shard && began.elapsed() >= CYCLE_WAIT {
-                    events::HandOverCycle {
-                        source: &self.addr,
-                        other: &peer.stats.source,
-                        slot,
+                let on_me = other.waiting_on.load(Ordering::SeqCst) == me as u64;
+                if other.waiting_at().is_some() && on_me && handed_over {
+                    // It waits with a copy of a key this master exports: for
+                    // this master's `DEL` of it, further on in this stream
+                    // than anything this command needs of it.
+                    let copy = other.waiting_import.load(Ordering::SeqCst);
+                    let serves = |slot: u16| {
+                        self.replay.settled().is_some_and(|s| s.contains(slot))
+                            || self
+                                .handovers
+                                .as_ref()
+                                .is_some_and(|h| h.settling.is_pending(slot))
+                    };
+                    if copy != u32::MAX && (serves(copy as u16) || (!import && serves(slot))) {
+                        // Or it waits with a copy while this command's slot
+                        // is this master's: the other master no longer
+                        // serves it, so nothing it did after its copy can
+                        // touch this command's keys.
+                        continue 'peers;
                     }
-                    .emit(&self.stats.counters);
-                    continue 'peers;
+                    let (after, by) = *other.window.lock().expect("window lock");
+                    let first = need.by.zip(after).is_some_and(|(mine, its)| mine < its);
+                    let second = by.zip(need.after).is_some_and(|(its, mine)| its < mine);
+                    if first {
+                        continue 'peers;
+                    }
+                    if !second && me < shard && began.elapsed() >= CYCLE_WAIT {
+                        events::HandOverCycle {
+                            source: &self.addr,
+                            other: &peer.stats.source,
+                            slot,
+                        }
+                        .emit(&self.stats.counters);
+                        continue 'peers;
+                    }
                 }
                 if said.elapsed() >= SLOW_WAIT {
                     said = Instant::now();
@@ -675,6 +961,8 @@ impl super::intake::Intake {
             }
         }
         shared.waiting_at.store(u64::MAX, Ordering::SeqCst);
+        shared.waiting_on.store(u64::MAX, Ordering::SeqCst);
+        shared.waiting_import.store(u32::MAX, Ordering::SeqCst);
         done
     }
 
@@ -692,28 +980,39 @@ impl super::intake::Intake {
         }
         h.settling.prune(self.offset);
         self.next_leave = h.settling.next_leave();
+        self.keep_view();
         self.settle_ready();
     }
 
-    /// Settles the pending slots that are ready, and keeps the view in the
-    /// shard's stats.
+    /// Settles the pending slots that are ready (and keeps the view).
     pub(super) fn settle_ready(&mut self) {
         let (Some(h), Some(settled)) = (self.handovers.as_mut(), self.replay.settled_mut()) else {
             return;
         };
-        if h.settling.pending_slots() > 0 {
-            let peers = h.peers.others(h.me);
-            let applied = |shard: usize| {
-                peers
-                    .iter()
-                    .find(|p| p.shard == shard)
-                    .map_or(Some(u64::MAX), |p| p.stats.applied())
-            };
-            let n = h.settling.settle(settled, self.offset, applied);
-            if n > 0 {
-                tracing::debug!(source = %self.addr, slots = n, "slots settled");
-            }
+        if h.settling.pending_slots() == 0 {
+            return;
         }
+        let peers = h.peers.others(h.me);
+        let applied = |shard: usize| {
+            peers
+                .iter()
+                .find(|p| p.shard == shard)
+                .map_or(Some(u64::MAX), Peer::applied)
+        };
+        let now = h.settling.settle(settled, self.offset, applied);
+        if !now.is_empty() {
+            tracing::debug!(source = %self.addr, slots = now.len(), "slots settled");
+            h.peers.settled(h.me, &now);
+            self.keep_view();
+        }
+    }
+
+    /// Keeps the view in the shard's stats, for the next intake (after a
+    /// change only: it is a few tens of KB).
+    fn keep_view(&self) {
+        let (Some(h), Some(settled)) = (self.handovers.as_ref(), self.replay.settled()) else {
+            return;
+        };
         *self.stats.handover.view.lock().expect("view lock") = Some(View {
             settled: settled.clone(),
             settling: h.settling.clone(),
@@ -727,6 +1026,7 @@ impl super::intake::Intake {
         };
         h.settling.leave(settled, self.offset);
         self.next_leave = h.settling.next_leave();
+        self.keep_view();
     }
 }
 
@@ -744,9 +1044,11 @@ mod tests {
 
     fn sample(at: u64, served: &[u16], peers: Offsets) -> Sample {
         Sample {
+            taken: Instant::now(),
             at,
             served: Some(set(served)),
             peers,
+            owners: Vec::new(),
         }
     }
 
@@ -754,17 +1056,34 @@ mod tests {
     fn a_hand_over_waits_for_the_first_sample_after_its_command() {
         let settled = set(&[1]);
         let mut s = Settling::default();
-        assert_eq!(s.need(7, 100, 120, false), None, "no sample yet");
+        assert_eq!(
+            s.need(7, 100, 120, false).map(|n| n.offsets),
+            None,
+            "no sample yet"
+        );
         s.absorb(&settled, sample(110, &[1], vec![(1, 50)]));
-        assert_eq!(s.need(7, 100, 120, false), None, "too early for it");
+        assert_eq!(
+            s.need(7, 100, 120, false).map(|n| n.offsets),
+            None,
+            "too early for it"
+        );
         s.absorb(&settled, sample(120, &[1], vec![(1, 60)]));
         s.absorb(&settled, sample(300, &[1], vec![(1, 90)]));
-        assert_eq!(s.need(7, 100, 120, false), Some(vec![(1, 60)]));
-        assert_eq!(s.need(7, 120, 200, true), Some(vec![(1, 90)]));
+        assert_eq!(
+            s.need(7, 100, 120, false).map(|n| n.offsets),
+            Some(vec![(1, 60)])
+        );
+        assert_eq!(
+            s.need(7, 120, 200, true).map(|n| n.offsets),
+            Some(vec![(1, 90)])
+        );
         // Passed samples are dropped.
         let mut settled = settled;
         s.leave(&mut settled, 121);
-        assert_eq!(s.need(7, 100, 120, false), Some(vec![(1, 90)]));
+        assert_eq!(
+            s.need(7, 100, 120, false).map(|n| n.offsets),
+            Some(vec![(1, 90)])
+        );
     }
 
     #[test]
@@ -785,16 +1104,19 @@ mod tests {
         assert_eq!(s.next_leave(), u64::MAX);
         // Commands that ran before it was seen served wait for a later
         // sample; later ones for the offsets of that sample.
-        assert_eq!(s.need(3, 900, 1001, false), None);
-        assert_eq!(s.need(3, 1000, 1050, false), Some(vec![(1, 50), (2, 70)]));
+        assert_eq!(s.need(3, 900, 1001, false).map(|n| n.offsets), None);
+        assert_eq!(
+            s.need(3, 1000, 1050, false).map(|n| n.offsets),
+            Some(vec![(1, 50), (2, 70)])
+        );
         // A migration's copy waits for a sample after it.
-        assert_eq!(s.need(3, 1000, 1050, true), None);
+        assert_eq!(s.need(3, 1000, 1050, true).map(|n| n.offsets), None);
         // Not settled while a shard is behind, or the stream before `from`.
         let applied = |shard: usize| Some(if shard == 1 { 50 } else { 69 });
-        assert_eq!(s.settle(&mut settled, 2000, applied), 0);
+        assert!(s.settle(&mut settled, 2000, applied).is_empty());
         let applied = |_| Some(100);
-        assert_eq!(s.settle(&mut settled, 999, applied), 0);
-        assert_eq!(s.settle(&mut settled, 1000, applied), 1);
+        assert!(s.settle(&mut settled, 999, applied).is_empty());
+        assert_eq!(s.settle(&mut settled, 1000, applied), set(&[3]));
         assert_eq!(settled, set(&[1, 3]));
         assert_eq!(s.pending_slots(), 0);
     }
@@ -804,7 +1126,7 @@ mod tests {
         let mut settled = SlotSet::empty();
         let mut s = Settling::default();
         s.absorb(&settled, sample(0, &[5], vec![(1, 10)]));
-        assert_eq!(s.settle(&mut settled, 10, |_| None), 0);
+        assert!(s.settle(&mut settled, 10, |_| None).is_empty());
         assert!(!settled.contains(5));
     }
 
@@ -815,8 +1137,8 @@ mod tests {
         assert_eq!(s.absorb(&settled, sample(10, &[5, 6], vec![])), 2);
         assert_eq!(s.absorb(&settled, sample(15, &[6], vec![])), 0);
         assert_eq!(s.pending_slots(), 1);
-        assert_eq!(s.need(5, 20, 30, false), None);
-        assert_eq!(s.settle(&mut settled, 20, |_| Some(0)), 1);
+        assert_eq!(s.need(5, 20, 30, false).map(|n| n.offsets), None);
+        assert_eq!(s.settle(&mut settled, 20, |_| Some(0)), set(&[6]));
         assert_eq!(settled, set(&[6]));
     }
 
@@ -836,13 +1158,129 @@ mod tests {
         let settled = SlotSet::empty();
         let mut s = Settling::default();
         let blind = Sample {
+            taken: Instant::now(),
             at: 10,
             served: None,
             peers: vec![(0, 4)],
+            owners: Vec::new(),
         };
         assert_eq!(s.absorb(&settled, blind), 0);
         assert_eq!(s.pending_slots(), 0);
-        assert_eq!(s.need(9, 0, 10, false), Some(vec![(0, 4)]));
+        assert_eq!(
+            s.need(9, 0, 10, false).map(|n| n.offsets),
+            Some(vec![(0, 4)])
+        );
+    }
+
+    #[test]
+    fn a_hand_over_waits_only_for_the_masters_that_served_its_slot() {
+        let settled = SlotSet::empty();
+        let mut s = Settling {
+            me: Some(0),
+            ..Settling::default()
+        };
+        // Shard 0 (this one) imports slot 5 from shard 1; shard 2 serves
+        // other slots.
+        let mut first = sample(10, &[], vec![(1, 100), (2, 200)]);
+        first.owners = vec![(0, 9, 1), (10, 20, 2)];
+        s.absorb(&settled, first);
+        assert_eq!(
+            s.need(5, 0, 10, true).map(|n| n.offsets),
+            Some(vec![(1, 100)])
+        );
+        // Once the slot is this master's, its earlier owner still counts.
+        let mut later = sample(20, &[5], vec![(1, 110), (2, 210)]);
+        later.owners = vec![(0, 4, 1), (5, 5, 0), (6, 9, 1), (10, 20, 2)];
+        s.absorb(&settled, later);
+        assert_eq!(
+            s.need(5, 20, 30, false).map(|n| n.offsets),
+            Some(vec![(1, 110)])
+        );
+        let mut settled = settled;
+        let applied = |shard: usize| Some(if shard == 1 { 110 } else { 0 });
+        assert_eq!(
+            s.settle(&mut settled, 20, applied),
+            set(&[5]),
+            "shard 2 does not matter"
+        );
+        // A slot whose only known owner is this master: every other shard.
+        let mut s = Settling {
+            me: Some(0),
+            ..Settling::default()
+        };
+        let mut only = sample(10, &[], vec![(1, 100), (2, 200)]);
+        only.owners = vec![(7, 7, 0)];
+        s.absorb(&SlotSet::empty(), only);
+        assert_eq!(
+            s.need(7, 0, 10, false).map(|n| n.offsets),
+            Some(vec![(1, 100), (2, 200)])
+        );
+    }
+
+    #[test]
+    fn a_hand_over_knows_between_which_looks_its_command_ran() {
+        let settled = SlotSet::empty();
+        let mut s = Settling::default();
+        let (a, b) = (sample(100, &[], vec![]), sample(200, &[], vec![]));
+        let (ta, tb) = (a.taken, b.taken);
+        s.absorb(&settled, a);
+        s.absorb(&settled, b);
+        let need = s.need(9, 150, 180, false).unwrap();
+        assert_eq!((need.after, need.by), (Some(ta), Some(tb)));
+        let need = s.need(9, 50, 90, false).unwrap();
+        assert_eq!((need.after, need.by), (None, Some(ta)));
+        assert_eq!(s.need(9, 200, 250, false), None);
+        // Passed samples still bound it from below.
+        let mut settled = settled;
+        s.leave(&mut settled, 201);
+        assert_eq!(s.need(9, 201, 250, false), None);
+        s.absorb(&settled, sample(300, &[], vec![]));
+        assert_eq!(s.need(9, 201, 250, false).unwrap().after, Some(tb));
+    }
+
+    #[test]
+    fn a_slot_whose_earlier_master_is_gone_waits_for_nobody() {
+        let mut s = Settling {
+            me: Some(0),
+            ..Settling::default()
+        };
+        let mut first = sample(10, &[], vec![(1, 100), (2, 200)]);
+        first.owners = vec![(5, 5, 3)];
+        s.absorb(&SlotSet::empty(), first);
+        // Shard 3 (its master emptied into a replica) is no longer asked.
+        let mut later = sample(20, &[5], vec![(1, 110), (2, 210)]);
+        later.owners = vec![(5, 5, 0)];
+        s.absorb(&SlotSet::empty(), later);
+        assert_eq!(s.need(5, 20, 30, false).map(|n| n.offsets), Some(vec![]));
+    }
+
+    #[test]
+    fn imports_are_remembered_until_their_slot_settles_at_the_importer() {
+        let peers = Peers::new();
+        let moved = MovedAway {
+            peers: Arc::new(Peers::new()),
+            me: 0,
+        };
+        assert!(!engine::replay::MovedKeys::moved_away(&moved, b"k"));
+        peers.imported(b"k", 1);
+        peers.imported(b"j", 2);
+        assert_eq!(peers.importer(b"k"), Some(1));
+        let slot = engine::slot::slot(b"k");
+        peers.settled(2, &set(&[slot]));
+        assert_eq!(peers.importer(b"k"), Some(1), "another shard's slot");
+        peers.settled(1, &set(&[slot]));
+        assert_eq!(peers.importer(b"k"), None);
+        assert_eq!(peers.importer(b"j"), Some(2));
+        let moved = MovedAway {
+            peers: Arc::new(peers),
+            me: 2,
+        };
+        assert!(
+            !engine::replay::MovedKeys::moved_away(&moved, b"j"),
+            "its own"
+        );
+        moved.peers.imported(b"j", 1);
+        assert!(engine::replay::MovedKeys::moved_away(&moved, b"j"));
     }
 
     #[test]

@@ -172,10 +172,16 @@ impl Intake {
                     settling: Settling::default(),
                 });
             replay.set_settled(Some(view.settled));
+            replay.set_moved_keys(Arc::new(super::handover::MovedAway {
+                peers: parts.peers.clone(),
+                me: parts.me,
+            }));
+            let mut settling = view.settling;
+            settling.me = Some(parts.me);
             HandOvers {
                 peers: parts.peers,
                 me: parts.me,
-                settling: view.settling,
+                settling,
                 joined: parts.joined,
             }
         });
@@ -334,6 +340,11 @@ impl Intake {
             Event::Rewritten => events::CommandRewritten.emit(c),
             Event::TxSplit => events::TransactionSplit.emit(c),
             Event::Restamped => events::ValueRestamped.emit(c),
+            Event::MovedAway { command } => events::CommandMovedAway {
+                source: &self.addr,
+                command: &command,
+            }
+            .emit(c),
             Event::Rebuilt { key, loss } => events::ValueRebuilt {
                 source: &self.addr,
                 key: &key,
