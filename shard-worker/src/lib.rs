@@ -31,7 +31,9 @@
 //!   coordinator's supervisor), and the wall clock in Unix ms.
 //!
 //! Shard workers never message each other; only confirmations flow back
-//! from writers, through the lock-free counters in [`progress`].
+//! from writers, through the lock-free counters in [`progress`]. On a
+//! cluster source a shard reads the others' applied offsets (and a shared
+//! record of migrated keys) for hand-overs (`source::handover`).
 
 pub mod clock;
 pub mod conn;
