@@ -123,8 +123,15 @@ fn router(c: &mut Criterion) {
             std::hint::black_box(routed)
         })
     });
+    for (name, cluster_source) in [
+        ("replay rules: route 10k writes into a 3-master cluster", false),
+        (
+            "replay rules: route 10k writes of a cluster source (hand-over checks, every slot settled)",
+            true,
+        ),
+    ] {
     group.bench_function(
-        "replay rules: route 10k writes into a 3-master cluster",
+        name,
         |b| {
             let cfg = ReplayConfig {
                 db_filter: DbFilter::new(vec![0], Default::default()),
@@ -132,6 +139,15 @@ fn router(c: &mut Criterion) {
             };
             b.iter(|| {
                 let mut replay = Replay::new(cfg.clone(), true);
+                if cluster_source {
+                    replay.set_settled(Some(engine::slot::SlotSet::of_ranges(&[(0, 16383)])));
+                    replay.set_moved_keys(std::sync::Arc::new(
+                        shard_worker::source::handover::MovedAway {
+                            peers: std::sync::Arc::new(shard_worker::source::handover::Peers::new()),
+                            me: 0,
+                        },
+                    ));
+                }
                 let mut actions = Vec::new();
                 let mut buf = BytesMut::from(&bytes[..]);
                 let mut builders: Vec<BatchBuilder> =
@@ -160,6 +176,7 @@ fn router(c: &mut Criterion) {
             })
         },
     );
+    }
     group.finish();
     let _ = std::fs::remove_dir_all(&spill);
 }

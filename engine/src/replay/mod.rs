@@ -244,6 +244,12 @@ impl Action {
 /// slot moves) is not replayed.
 pub trait MovedKeys: Send + Sync {
     fn moved_away(&self, key: &[u8]) -> bool;
+
+    /// Whether no key is known to have moved (checked first, once per
+    /// command: the common case costs no key lookup).
+    fn none(&self) -> bool {
+        false
+    }
 }
 
 /// A stream the rules cannot follow.

@@ -160,6 +160,9 @@ impl Replay {
         let (Some(moved), Some(spec)) = (&self.moved, spec) else {
             return MovedAway::None;
         };
+        if moved.none() {
+            return MovedAway::None;
+        }
         let positions = crate::command::key_positions(spec, cmd);
         let away: SmallVec<[bool; 4]> = positions
             .iter()

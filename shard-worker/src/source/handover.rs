@@ -192,6 +192,10 @@ impl engine::replay::MovedKeys for MovedAway {
     fn moved_away(&self, key: &[u8]) -> bool {
         self.peers.importer(key).is_some_and(|by| by != self.me)
     }
+
+    fn none(&self) -> bool {
+        self.peers.n_imports.load(Ordering::Acquire) == 0
+    }
 }
 
 /// Each other shard with the offset of its master it must have applied.
