@@ -15,13 +15,6 @@ use harness::{wait_for, RedisServer, Shardsync, SHORT};
 const BIN: &str = env!("CARGO_BIN_EXE_shardsync");
 const LONG: Duration = Duration::from_secs(90);
 
-/// Waits until every source master's stream is applied.
-fn wait_all_caught_up(sync: &Shardsync, masters: &[&RedisServer]) {
-    for m in masters {
-        sync.wait_caught_up(m, LONG);
-    }
-}
-
 /// No error reply of these codes reached the target.
 fn assert_no_target_errors(sync: &Shardsync, codes: &[&str]) {
     let text = sync.metrics().unwrap();
@@ -122,7 +115,7 @@ fn cluster_to_cluster_copies_everything_under_a_live_load() {
     });
     stop.store(true, Ordering::Relaxed);
     load.join().unwrap();
-    wait_all_caught_up(&sync, &source.masters());
+    sync.wait_all_caught_up(&source.masters(), LONG);
     assert_same_nodes(&source.masters(), &target.masters());
     assert_no_target_errors(&sync, &["CROSSSLOT", "MOVED", "ASK"]);
 
@@ -301,7 +294,7 @@ fn a_target_resharded_during_the_sync_loses_nothing() {
     harness::data::load_strings_into(&mut source.client(), 3000, "after:");
     stop.store(true, Ordering::Relaxed);
     load.join().unwrap();
-    wait_all_caught_up(&sync, &source.masters());
+    sync.wait_all_caught_up(&source.masters(), LONG);
     assert_same_nodes(&source.masters(), &target.masters());
     assert_no_target_errors(&sync, &["MOVED", "ASK", "CROSSSLOT"]);
     let status = sync.status().unwrap();
@@ -372,7 +365,7 @@ fn sigterm_drains_a_cluster_task_and_exits_zero() {
         BIN,
         &["--source", &source.url(0), "--target", &target.url(0)],
     );
-    wait_all_caught_up(&sync, &source.masters());
+    sync.wait_all_caught_up(&source.masters(), LONG);
     let done = sync.terminate(SHORT);
     assert_eq!(done.code(), Some(0), "{}", done.log);
     assert!(
@@ -422,7 +415,7 @@ fn a_target_master_that_dies_is_followed_to_its_promoted_replica() {
         load.sent() > before + 3000
     });
     load.stop();
-    wait_all_caught_up(&sync, &source.masters());
+    sync.wait_all_caught_up(&source.masters(), LONG);
     assert_same_nodes(&source.masters(), &target.masters());
     let log = sync.log();
     assert!(

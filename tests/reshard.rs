@@ -15,12 +15,6 @@ use harness::{wait_for, RedisServer, Shardsync, SHORT};
 const BIN: &str = env!("CARGO_BIN_EXE_shardsync");
 const LONG: Duration = Duration::from_secs(120);
 
-fn wait_all_caught_up(sync: &Shardsync, masters: &[&RedisServer]) {
-    for m in masters {
-        sync.wait_caught_up(m, LONG);
-    }
-}
-
 /// A command that may meet a slot being migrated: MOVED, ASK and TRYAGAIN
 /// are followed.
 fn run(c: &mut ClusterClient, key: &[u8], args: &[&[u8]]) {
@@ -90,23 +84,22 @@ fn reshard_load(source: &Cluster, stop: Arc<AtomicBool>, rounds: Arc<AtomicU64>)
     })
 }
 
-fn metric(sync: &Shardsync, name: &str) -> u64 {
+/// The values of metric `name` over every shard.
+fn metric_values(sync: &Shardsync, name: &str) -> Vec<u64> {
     let text = sync.metrics().unwrap_or_default();
     text.lines()
         .filter(|l| l.starts_with(name))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .map(|v| v as u64)
-        .sum()
+        .collect()
+}
+
+fn metric(sync: &Shardsync, name: &str) -> u64 {
+    metric_values(sync, name).iter().sum()
 }
 
 fn metric_max(sync: &Shardsync, name: &str) -> u64 {
-    let text = sync.metrics().unwrap_or_default();
-    text.lines()
-        .filter(|l| l.starts_with(name))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .map(|v| v as u64)
-        .max()
-        .unwrap_or(0)
+    metric_values(sync, name).into_iter().max().unwrap_or(0)
 }
 
 #[test]
@@ -134,7 +127,7 @@ fn a_source_resharded_there_and_back_under_live_writes_ends_identical() {
     });
     stop.store(true, Ordering::Relaxed);
     load.join().unwrap();
-    wait_all_caught_up(&sync, &source.masters());
+    sync.wait_all_caught_up(&source.masters(), LONG);
     assert_same_nodes(&source.masters(), &target.masters());
 
     let log = sync.log();
@@ -188,7 +181,7 @@ fn a_masters_slots_spread_over_two_masters_added_mid_sync_end_identical() {
             .and_then(|s| s["shards"].as_array().map(|a| a.len()))
             == Some(5)
     });
-    wait_all_caught_up(&sync, &source.masters());
+    sync.wait_all_caught_up(&source.masters(), LONG);
     assert_same_nodes(&source.masters(), &target.masters());
     let log = sync.log();
     assert_eq!(
@@ -365,7 +358,7 @@ fn migrate_with_keys_replace_copy_and_a_pause_halfway_ends_identical() {
     stop.store(true, Ordering::Relaxed);
     let rounds = writer.join().unwrap();
     source.wait_stable();
-    wait_all_caught_up(&sync, &source.masters());
+    sync.wait_all_caught_up(&source.masters(), LONG);
     assert_same_nodes(&source.masters(), &target.masters());
     let log = sync.log();
     assert!(!log.contains("refused a replayed command"), "{log}");

@@ -167,6 +167,15 @@ impl Peers {
             .store(imports.len() as u64, Ordering::Release);
     }
 
+    /// Shard `shard`'s applied offset for hand-overs (`u64::MAX` for a
+    /// shard that is gone: nothing of it is left to wait for).
+    pub fn applied(&self, shard: usize) -> Option<u64> {
+        let list = self.list.read().expect("peers lock");
+        list.iter()
+            .find(|p| p.shard == shard)
+            .map_or(Some(u64::MAX), Peer::applied)
+    }
+
     /// Whether a shard reads the master at `addr` (`host:port`).
     pub fn knows(&self, addr: &str) -> bool {
         self.shard_of(addr).is_some()
@@ -861,13 +870,7 @@ impl super::intake::Intake {
         let Some(h) = self.handovers.as_ref() else {
             return true;
         };
-        let peers = h.peers.others(h.me);
-        applied_all(offsets, |shard| {
-            peers
-                .iter()
-                .find(|p| p.shard == shard)
-                .map_or(Some(u64::MAX), Peer::applied)
-        })
+        applied_all(offsets, |shard| h.peers.applied(shard))
     }
 
     /// Waits until each other shard applied its offset in `need`; `false`
@@ -996,14 +999,10 @@ impl super::intake::Intake {
         if h.settling.pending_slots() == 0 {
             return;
         }
-        let peers = h.peers.others(h.me);
-        let applied = |shard: usize| {
-            peers
-                .iter()
-                .find(|p| p.shard == shard)
-                .map_or(Some(u64::MAX), Peer::applied)
-        };
-        let now = h.settling.settle(settled, self.offset, applied);
+        let peers = &h.peers;
+        let now = h
+            .settling
+            .settle(settled, self.offset, |shard| peers.applied(shard));
         if !now.is_empty() {
             tracing::debug!(source = %self.addr, slots = now.len(), "slots settled");
             h.peers.settled(h.me, &now);

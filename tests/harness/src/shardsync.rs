@@ -138,6 +138,13 @@ impl Shardsync {
         self.wait_caught_up_via(source, &source.addr(), timeout);
     }
 
+    /// [`Shardsync::wait_caught_up`] for every master of a source.
+    pub fn wait_all_caught_up(&self, masters: &[&RedisServer], timeout: Duration) {
+        for m in masters {
+            self.wait_caught_up(m, timeout);
+        }
+    }
+
     /// [`Shardsync::wait_caught_up`] for a source reached at `addr` (a
     /// proxy in front of it).
     pub fn wait_caught_up_via(&self, source: &RedisServer, addr: &str, timeout: Duration) {
