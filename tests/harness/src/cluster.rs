@@ -324,7 +324,15 @@ impl ClusterClient {
                         .unwrap();
                     let c = self.conn(target);
                     let _: () = redis::cmd("ASKING").query(c).unwrap();
-                    return cmd.query(c).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+                    match cmd.query(c) {
+                        Ok(v) => return v,
+                        // A multi-key command whose keys the migration has
+                        // split between the two nodes: again in a moment.
+                        Err(e) if e.code() == Some("TRYAGAIN") => {
+                            std::thread::sleep(Duration::from_millis(20));
+                        }
+                        Err(e) => panic!("{args:?}: {e}"),
+                    }
                 }
                 Err(e) => panic!(
                     "{:?}: {e}",
