@@ -397,10 +397,30 @@ fn a_target_master_that_dies_is_followed_to_its_promoted_replica() {
     sync.wait_state("incremental", LONG);
     let before = load.sent();
     wait_for("writes", SHORT, || load.sent() > before + 3000);
+    // Every shard's node marker on the master says a stream position (the
+    // full sync's end applied there), and the replica holds it: what the
+    // replica has is resumable. (Frozen before that, it would hold only the
+    // "full sync under way" markers, and the task would rightly start over.)
+    wait_for("each shard's applied marker on the master", LONG, || {
+        let values: Vec<String> = target.nodes[0]
+            .internal_keys(0)
+            .iter()
+            .filter(|k| k.ends_with(b":node"))
+            .map(|k| target.nodes[0].cmd(&["GET", std::str::from_utf8(k).unwrap()]))
+            .collect();
+        values.len() == 3 && values.iter().all(|v| !v.ends_with(" full"))
+    });
+    let written = target.nodes[0].master_repl_offset();
+    let replica = target.nodes.len() - 1;
+    wait_for("the replica to hold the markers", LONG, || {
+        target.nodes[replica]
+            .info_field("slave_repl_offset")
+            .and_then(|v| v.parse::<u64>().ok())
+            .is_some_and(|o| o >= written)
+    });
 
     // The replica falls behind for a moment (frozen): what the master
     // acknowledges meanwhile never reaches it, and dies with the master.
-    let replica = target.nodes.len() - 1;
     target.nodes[replica].signal(libc::SIGSTOP);
     let before = load.sent();
     wait_for("writes the replica misses", SHORT, || {

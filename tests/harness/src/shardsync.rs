@@ -219,6 +219,18 @@ impl Drop for Shardsync {
             let _ = child.kill();
             let _ = child.wait();
         }
+        // SHARDSYNC_TEST_KEEP_LOGS=<dir> keeps every run's log there (the
+        // temporary directory goes with the test), to read a passing run.
+        if let Some(dir) = std::env::var_os("SHARDSYNC_TEST_KEEP_LOGS") {
+            let dir = PathBuf::from(dir);
+            let name = format!(
+                "shardsync-{}-{}.log",
+                std::thread::current().name().unwrap_or("test").replace("::", "-"),
+                self.http_port
+            );
+            let _ = std::fs::create_dir_all(&dir);
+            let _ = std::fs::copy(&self.log_path, dir.join(name));
+        }
     }
 }
 
