@@ -768,6 +768,25 @@ impl Rebuild {
 }
 
 /// `value` without hash fields whose TTL has passed.
+/// Whether sending `args` a second time (after a lost reply) leaves what
+/// sending it once does: the commands idempotent by nature, and those a
+/// rebuild in parts makes so — the guarded RPUSH script (a resent batch
+/// finds the list longer and pushes nothing) and the RENAME / RENAMENX of
+/// its temporary name (the second finds nothing to move and is refused).
+pub fn safe_to_resend(args: &[&[u8]]) -> bool {
+    let Some(name) = args.first() else {
+        return false;
+    };
+    if crate::command::lookup_name(name).is_some_and(|spec| spec.idempotent) {
+        return true;
+    }
+    if name.eq_ignore_ascii_case(b"EVAL") {
+        return args.get(1).is_some_and(|s| *s == GUARDED_RPUSH.as_bytes());
+    }
+    (name.eq_ignore_ascii_case(b"RENAME") || name.eq_ignore_ascii_case(b"RENAMENX"))
+        && args.get(1).is_some_and(|k| crate::marker::is_internal(k))
+}
+
 fn live(value: &Value, now_ms: i64) -> std::borrow::Cow<'_, Value> {
     match value {
         Value::Hash(fields)

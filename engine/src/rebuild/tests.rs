@@ -495,3 +495,41 @@ fn pending_entries_of_deleted_messages_are_put_back() {
         ]
     );
 }
+
+#[test]
+fn every_command_of_a_value_in_parts_is_safe_to_resend() {
+    for value in [list(700), Value::String("x".repeat(10).into())] {
+        let mut out = Commands::new();
+        let mut r = Rebuild::begin(
+            Key {
+                key: b"k",
+                expire_ms: Some(NOW + 9),
+                existing: Existing::Replace,
+                caps: V70,
+            },
+            b"{x}shardsync:tmp:1".to_vec(),
+            &mut out,
+        );
+        r.part(&value, NOW, &mut out);
+        r.part(&value, NOW, &mut out);
+        r.finish(&value, NOW, &mut out);
+        for args in out.to_args() {
+            let args: Vec<&[u8]> = args.iter().map(|a| &a[..]).collect();
+            assert!(
+                safe_to_resend(&args),
+                "{}",
+                String::from_utf8_lossy(&args.join(&b' '))
+            );
+        }
+    }
+    // Not so what a client sent, nor a RENAME of a user's key.
+    for args in [
+        &[&b"RPUSH"[..], b"k", b"v"][..],
+        &[b"EVAL", b"return redis.call('INCR', KEYS[1])", b"1", b"k"],
+        &[b"RENAME", b"a", b"b"],
+        &[b"INCR", b"k"],
+        &[],
+    ] {
+        assert!(!safe_to_resend(args), "{args:?}");
+    }
+}

@@ -30,7 +30,7 @@ pub use pipeline::{OnError, PipelineExit};
 use crate::conn::Conn;
 use crate::endpoint::Endpoint;
 use crate::error::{Recovery, WorkerError};
-use crate::events::{self, describe_command};
+use crate::events;
 use crate::progress::WriterStats;
 use crate::route::{Batch, ClusterRouting, ExpectKind, Overflow, Redirected};
 use pipeline::{PipelineCtx, PipelineStart, Work};
@@ -551,10 +551,10 @@ fn report_resend(resend: &VecDeque<Work>, stats: &WriterStats, target: &str) {
                 marked += 1;
                 continue;
             }
-            let (name, _) = describe_command(batch.command_bytes(i));
-            let idempotent =
-                engine::command::lookup_name(name.as_bytes()).is_some_and(|spec| spec.idempotent);
-            if !idempotent {
+            let safe = resend::with_args(batch.command_bytes(i), |args| {
+                Some(engine::rebuild::safe_to_resend(args))
+            });
+            if safe != Some(true) {
                 non_idempotent += 1;
             }
         }

@@ -176,7 +176,7 @@ pub(crate) fn marker_set(cmd: &[u8]) -> Option<(Vec<u8>, Vec<u8>)> {
 }
 
 /// `f` of the arguments of the encoded command `cmd`.
-fn with_args<T>(cmd: &[u8], f: impl FnOnce(&[&[u8]]) -> Option<T>) -> Option<T> {
+pub(crate) fn with_args<T>(cmd: &[u8], f: impl FnOnce(&[&[u8]]) -> Option<T>) -> Option<T> {
     let mut buf = BytesMut::from(cmd);
     let parsed = engine::resp::parse_command(&mut buf).ok()??;
     let args: Vec<&[u8]> = parsed.args().collect();

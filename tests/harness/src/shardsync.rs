@@ -225,7 +225,10 @@ impl Drop for Shardsync {
             let dir = PathBuf::from(dir);
             let name = format!(
                 "shardsync-{}-{}.log",
-                std::thread::current().name().unwrap_or("test").replace("::", "-"),
+                std::thread::current()
+                    .name()
+                    .unwrap_or("test")
+                    .replace("::", "-"),
                 self.http_port
             );
             let _ = std::fs::create_dir_all(&dir);
