@@ -227,6 +227,13 @@ impl<'a> Receiver<'a> {
             .emit(&self.ctx.stats.counters);
             source.note_out_of_order();
         }
+        if verdict.split {
+            events::TargetRefusedForNow { code: "TRYAGAIN" }.emit(&self.ctx.stats);
+            self.retry_error.get_or_insert(WorkerError::Resend {
+                addr: self.addr.clone(),
+                why: "transactions whose keys a slot migration holds on two nodes (sent again until they are on one)",
+            });
+        }
         if !verdict.left_out.is_empty() {
             self.retry_error.get_or_insert(WorkerError::Resend {
                 addr: self.addr.clone(),

@@ -64,27 +64,35 @@ pub(crate) fn still_wrapped(from: &Batch, out: &Batch) -> bool {
 }
 
 /// The commands of `batch` in `ranges` (in order), as a batch of their own,
-/// each preceded by `prefix` when given (ASKING). A transaction sent with a
-/// prefix loses its MULTI/EXEC: after ASKING each command runs alone.
+/// with `prefix` (ASKING) when given before each command, or before the
+/// MULTI of a transaction: ASKING holds for every command of the MULTI it
+/// precedes, up to its EXEC. (Sent one by one after ASKING, a transaction's
+/// commands would create keys on the importing node that the migrating one
+/// still holds.) An order guard is left out there: the other node holds
+/// nothing it could wait for.
 pub(crate) fn sub_batch(batch: &Batch, ranges: &[Range<usize>], prefix: Option<&[u8]>) -> Batch {
     let mut b = BatchBuilder::default();
     for range in ranges {
+        let mut in_tx = false;
         for i in range.clone() {
             let kind = batch.replies[i].kind;
             if let Some(prefix) = prefix {
-                if matches!(
-                    kind,
-                    ExpectKind::TxBegin | ExpectKind::TxEnd | ExpectKind::TxGuard
-                ) {
-                    continue;
+                let asking = match kind {
+                    ExpectKind::TxGuard => continue,
+                    ExpectKind::TxBegin => {
+                        in_tx = true;
+                        true
+                    }
+                    ExpectKind::TxEnd => {
+                        in_tx = false;
+                        false
+                    }
+                    _ => !in_tx,
+                };
+                if asking {
+                    b.push(None, ExpectKind::Ok, |buf| encode::command(buf, &[prefix]));
                 }
-                b.push(None, ExpectKind::Ok, |buf| encode::command(buf, &[prefix]));
             }
-            let kind = if prefix.is_some() && kind == ExpectKind::TxQueued {
-                ExpectKind::Ok
-            } else {
-                kind
-            };
             b.push(None, kind, |buf| {
                 buf.extend_from_slice(batch.command_bytes(i))
             });
@@ -92,6 +100,8 @@ pub(crate) fn sub_batch(batch: &Batch, ranges: &[Range<usize>], prefix: Option<&
     }
     let mut out = b.take(batch.shard, batch.end);
     out.db = batch.db;
+    // Asked batches are not checked by markers on a new connection: the
+    // importing node answers a GET of their slot with MOVED.
     out.wrapped = prefix.is_none() && still_wrapped(batch, &out);
     out
 }
@@ -250,12 +260,25 @@ mod tests {
         assert_eq!(s.shard, 3);
         assert_eq!(s.end, Some(StreamPos { offset: 10, db: 0 }));
 
-        let asked = sub_batch(&b, std::slice::from_ref(&(2..5)), Some(b"ASKING"));
-        // MULTI/EXEC dropped; ASKING before the one command.
-        assert_eq!(asked.len(), 2);
-        assert_eq!(asked.command_bytes(0), b"*1\r\n$6\r\nASKING\r\n");
-        assert_eq!(asked.command_bytes(1), b.command_bytes(3));
-        assert!(asked.replies.iter().all(|e| e.kind == ExpectKind::Ok));
+        let asked = sub_batch(&b, &[0..1, 2..5], Some(b"ASKING"));
+        // ASKING before a plain command, and once before a MULTI: the
+        // transaction stays whole.
+        let asking = &b"*1\r\n$6\r\nASKING\r\n"[..];
+        let sent: Vec<&[u8]> = (0..asked.len()).map(|i| asked.command_bytes(i)).collect();
+        assert_eq!(
+            sent,
+            [
+                asking,
+                b.command_bytes(0),
+                asking,
+                b.command_bytes(2),
+                b.command_bytes(3),
+                b.command_bytes(4)
+            ]
+        );
+        let kinds: Vec<ExpectKind> = asked.replies.iter().map(|e| e.kind).collect();
+        use ExpectKind::*;
+        assert_eq!(kinds, [Ok, Ok, Ok, TxBegin, TxQueued, TxEnd]);
     }
 
     #[test]
@@ -320,7 +343,7 @@ mod tests {
         );
         assert!(
             !sub_batch(&b, std::slice::from_ref(&(0..4)), Some(b"ASKING")).wrapped,
-            "ASKING drops MULTI"
+            "an asked batch is not checked by markers"
         );
     }
 

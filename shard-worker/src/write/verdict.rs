@@ -118,6 +118,10 @@ pub(crate) struct Verdict {
     /// the transaction back) ran while `chain_broken`: it may have run
     /// ahead of the one before it in its slot.
     pub reordered: bool,
+    /// A transaction was asked to another node for some of its commands
+    /// and queued here for others (a slot migration holds its keys on
+    /// both): it did not run, and is sent here again.
+    pub split: bool,
     /// Where the next transaction's order guard begins, and whether a
     /// command of it was refused.
     guard_from: Option<usize>,
@@ -129,6 +133,9 @@ pub(crate) struct Verdict {
     tx_open: Option<usize>,
     tx_redirect: Option<Redirect>,
     tx_not_run: bool,
+    /// A command of the open transaction was queued here (its keys are on
+    /// this node).
+    tx_queued: bool,
 }
 
 impl Verdict {
@@ -168,7 +175,11 @@ impl Verdict {
             self.tx_from = self.guard_from.take().unwrap_or(i);
             self.tx_redirect = None;
             self.tx_not_run = false;
+            self.tx_queued = false;
             self.tx_refused.clear();
+        }
+        if kind == ExpectKind::TxQueued && matches!(outcome, Outcome::Ran) {
+            self.tx_queued = true;
         }
         let in_tx = self.tx_open.is_some();
         let did_not_run = match outcome {
@@ -241,7 +252,19 @@ impl Verdict {
         let Some(begin) = self.tx_open.take() else {
             return;
         };
-        if let Some(r) = self.tx_redirect.take() {
+        let split = matches!(self.tx_redirect, Some(Redirect::Ask { .. })) && self.tx_queued;
+        if split {
+            // ASK for some commands, QUEUED for others: the slot is being
+            // migrated and its keys are on both nodes, so the transaction can
+            // run on neither (the importing node refuses it with TRYAGAIN,
+            // and its commands one by one would create keys there that still
+            // exist here). It is sent here again, as TRYAGAIN would be, until
+            // they are together.
+            self.tx_redirect = None;
+            self.not_run.push(self.tx_from..i + 1);
+            self.chain_broken = true;
+            self.split = true;
+        } else if let Some(r) = self.tx_redirect.take() {
             // Redirected without its guard: the other node holds nothing it
             // could wait for.
             self.redirects.push((begin..i + 1, r));
@@ -256,6 +279,7 @@ impl Verdict {
             self.reordered = true;
         }
         self.tx_not_run = false;
+        self.tx_queued = false;
         self.guard_refused = false;
     }
 
@@ -380,6 +404,50 @@ mod tests {
         );
         assert_eq!(ranges(&v), (vec![(1, 5)], vec![]));
         assert_eq!(v.ran, 1);
+    }
+
+    #[test]
+    fn a_transaction_asked_away_for_some_keys_only_is_sent_here_again() {
+        // The migrating node has `{a}x` (queued) but no longer `{a}y`
+        // (ASK): the keys are on two nodes, the transaction runs on
+        // neither. Nothing is redirected; it is sent again here.
+        let kinds = [Plain, TxBegin, TxQueued, TxQueued, TxEnd];
+        let split = judge_as(
+            true,
+            &kinds,
+            b"+OK\r\n+OK\r\n+QUEUED\r\n-ASK 12 127.0.0.1:7002\r\n-EXECABORT Transaction discarded because of previous errors.\r\n",
+        );
+        assert_eq!(ranges(&split), (vec![], vec![(1, 5)]));
+        assert!(split.split && split.chain_broken && split.must_resend());
+        assert_eq!(split.ran, 1);
+        // Every command asked away: the whole transaction goes there.
+        let asked = judge_as(
+            true,
+            &kinds,
+            b"+OK\r\n+OK\r\n-ASK 12 127.0.0.1:7002\r\n-ASK 12 127.0.0.1:7002\r\n-EXECABORT Transaction discarded because of previous errors.\r\n",
+        );
+        assert_eq!(ranges(&asked), (vec![(1, 5)], vec![]));
+        assert!(!asked.split && !asked.must_resend());
+        // MOVED is for the whole slot: redirected even beside a keyless
+        // command that was queued.
+        let moved = judge_as(
+            true,
+            &kinds,
+            b"+OK\r\n+OK\r\n+QUEUED\r\n-MOVED 12 127.0.0.1:7002\r\n-EXECABORT Transaction discarded because of previous errors.\r\n",
+        );
+        assert_eq!(ranges(&moved), (vec![(1, 5)], vec![]));
+    }
+
+    #[test]
+    fn the_importing_node_refusing_an_asked_transaction_sends_it_again() {
+        // ASKING, MULTI, two commands, EXEC: the importing node lacks one
+        // of the keys (TRYAGAIN at EXEC).
+        let v = judge(
+            &[Plain, TxBegin, TxQueued, TxQueued, TxEnd],
+            b"+OK\r\n+OK\r\n+QUEUED\r\n+QUEUED\r\n-TRYAGAIN Multiple keys request during rehashing of slot\r\n",
+        );
+        assert_eq!(ranges(&v), (vec![], vec![(1, 5)]));
+        assert!(v.must_resend() && !v.split);
     }
 
     #[test]
