@@ -370,3 +370,62 @@ fn migrate_with_keys_replace_copy_and_a_pause_halfway_ends_identical() {
         metric(&sync, "shardsync_commands_moved_away_total"),
     );
 }
+
+/// shardsync killed (-9) while a reshard moves slots, started again while
+/// the reshard goes on: the restart does not know in which order the two
+/// masters' streams touched the moved keys, so it copies those masters
+/// again once their slots stopped moving; nothing is lost or stale.
+#[test]
+fn killed_mid_reshard_and_restarted_ends_identical() {
+    let source = Cluster::start(3);
+    load_all_types_into(&mut source.client());
+    harness::data::load_strings_into(&mut source.client(), 20_000, "k:");
+    let target = Cluster::start(3);
+    let args = ["--source", &source.url(0), "--target", &target.url(0)];
+    let mut first = Shardsync::sync(BIN, &args);
+    first.wait_state("incremental", LONG);
+    let stop = Arc::new(AtomicBool::new(false));
+    let rounds = Arc::new(AtomicU64::new(0));
+    let load = reshard_load(&source, stop.clone(), rounds.clone());
+    wait_for("writes", SHORT, || rounds.load(Ordering::Relaxed) > 200);
+
+    let slots = |n: &RedisServer| -> u32 {
+        harness::cluster::own_slots(n)
+            .iter()
+            .map(|(a, b)| (*b - *a) as u32 + 1)
+            .sum()
+    };
+    let served = slots(&source.nodes[1]);
+    let reshard = source.reshard_in_background(0, 1, 2000);
+    wait_for("a few hundred slots moved", LONG, || {
+        slots(&source.nodes[1]) > served + 200
+    });
+    first.signal(libc::SIGKILL);
+    let killed = first.wait_exit(SHORT);
+    assert_eq!(killed.code(), None, "killed by the signal");
+    let second = Shardsync::sync(BIN, &args);
+    reshard.join().expect("the reshard");
+    source.wait_stable();
+    let before = rounds.load(Ordering::Relaxed);
+    wait_for("writes after the resharding", SHORT, || {
+        rounds.load(Ordering::Relaxed) > before + 200
+    });
+    stop.store(true, Ordering::Relaxed);
+    load.join().unwrap();
+    second.wait_all_caught_up(&source.masters(), LONG);
+    assert_same_nodes(&source.masters(), &target.masters());
+    let log = second.log();
+    // The two masters whose slots were moving are copied again, once the
+    // reshard ended; the third resumes.
+    assert_eq!(
+        log.matches("starts with a full sync instead of resuming")
+            .count(),
+        2,
+        "{log}"
+    );
+    assert_eq!(log.matches("partial resync accepted").count(), 1, "{log}");
+    eprintln!(
+        "waited for the reshard to end before copying again: {}",
+        log.contains("the source's slot migrations ended")
+    );
+}

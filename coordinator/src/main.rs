@@ -30,6 +30,7 @@ mod heartbeat;
 mod http;
 mod logging;
 mod metrics;
+mod ownership;
 mod precheck;
 mod run;
 mod server;

@@ -153,6 +153,20 @@ pub struct TaskState {
     /// Per shard: its master joined the source cluster mid-sync.
     joined: Vec<bool>,
     task_id: String,
+    /// On a cluster source with markers: the source's masters as the
+    /// precheck saw them, for the recorder of its slot owners, and the
+    /// recorder once it runs (ended with the task).
+    owners_at_start: Option<Vec<engine::ownership::Owner>>,
+    recorder: Option<AbortOnDrop>,
+}
+
+/// A spawned task that ends when this is dropped (with the task's state).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -210,7 +224,19 @@ impl Actor for Task {
                 .map(|s| engine::marker::key(&args.task_id, &s.endpoint.addr(), None).into())
                 .collect()
         });
+        let owners_at_start = (cluster_source && marker_keys.is_some()).then(|| {
+            args.shards
+                .iter()
+                .map(|s| engine::ownership::Owner {
+                    addr: s.endpoint.addr(),
+                    epoch: s.config_epoch,
+                    slots: s.slots.clone(),
+                })
+                .collect()
+        });
         Ok(TaskState {
+            owners_at_start,
+            recorder: None,
             marker_keys,
             writer_name: shard_worker::write::client_name(&args.task_id),
             task_id: args.task_id.clone(),
@@ -309,6 +335,15 @@ impl Actor for Task {
                     }
                 }
             });
+        }
+        if let (Some(peers), Some(start)) = (&state.peers, state.owners_at_start.take()) {
+            let key = engine::ownership::key(&state.task_id, state.cluster.is_some());
+            state.recorder = Some(AbortOnDrop(tokio::spawn(crate::ownership::recorder(
+                peers.clone(),
+                state.targets.clone(),
+                key,
+                start,
+            ))));
         }
         myself.send_interval(CHECKPOINT_PERIOD, || TaskMsg::Checkpoint);
         Ok(())
@@ -742,6 +777,7 @@ fn finish(myself: &ActorRef<TaskMsg>, state: &mut TaskState, outcome: Outcome) {
     }
     state.router = None;
     state.routing = None;
+    state.recorder = None;
     write_checkpoints(state);
     if !matches!(outcome, Outcome::Failed(_)) {
         state.group.set_stopped();

@@ -14,6 +14,8 @@ use crate::url::SourceSpec;
 pub struct Master {
     pub endpoint: Endpoint,
     pub slots: Vec<(u16, u16)>,
+    /// Its configuration epoch (grows when it takes slots).
+    pub epoch: u64,
 }
 
 /// What a `redis://` URL leads to.
@@ -52,6 +54,7 @@ pub async fn resolve(ep: &Endpoint) -> Result<Resolved, WorkerError> {
         .map(|n| Master {
             endpoint: ep.with_addr(n.host.clone(), n.port),
             slots: n.slots,
+            epoch: n.config_epoch,
         })
         .collect();
     Ok(Resolved::Cluster { seed, masters })

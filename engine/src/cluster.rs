@@ -18,6 +18,12 @@ pub struct ClusterNode {
     pub unusable: bool,
     /// Slot ranges served (inclusive), without migrating/importing markers.
     pub slots: Vec<(u16, u16)>,
+    /// Its configuration epoch: a master's grows when it takes slots (a
+    /// finished migration, a failover).
+    pub config_epoch: u64,
+    /// It lists a slot it is migrating or importing (`[slot->-id]`,
+    /// `[slot-<-id]`): keys of that slot are on two masters.
+    pub open_slots: bool,
 }
 
 impl ClusterNode {
@@ -56,9 +62,12 @@ fn parse_node_line(line: &str) -> Option<ClusterNode> {
         || port == 0;
     let master_id = (fields[3] != "-").then(|| fields[3].to_string());
     let mut slots = Vec::new();
+    let mut open_slots = false;
     for range in &fields[8.min(fields.len())..] {
         if range.starts_with('[') {
-            continue; // [slot->-id] migrating / [slot-<-id] importing
+            // [slot->-id] migrating / [slot-<-id] importing
+            open_slots = true;
+            continue;
         }
         let (a, b) = match range.split_once('-') {
             Some((a, b)) => (a.parse().ok()?, b.parse().ok()?),
@@ -83,6 +92,8 @@ fn parse_node_line(line: &str) -> Option<ClusterNode> {
         master_id,
         unusable,
         slots,
+        config_epoch: fields[6].parse().unwrap_or(0),
+        open_slots,
     })
 }
 
@@ -150,6 +161,10 @@ bbbb :0@0 master,fail,noaddr - 0 0 4 disconnected\n";
         assert_eq!(nodes[3].master_id.as_deref(), Some("fd8c"));
         assert!(!nodes[3].master);
         assert!(nodes[4].unusable);
+        let epochs: Vec<u64> = nodes.iter().map(|n| n.config_epoch).collect();
+        assert_eq!(epochs, [2, 3, 1, 1, 4]);
+        let open: Vec<bool> = nodes.iter().map(|n| n.open_slots).collect();
+        assert_eq!(open, [false, true, false, false, false]);
     }
 
     #[test]

@@ -41,6 +41,7 @@ pub mod compat;
 pub mod filter;
 pub mod heartbeat;
 pub mod marker;
+pub mod ownership;
 pub mod psync;
 pub mod rdb;
 pub mod rebuild;

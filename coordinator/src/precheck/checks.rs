@@ -625,6 +625,31 @@ pub fn start(
     }
 }
 
+/// Where shard `source` starts when the source's slots changed hands in a
+/// way its marker cannot order against the other shards' (see
+/// `engine::ownership`): over again, with a full sync that replaces what
+/// the target holds of it.
+pub fn copy_again(
+    source: &str,
+    marker: Option<&Marker>,
+    why: engine::ownership::Again,
+    checks: &mut Checks,
+) -> Start {
+    checks.warn(
+        "source resharded",
+        format!(
+            "{source} starts with a full sync instead of resuming: {}",
+            why.describe()
+        ),
+    );
+    Start {
+        ours: true,
+        resume: None,
+        epoch: marker.map_or(0, Marker::epoch),
+        fresh: marker.is_some_and(Marker::fresh),
+    }
+}
+
 /// What an earlier run's checkpoint of `source` means for this one:
 /// whether the targets hold its data, and where to resume.
 pub fn checkpoint(

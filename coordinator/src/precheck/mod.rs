@@ -94,6 +94,8 @@ pub struct ShardPlan {
     pub slot: Option<u16>,
     /// On a cluster source, every slot range the master serves.
     pub slots: Vec<(u16, u16)>,
+    /// On a cluster source, the master's configuration epoch.
+    pub config_epoch: u64,
     /// The newest sync epoch the target's markers name (0: none).
     pub epoch: u64,
     /// The task began on a target checked empty: what the copied
@@ -171,6 +173,8 @@ pub struct SourceMaster {
     pub slot: Option<u16>,
     /// On a cluster source, the slot ranges it serves.
     pub slots: Vec<(u16, u16)>,
+    /// On a cluster source, its configuration epoch.
+    pub epoch: u64,
     /// When `info` was read (its `master_repl_offset` is of that moment).
     pub read_at: std::time::Instant,
     /// How fast its replication stream grows, bytes/s (`None`: not
@@ -221,6 +225,9 @@ pub struct Target {
     /// Per source master, on a cluster target: what each node and slot
     /// already applied beyond that point.
     pub skips: Vec<Option<shard_worker::route::Skip>>,
+    /// Per source master of a cluster: copied again rather than resumed
+    /// (its slots changed hands; `engine::ownership`).
+    pub again: Vec<Option<engine::ownership::Again>>,
 }
 
 /// The task's id: the addresses it was given — the source URL's (a
@@ -247,6 +254,7 @@ pub async fn run(cfg: &TaskConfig, store: Option<&CheckpointStore>) -> Report {
         let task_id = task_id(cfg, &sources);
         if cfg.exactly_once {
             probe::markers(&task_id, &sources, &mut targets, &mut checks).await;
+            probe::ownership(&task_id, &sources, &mut targets, &mut checks).await;
         }
         probe::write_rates(&mut sources).await;
         plans = plan::plans(cfg, &task_id, &sources, &targets, &mut checks);

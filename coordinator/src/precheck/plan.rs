@@ -108,8 +108,12 @@ fn plan_target(
         .zip(&target.found)
         .zip(&target.markers)
         .zip(&target.skips)
-        .map(|(((m, fact), marker), skip)| {
-            let start = checks::start(&m.info.addr, marker.as_ref(), fact, &target_addrs, checks);
+        .zip(&target.again)
+        .map(|((((m, fact), marker), skip), again)| {
+            let start = match again {
+                Some(why) => checks::copy_again(&m.info.addr, marker.as_ref(), *why, checks),
+                None => checks::start(&m.info.addr, marker.as_ref(), fact, &target_addrs, checks),
+            };
             let resumes = start.resume.is_some();
             ShardPlan {
                 endpoint: m.endpoint.clone(),
@@ -117,6 +121,7 @@ fn plan_target(
                 ours: start.ours,
                 slot: m.slot,
                 slots: m.slots.clone(),
+                config_epoch: m.epoch,
                 epoch: start.epoch,
                 fresh: start.fresh,
                 skip: skip.clone().filter(|_| resumes),

@@ -29,12 +29,18 @@ pub(super) async fn sources(cfg: &TaskConfig, checks: &mut Checks) -> Option<Sou
     Some(sources)
 }
 
-fn master(info: ServerInfo, endpoint: Endpoint, slots: Vec<(u16, u16)>) -> SourceMaster {
+fn master(
+    info: ServerInfo,
+    endpoint: Endpoint,
+    slots: Vec<(u16, u16)>,
+    epoch: u64,
+) -> SourceMaster {
     SourceMaster {
         info,
         endpoint,
         slot: slots.first().map(|r| r.0),
         slots,
+        epoch,
         read_at: Instant::now(),
         write_rate: None,
     }
@@ -65,7 +71,7 @@ async fn redis_source(ep: &Endpoint, checks: &mut Checks) -> Option<Sources> {
                     seed.addr, seed.version_text, seed.role
                 ),
             );
-            let masters = vec![master(seed.clone(), ep.clone(), Vec::new())];
+            let masters = vec![master(seed.clone(), ep.clone(), Vec::new(), 0)];
             Some(Sources { seed, masters })
         }
         Resolved::Cluster { seed, masters } => {
@@ -86,7 +92,7 @@ async fn redis_source(ep: &Endpoint, checks: &mut Checks) -> Option<Sources> {
             }
             let masters = probed
                 .into_iter()
-                .map(|(info, m)| master(info, m.endpoint, m.slots))
+                .map(|(info, m)| master(info, m.endpoint, m.slots, m.epoch))
                 .collect();
             Some(Sources { seed, masters })
         }
@@ -164,7 +170,7 @@ async fn pool_source(spec: &SourceSpec, checks: &mut Checks) -> Option<Sources> 
                         info.addr, info.version_text, info.role
                     ),
                 );
-                masters.push(master(info, ep, Vec::new()));
+                masters.push(master(info, ep, Vec::new(), 0));
             }
             Err(e) => checks.fail("source reachable", e.to_string()),
         }
@@ -230,6 +236,7 @@ pub(super) async fn targets(
             found,
             markers: vec![None; sources.masters.len()],
             skips: vec![None; sources.masters.len()],
+            again: vec![None; sources.masters.len()],
         });
     }
     out
@@ -332,6 +339,70 @@ pub(super) async fn markers(
             Ok(found) => t.markers = found,
             Err(e) => checks.fail("target markers", e.to_string()),
         }
+    }
+}
+
+/// On a cluster source, the record of its slot owners an earlier run left
+/// on each target: which masters are copied again rather than resumed
+/// (`engine::ownership`). Before those full syncs begin, the source's open
+/// slot migrations must end: a snapshot taken while a slot's keys are on
+/// two masters cannot be put in order with the other's stream.
+pub(super) async fn ownership(
+    task_id: &str,
+    sources: &Sources,
+    targets: &mut [Target],
+    checks: &mut Checks,
+) {
+    if sources.masters.iter().all(|m| m.slots.is_empty()) {
+        return;
+    }
+    let now: Vec<engine::ownership::Owner> = sources
+        .masters
+        .iter()
+        .map(|m| engine::ownership::Owner {
+            addr: m.endpoint.addr(),
+            epoch: m.epoch,
+            slots: m.slots.clone(),
+        })
+        .collect();
+    let mut any = false;
+    for t in targets.iter_mut() {
+        let key = engine::ownership::key(task_id, t.cluster);
+        let nodes: Vec<Endpoint> = if t.cluster {
+            t.masters.iter().map(|m| m.endpoint.clone()).collect()
+        } else {
+            vec![t.endpoint.clone()]
+        };
+        let record = match crate::ownership::read(&nodes, &key).await {
+            Ok(r) => r,
+            Err(e) => {
+                checks.fail("source resharded", e.to_string());
+                continue;
+            }
+        };
+        let Some(record) = record else {
+            continue;
+        };
+        for (addr, why) in record.to_copy_again(&now) {
+            // Only where there is something to resume.
+            if let Some(shard) = sources
+                .masters
+                .iter()
+                .position(|m| m.endpoint.addr() == addr)
+            {
+                if matches!(
+                    t.markers[shard],
+                    Some(engine::marker::Marker::Applied { .. })
+                ) {
+                    t.again[shard] = Some(why);
+                    any = true;
+                }
+            }
+        }
+    }
+    if any {
+        let seeds: Vec<Endpoint> = sources.masters.iter().map(|m| m.endpoint.clone()).collect();
+        crate::ownership::wait_for_closed_migrations(&seeds).await;
     }
 }
 

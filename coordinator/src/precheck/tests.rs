@@ -39,6 +39,7 @@ fn source(addr: &str, lines: &[&str], rate: Option<f64>) -> SourceMaster {
         endpoint: ep(addr),
         slot: None,
         slots: Vec::new(),
+        epoch: 0,
         read_at: Instant::now(),
         write_rate: rate,
     }
@@ -580,4 +581,34 @@ fn a_promoted_source_adopts_the_marker_of_the_history_it_continues() {
         Some(applied("old", 1200))
     );
     assert_eq!(checks::adopted_marker(("unrelated", 2000), &found), None);
+}
+
+#[test]
+fn a_master_whose_slots_changed_hands_is_copied_again_in_its_epoch() {
+    let mut c = Checks::default();
+    let marker = applied(4, "r", 900);
+    let start = checks::copy_again(
+        "a:1",
+        Some(&marker),
+        engine::ownership::Again::Moving,
+        &mut c,
+    );
+    assert_eq!(
+        start,
+        checks::Start {
+            ours: true,
+            resume: None,
+            epoch: 4,
+            fresh: true
+        }
+    );
+    assert_eq!(c.0.len(), 1);
+    assert_eq!(c.0[0].level, Level::Warn);
+    assert!(
+        c.0[0]
+            .to_string()
+            .contains("a:1 starts with a full sync instead of resuming"),
+        "{}",
+        c.0[0]
+    );
 }

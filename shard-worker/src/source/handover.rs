@@ -105,6 +105,11 @@ impl Peers {
         list.push(peer);
     }
 
+    /// Every shard.
+    pub fn all(&self) -> Vec<Peer> {
+        self.list.read().expect("peers lock").clone()
+    }
+
     /// Every shard but `me`.
     pub fn others(&self, me: usize) -> Vec<Peer> {
         let list = self.list.read().expect("peers lock");
@@ -506,6 +511,12 @@ impl Settling {
         self.pending.iter().any(|p| p.slots.contains(slot))
     }
 
+    /// Whether slots are pending or leaving: the master's slots are
+    /// changing hands.
+    pub fn changing(&self) -> bool {
+        !self.pending.is_empty() || !self.leaving.is_empty()
+    }
+
     /// Slots pending, for logs.
     pub fn pending_slots(&self) -> usize {
         self.pending.iter().map(|p| p.slots.len()).sum()
@@ -546,6 +557,11 @@ pub struct Shared {
     waiting_import: std::sync::atomic::AtomicU32,
     /// The shard it waits for now (`u64::MAX`: none).
     waiting_on: AtomicU64,
+    /// The furthest offset of this shard's stream where its slots changed
+    /// hands (a hand-over, a slot found served or no longer served): until
+    /// the target applied that far, a restart cannot resume the shard in
+    /// order with the others (see `engine::ownership`).
+    horizon: AtomicU64,
 }
 
 impl Default for Shared {
@@ -560,11 +576,22 @@ impl Default for Shared {
             window: Mutex::new((None, None)),
             waiting_import: std::sync::atomic::AtomicU32::new(u32::MAX),
             waiting_on: AtomicU64::new(u64::MAX),
+            horizon: AtomicU64::new(0),
         }
     }
 }
 
 impl Shared {
+    /// See [`Shared::horizon`](#structfield.horizon): where in the stream
+    /// the shard's slots last changed hands (0: never).
+    pub fn horizon(&self) -> u64 {
+        self.horizon.load(Ordering::SeqCst)
+    }
+
+    fn changed_at(&self, offset: u64) {
+        self.horizon.fetch_max(offset, Ordering::SeqCst);
+    }
+
     /// Where the intake waits at a hand-over, if it does.
     pub fn waiting_at(&self) -> Option<u64> {
         let at = self.waiting_at.load(Ordering::SeqCst);
@@ -778,6 +805,7 @@ impl super::intake::Intake {
         if self.handovers.is_none() {
             return Ok(true);
         }
+        self.stats.handover.changed_at(end);
         if !self
             .hand_over_until(slot, import.is_some(), start, end)
             .await?
@@ -983,7 +1011,11 @@ impl super::intake::Intake {
             return;
         };
         for sample in samples {
+            let at = sample.at;
             h.settling.absorb(settled, sample);
+            if h.settling.changing() {
+                self.stats.handover.changed_at(at);
+            }
         }
         h.settling.prune(self.offset);
         self.next_leave = h.settling.next_leave();

@@ -135,7 +135,26 @@ impl Cluster {
     /// Moves `count` slots from node `from` to node `to` with
     /// `redis-cli --cluster reshard` (keys migrate with MIGRATE).
     pub fn reshard(&self, from: usize, to: usize, count: usize) {
-        let args = [
+        let args = self.reshard_args(from, to, count);
+        cluster_cli(&args, self.nodes[0].password.as_deref());
+        self.wait_stable();
+    }
+
+    /// [`Cluster::reshard`] in a thread of its own (the caller waits for
+    /// the cluster to be stable after joining it).
+    pub fn reshard_in_background(
+        &self,
+        from: usize,
+        to: usize,
+        count: usize,
+    ) -> std::thread::JoinHandle<()> {
+        let args = self.reshard_args(from, to, count);
+        let password = self.nodes[0].password.clone();
+        std::thread::spawn(move || cluster_cli(&args, password.as_deref()))
+    }
+
+    fn reshard_args(&self, from: usize, to: usize, count: usize) -> Vec<String> {
+        vec![
             "reshard".to_string(),
             self.nodes[0].addr(),
             "--cluster-from".into(),
@@ -145,9 +164,7 @@ impl Cluster {
             "--cluster-slots".into(),
             count.to_string(),
             "--cluster-yes".into(),
-        ];
-        cluster_cli(&args, self.nodes[0].password.as_deref());
-        self.wait_stable();
+        ]
     }
 
     /// Starts a node with `config` and adds it as a replica of node
