@@ -429,3 +429,45 @@ fn killed_mid_reshard_and_restarted_ends_identical() {
         log.contains("the source's slot migrations ended")
     );
 }
+
+/// shardsync stopped (SIGTERM, drained), the source resharded meanwhile,
+/// then the same command again: the two masters whose slots changed hands
+/// are copied again (their markers cannot order the move), the third
+/// resumes.
+#[test]
+fn a_source_resharded_while_stopped_is_copied_again_where_slots_moved() {
+    let source = Cluster::start(3);
+    load_all_types_into(&mut source.client());
+    harness::data::load_strings_into(&mut source.client(), 20_000, "k:");
+    let target = Cluster::start(3);
+    let args = ["--source", &source.url(0), "--target", &target.url(0)];
+    let mut first = Shardsync::sync(BIN, &args);
+    first.wait_state("incremental", LONG);
+    let stop = Arc::new(AtomicBool::new(false));
+    let rounds = Arc::new(AtomicU64::new(0));
+    let load = reshard_load(&source, stop.clone(), rounds.clone());
+    wait_for("writes", SHORT, || rounds.load(Ordering::Relaxed) > 200);
+    // Long enough for the record of the slot owners to be written.
+    std::thread::sleep(Duration::from_secs(2));
+    first.signal(libc::SIGTERM);
+    assert_eq!(first.wait_exit(LONG).code(), Some(0));
+
+    source.reshard(0, 1, 500);
+    let second = Shardsync::sync(BIN, &args);
+    let before = rounds.load(Ordering::Relaxed);
+    wait_for("writes after the restart", SHORT, || {
+        rounds.load(Ordering::Relaxed) > before + 200
+    });
+    stop.store(true, Ordering::Relaxed);
+    load.join().unwrap();
+    second.wait_all_caught_up(&source.masters(), LONG);
+    assert_same_nodes(&source.masters(), &target.masters());
+    let log = second.log();
+    assert_eq!(
+        log.matches("instead of resuming: its slots changed hands while the task was stopped")
+            .count(),
+        2,
+        "{log}"
+    );
+    assert_eq!(log.matches("partial resync accepted").count(), 1, "{log}");
+}
