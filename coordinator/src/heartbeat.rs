@@ -38,12 +38,18 @@ pub fn task_id(sources: &[String], targets: &[String]) -> String {
     format!("{h:016x}")
 }
 
-/// Starts writing heartbeats on `source` under `key`.
-pub fn spawn(source: Endpoint, key: Vec<u8>) -> JoinHandle<()> {
-    tokio::spawn(run(source, key))
+/// Starts writing heartbeats on `source` under `key`; with `sentinel`,
+/// on the master the Sentinels name whenever `source` cannot be reached
+/// (after a failover).
+pub fn spawn(
+    source: Endpoint,
+    key: Vec<u8>,
+    sentinel: Option<crate::url::SentinelSpec>,
+) -> JoinHandle<()> {
+    tokio::spawn(run(source, key, sentinel))
 }
 
-async fn run(source: Endpoint, key: Vec<u8>) {
+async fn run(mut source: Endpoint, key: Vec<u8>, sentinel: Option<crate::url::SentinelSpec>) {
     let mut tick = tokio::time::interval(Duration::from_millis(HEARTBEAT_PERIOD_MS as u64));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut conn: Option<Conn> = None;
@@ -57,6 +63,11 @@ async fn run(source: Endpoint, key: Vec<u8>) {
                 Ok(Ok(c)) => conn = Some(c),
                 Ok(Err(e)) => {
                     tracing::debug!(source = %source, error = %e, "heartbeat: cannot connect");
+                    if let Some(spec) = &sentinel {
+                        if let Ok(master) = crate::sentinel::master_of(spec).await {
+                            source = master;
+                        }
+                    }
                     continue;
                 }
                 Err(_) => continue,

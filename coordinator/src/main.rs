@@ -33,6 +33,7 @@ mod metrics;
 mod ownership;
 mod precheck;
 mod run;
+mod sentinel;
 mod server;
 mod status;
 mod task;

@@ -53,7 +53,17 @@ pub async fn run(
         Some(id) => plans[0]
             .shards
             .iter()
-            .map(|s| heartbeat::spawn(s.endpoint.clone(), engine::heartbeat::key(id, s.slot)))
+            .map(|s| {
+                let sentinel = match &cfg.source {
+                    crate::url::SourceSpec::Sentinel(spec) => Some(spec.clone()),
+                    _ => None,
+                };
+                heartbeat::spawn(
+                    s.endpoint.clone(),
+                    engine::heartbeat::key(id, s.slot),
+                    sentinel,
+                )
+            })
             .collect(),
         None => Vec::new(),
     };
@@ -155,6 +165,10 @@ fn task_args(
         done,
         task_id: plan.task_id,
         exactly_once: plan.exactly_once,
+        sentinel: match &cfg.source {
+            crate::url::SourceSpec::Sentinel(spec) => Some(spec.clone()),
+            _ => None,
+        },
         on_error: match cfg.on_error {
             crate::config::OnError::Stop => shard_worker::write::OnError::Stop,
             crate::config::OnError::Skip => shard_worker::write::OnError::Skip,

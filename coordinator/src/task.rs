@@ -79,6 +79,9 @@ pub struct TaskArgs {
     pub exactly_once: bool,
     /// What a command a target node refuses for itself does.
     pub on_error: shard_worker::write::OnError,
+    /// A Sentinel-managed source: its master is asked again before each
+    /// reconnection (a failover is followed).
+    pub sentinel: Option<crate::url::SentinelSpec>,
 }
 
 pub enum TaskMsg {
@@ -158,6 +161,7 @@ pub struct TaskState {
     /// recorder once it runs (ended with the task).
     owners_at_start: Option<Vec<engine::ownership::Owner>>,
     recorder: Option<AbortOnDrop>,
+    sentinel: Option<crate::url::SentinelSpec>,
 }
 
 /// A spawned task that ends when this is dropped (with the task's state).
@@ -237,6 +241,7 @@ impl Actor for Task {
         Ok(TaskState {
             owners_at_start,
             recorder: None,
+            sentinel: args.sentinel.clone(),
             marker_keys,
             writer_name: shard_worker::write::client_name(&args.task_id),
             task_id: args.task_id.clone(),
@@ -373,6 +378,7 @@ impl Actor for Task {
             }
             TaskMsg::Respawn { shard, full } => {
                 if !state.stopping {
+                    follow_sentinels(state, shard).await;
                     let resume = if full {
                         None
                     } else {
@@ -661,6 +667,30 @@ fn marking(state: &TaskState, keys: &[bytes::Bytes], shard: usize) -> shard_work
         fresh,
         flush_dbs: (fresh && alone).then_some(dbs),
         sweep,
+    }
+}
+
+/// A Sentinel-managed source: before its worker connects again, the
+/// master the Sentinels name now (a failover promoted a replica: the
+/// worker continues there, with a partial resync when its history allows).
+async fn follow_sentinels(state: &mut TaskState, shard: usize) {
+    let Some(spec) = &state.sentinel else {
+        return;
+    };
+    match crate::sentinel::master_of(spec).await {
+        Ok(ep) if ep.addr() != state.shard_eps[shard].addr() => {
+            events::SourceMasterFollowed {
+                name: &spec.name,
+                from: &state.shard_eps[shard].addr(),
+                to: &ep.addr(),
+            }
+            .emit();
+            state.shard_eps[shard] = ep;
+        }
+        Ok(_) => {}
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot ask the Sentinels for the master; trying the last one again")
+        }
     }
 }
 

@@ -84,9 +84,14 @@ pub async fn source_masters(spec: &SourceSpec) -> Result<Vec<Endpoint>, String> 
     if let Some(pool) = pool(spec) {
         return Ok(pool.map_err(|e| e.to_string())?.backends);
     }
-    let SourceSpec::Redis(ep) = spec else {
-        return Ok(Vec::new());
+    let ep = match spec {
+        SourceSpec::Redis(ep) => ep.clone(),
+        SourceSpec::Sentinel(s) => crate::sentinel::master_of(s)
+            .await
+            .map_err(|e| e.to_string())?,
+        SourceSpec::Twemproxy { .. } => return Ok(Vec::new()),
     };
+    let ep = &ep;
     Ok(match resolve(ep).await.map_err(|e| e.to_string())? {
         Resolved::Server(_) => vec![ep.clone()],
         Resolved::Cluster { masters, .. } => masters.into_iter().map(|m| m.endpoint).collect(),

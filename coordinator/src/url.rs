@@ -4,6 +4,10 @@
 //! redis://[user[:password]@]host:port     standalone, master-replica or cluster
 //! rediss://...                            the same over TLS
 //! twemproxy:///abs/path/nutcracker.yml[#pool]   source only
+//! redis+sentinel://[user[:password]@]host:port[,host:port...]/<master-name>
+//!     [?sentinel_user=U&sentinel_password=P]  source only: the master the
+//!     Sentinels name (the credentials are the master's; the Sentinels'
+//!     own are in the query, else the master's are tried if they ask)
 //! ```
 //!
 //! `redis://:password@host:port` and `redis://password@host:port` both mean
@@ -34,6 +38,12 @@ pub enum UrlError {
     TwemproxyPath,
     #[error("{role} URL's user or password is not valid percent-encoded UTF-8")]
     Encoding { role: &'static str },
+    #[error("{role} URL needs the master's name: redis+sentinel://host:port[,host:port...]/<master-name>")]
+    SentinelName { role: &'static str },
+    #[error("{role} URL has query parameter '{key}'; a Sentinel URL takes sentinel_user and sentinel_password")]
+    SentinelQuery { role: &'static str, key: String },
+    #[error("Sentinel URLs are only valid as a source for now; give the target's master as redis://host:port")]
+    SentinelTarget,
 }
 
 /// A parsed source.
@@ -49,9 +59,37 @@ pub enum SourceSpec {
         user: Option<String>,
         password: Option<Secret>,
     },
+    /// A master the Sentinels name (and follow through failovers).
+    Sentinel(SentinelSpec),
+}
+
+/// A Sentinel-managed master: the Sentinels to ask, the master's name, and
+/// how to reach the master they name (credentials, TLS; host and port are
+/// the Sentinels' answer).
+#[derive(Clone, Debug)]
+pub struct SentinelSpec {
+    pub sentinels: Vec<Endpoint>,
+    pub name: String,
+    pub master: Endpoint,
+    /// Credentials were given for the Sentinels themselves.
+    pub sentinel_auth: bool,
+}
+
+impl SentinelSpec {
+    /// The Sentinels' addresses, for messages.
+    pub fn sentinel_list(&self) -> String {
+        self.sentinels
+            .iter()
+            .map(Endpoint::addr)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
 }
 
 pub fn parse_source(text: &str) -> Result<SourceSpec, UrlError> {
+    if let Some(spec) = parse_sentinel(text, "source")? {
+        return Ok(SourceSpec::Sentinel(spec));
+    }
     let url = url::Url::parse(text).map_err(|e| UrlError::Syntax(e.to_string(), "source"))?;
     if url.scheme() == "twemproxy" {
         // The file is local: no host, or `localhost` (which is how
@@ -83,6 +121,9 @@ pub fn parse_source(text: &str) -> Result<SourceSpec, UrlError> {
 }
 
 pub fn parse_target(text: &str) -> Result<Endpoint, UrlError> {
+    if parse_sentinel(text, "target")?.is_some() {
+        return Err(UrlError::SentinelTarget);
+    }
     let url = url::Url::parse(text).map_err(|e| UrlError::Syntax(e.to_string(), "target"))?;
     if url.scheme() == "twemproxy" {
         return Err(UrlError::TwemproxyTarget);
@@ -127,6 +168,76 @@ fn endpoint_from(url: &url::Url, role: &'static str) -> Result<Endpoint, UrlErro
         password: password.map(Secret::new),
         tls,
     })
+}
+
+/// `redis+sentinel://` (or `rediss+sentinel://`) URLs; `None` for any
+/// other scheme. The host list is not one host, so the authority is split
+/// by hand and each `host:port` read as a `redis://` one.
+fn parse_sentinel(text: &str, role: &'static str) -> Result<Option<SentinelSpec>, UrlError> {
+    let (tls, rest) = if let Some(r) = text.strip_prefix("redis+sentinel://") {
+        (false, r)
+    } else if let Some(r) = text.strip_prefix("rediss+sentinel://") {
+        (true, r)
+    } else {
+        return Ok(None);
+    };
+    let (authority, path) = rest
+        .split_once('/')
+        .ok_or(UrlError::SentinelName { role })?;
+    let (path, query) = match path.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (path, None),
+    };
+    let name = percent_decode(path).ok_or(UrlError::Encoding { role })?;
+    if name.is_empty() || name.contains('/') {
+        return Err(UrlError::SentinelName { role });
+    }
+    let (userinfo, hosts) = match authority.rsplit_once('@') {
+        Some((u, h)) => (Some(u), h),
+        None => (None, authority),
+    };
+    let scheme = if tls { "rediss" } else { "redis" };
+    let credentials = userinfo.map_or(String::new(), |u| format!("{u}@"));
+    let mut sentinels = Vec::new();
+    for host in hosts.split(',') {
+        if host.is_empty() {
+            return Err(UrlError::NoHost { role });
+        }
+        let url = url::Url::parse(&format!("{scheme}://{host}"))
+            .map_err(|e| UrlError::Syntax(e.to_string(), role))?;
+        sentinels.push(endpoint_from(&url, role)?);
+    }
+    // The master: the URL's credentials, the Sentinels' answer for the rest.
+    let url = url::Url::parse(&format!(
+        "{scheme}://{credentials}{}",
+        hosts.split(',').next().unwrap_or_default()
+    ))
+    .map_err(|e| UrlError::Syntax(e.to_string(), role))?;
+    let master = endpoint_from(&url, role)?;
+    let (mut user, mut password) = (None, None);
+    for (key, value) in url::form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+        match key.as_ref() {
+            "sentinel_user" => user = Some(value.into_owned()),
+            "sentinel_password" => password = Some(Secret::new(value.into_owned())),
+            other => {
+                return Err(UrlError::SentinelQuery {
+                    role,
+                    key: other.to_string(),
+                })
+            }
+        }
+    }
+    let sentinel_auth = password.is_some();
+    for s in &mut sentinels {
+        s.user.clone_from(&user);
+        s.password.clone_from(&password);
+    }
+    Ok(Some(SentinelSpec {
+        sentinels,
+        name,
+        master,
+        sentinel_auth,
+    }))
 }
 
 fn percent_decode(s: &str) -> Option<String> {
@@ -225,5 +336,51 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(parse_source("twemproxy://relative/n.yml").is_err());
+    }
+
+    #[test]
+    fn sentinel_sources() {
+        let SourceSpec::Sentinel(spec) = parse_source(
+            "redis+sentinel://app:m%40ster@10.0.0.1:26379,[::1]:26380,s3:26381/my%20master?sentinel_password=s%26p",
+        )
+        .unwrap() else {
+            panic!("a Sentinel source");
+        };
+        assert_eq!(spec.name, "my master");
+        assert_eq!(spec.sentinel_list(), "10.0.0.1:26379,[::1]:26380,s3:26381");
+        assert_eq!(spec.master.user.as_deref(), Some("app"));
+        assert_eq!(spec.master.password.as_ref().unwrap().expose(), "m@ster");
+        assert!(spec.sentinel_auth);
+        for s in &spec.sentinels {
+            assert_eq!(s.password.as_ref().unwrap().expose(), "s&p");
+            assert_eq!(s.user, None);
+        }
+        assert!(!format!("{spec:?}").contains("m@ster"), "{spec:?}");
+        assert!(!format!("{spec:?}").contains("s&p"), "{spec:?}");
+
+        let SourceSpec::Sentinel(spec) = parse_source("rediss+sentinel://h:1/m").unwrap() else {
+            panic!("a Sentinel source");
+        };
+        assert!(spec.master.tls && spec.sentinels[0].tls && !spec.sentinel_auth);
+        assert!(spec.master.password.is_none() && spec.sentinels[0].password.is_none());
+
+        for (url, want) in [
+            ("redis+sentinel://h:1", "master's name"),
+            ("redis+sentinel://h:1/", "master's name"),
+            ("redis+sentinel://:pw@h/m", "no port"),
+            ("redis+sentinel://h:1,/m", "no host"),
+            (
+                "redis+sentinel://:pw@h:1/m?db=2",
+                "sentinel_user and sentinel_password",
+            ),
+        ] {
+            let msg = parse_source(url).unwrap_err().to_string();
+            assert!(msg.contains(want), "{url}: {msg}");
+            assert!(!msg.contains("pw"), "{msg}");
+        }
+        assert!(matches!(
+            parse_target("redis+sentinel://h:1/m"),
+            Err(UrlError::SentinelTarget)
+        ));
     }
 }

@@ -417,6 +417,25 @@ impl SourceMasterDemoted<'_> {
     }
 }
 
+/// The Sentinels name another master for a source (a failover): the
+/// shard continues there.
+pub struct SourceMasterFollowed<'a> {
+    pub name: &'a str,
+    pub from: &'a str,
+    pub to: &'a str,
+}
+
+impl SourceMasterFollowed<'_> {
+    pub fn emit(self) {
+        tracing::warn!(
+            master = self.name,
+            from = self.from,
+            to = self.to,
+            "the Sentinels name another master (a failover): continuing there, with a partial resync if its history allows"
+        );
+    }
+}
+
 /// A command on keys a migration copied to another master, not replayed.
 pub struct CommandMovedAway<'a> {
     pub source: &'a str,

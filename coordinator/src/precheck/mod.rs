@@ -237,6 +237,8 @@ pub struct Target {
 fn task_id(cfg: &TaskConfig, sources: &Sources) -> String {
     let source_addrs: Vec<String> = match &cfg.source {
         crate::url::SourceSpec::Redis(ep) => vec![ep.addr()],
+        // Not the master's address: it changes at a failover.
+        crate::url::SourceSpec::Sentinel(spec) => vec![format!("sentinel:{}", spec.name)],
         crate::url::SourceSpec::Twemproxy { .. } => {
             sources.masters.iter().map(|m| m.endpoint.addr()).collect()
         }

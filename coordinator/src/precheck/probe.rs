@@ -24,6 +24,24 @@ const RATE_WINDOW: Duration = Duration::from_millis(100);
 pub(super) async fn sources(cfg: &TaskConfig, checks: &mut Checks) -> Option<Sources> {
     let sources = match &cfg.source {
         SourceSpec::Redis(ep) => redis_source(ep, checks).await?,
+        SourceSpec::Sentinel(spec) => {
+            let ep = match crate::sentinel::master_of(spec).await {
+                Ok(ep) => ep,
+                Err(e) => {
+                    checks.fail("source reachable", e.to_string());
+                    return None;
+                }
+            };
+            checks.pass(
+                "source sentinel",
+                format!(
+                    "the Sentinels ({}) name {ep} as the master '{}'; a failover is followed",
+                    spec.sentinel_list(),
+                    spec.name
+                ),
+            );
+            redis_source(&ep, checks).await?
+        }
         SourceSpec::Twemproxy { .. } => pool_source(&cfg.source, checks).await?,
     };
     Some(sources)

@@ -24,6 +24,7 @@ pub mod compare;
 pub mod data;
 pub mod load;
 pub mod proxy;
+pub mod sentinel;
 pub mod server;
 pub mod shardsync;
 pub mod twemproxy;
