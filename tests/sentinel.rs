@@ -47,7 +47,7 @@ fn a_source_master_killed_mid_sync_is_followed_to_the_replica_the_sentinels_elec
     let target = RedisServer::start();
     let addrs: Vec<String> = sentinels.iter().map(Sentinel::addr).collect();
     let url = format!("redis+sentinel://{}/main", addrs.join(","));
-    let sync = Shardsync::sync(BIN, &["--source", &url, "--target", &target.url()]);
+    let mut sync = Shardsync::sync(BIN, &["--source", &url, "--target", &target.url()]);
     sync.wait_state("incremental", LONG);
     set_many(&master, "stream:", 1000);
     // The replica holds everything the master acknowledged: the failover
@@ -80,6 +80,19 @@ fn a_source_master_killed_mid_sync_is_followed_to_the_replica_the_sentinels_elec
         1,
         "after the failover the stream continues on the new master\n{log}"
     );
+
+    // Stopped and started again with the same URL: the new master (another
+    // address) continues from the marker the followed sync left.
+    let done = sync.terminate(SHORT);
+    assert_eq!(done.code(), Some(0), "{}", done.log);
+    set_many(&replica, "later:", 500);
+    let again = Shardsync::sync(BIN, &["--source", &url, "--target", &target.url()]);
+    again.wait_state("incremental", LONG);
+    again.wait_caught_up(&replica, LONG);
+    assert_same(&replica, &target);
+    let log = again.log();
+    assert!(log.contains("partial resync accepted"), "{log}");
+    assert!(!log.contains("full sync started"), "{log}");
 }
 
 #[test]

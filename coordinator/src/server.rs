@@ -42,6 +42,8 @@ pub struct ServerInfo {
     pub maxmemory: u64,
     /// `master_repl_offset`: bytes of replication stream produced so far.
     pub master_repl_offset: u64,
+    /// `master_replid`: the replication history it is in.
+    pub replid: String,
     /// `repl_backlog_size`, bytes.
     pub repl_backlog_size: Option<u64>,
     /// The history this server continues after a promotion (PSYNC2):
@@ -266,6 +268,7 @@ pub fn parse_info(addr: &str, text: &str) -> ServerInfo {
         used_memory_dataset: number("used_memory_dataset"),
         maxmemory: number("maxmemory").unwrap_or(0),
         master_repl_offset: number("master_repl_offset").unwrap_or(0),
+        replid: fields.get("master_replid").cloned().unwrap_or_default(),
         repl_backlog_size: number("repl_backlog_size"),
         earlier_history: fields
             .get("master_replid2")

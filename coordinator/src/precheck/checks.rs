@@ -535,19 +535,20 @@ pub fn cluster_markers(
 }
 
 /// A source master promoted from a replica continues the history it
-/// replicated (`history`: its `master_replid2` and `second_repl_offset`).
-/// A marker an earlier run left under the old master's name (another
-/// address, so another key and task id) is this shard's if it names that
-/// history at a position the new master can continue from: the newest such
-/// one, else `None`.
-pub fn adopted_marker(history: (&str, u64), found: &[Marker]) -> Option<Marker> {
-    let (replid2, second_offset) = history;
+/// replicated (its `master_replid2` up to `second_repl_offset`), and its
+/// own since (`master_replid` up to `master_repl_offset`). A marker an
+/// earlier run left under another master's name (another address, so
+/// another key) is this shard's if it names one of those `histories` at a
+/// position the master can continue from: the newest such one, else
+/// `None`. (After a failover a run followed — a Sentinel source — the
+/// marker names the new master's own history.)
+pub fn adopted_marker(histories: &[(&str, u64)], found: &[Marker]) -> Option<Marker> {
     engine::marker::newest(
         found
             .iter()
             .filter(|m| {
                 matches!(m, Marker::Applied { replid, offset, .. }
-            if replid == replid2 && *offset <= second_offset)
+            if histories.iter().any(|(id, upto)| replid == id && offset <= upto))
             })
             .cloned(),
     )

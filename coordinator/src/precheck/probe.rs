@@ -457,7 +457,11 @@ async fn adopt_markers(
             }
             cursor = next;
         }
-        if let Some(m) = super::checks::adopted_marker((replid2, *second), &others) {
+        let histories = [
+            (replid2.as_str(), *second),
+            (master.info.replid.as_str(), master.info.master_repl_offset),
+        ];
+        if let Some(m) = super::checks::adopted_marker(&histories, &others) {
             checks.pass(
                 "source failover",
                 format!(

@@ -572,15 +572,29 @@ fn a_promoted_source_adopts_the_marker_of_the_history_it_continues() {
         },
     ];
     assert_eq!(
-        checks::adopted_marker(("old", 1000), &found),
+        checks::adopted_marker(&[("old", 1000)], &found),
         Some(applied("old", 900)),
         "the newest the new master can continue from (it has the history up to 1000)"
     );
     assert_eq!(
-        checks::adopted_marker(("old", 2000), &found),
+        checks::adopted_marker(&[("old", 2000)], &found),
         Some(applied("old", 1200))
     );
-    assert_eq!(checks::adopted_marker(("unrelated", 2000), &found), None);
+    assert_eq!(checks::adopted_marker(&[("unrelated", 2000)], &found), None);
+    // A marker of the master's own history (a run that followed the
+    // failover wrote it): taken as well.
+    // (Its offsets go on from where the old history ended.)
+    let mut found = found.to_vec();
+    found.push(applied("new", 1300));
+    assert_eq!(
+        checks::adopted_marker(&[("old", 1000), ("new", 1500)], &found),
+        Some(applied("new", 1300))
+    );
+    assert_eq!(
+        checks::adopted_marker(&[("old", 1000), ("new", 1250)], &found),
+        Some(applied("old", 900)),
+        "not beyond where the master is"
+    );
 }
 
 #[test]
