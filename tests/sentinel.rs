@@ -122,3 +122,60 @@ fn a_sentinel_url_that_names_no_master_is_one_clear_line() {
         done.log
     );
 }
+
+#[test]
+fn a_target_master_killed_mid_sync_is_followed_to_the_replica_the_sentinels_elect() {
+    let source = RedisServer::config()
+        .arg("repl-backlog-size", &["64mb"])
+        .start();
+    set_many(&source, "before:", 5000);
+    let mut master = RedisServer::start();
+    let replica = RedisServer::config()
+        .arg("replicaof", &["127.0.0.1", &master.port.to_string()])
+        .start();
+    wait_for("the replica to sync", SHORT, || {
+        replica.info_field("master_link_status").as_deref() == Some("up")
+    });
+    let sentinels: Vec<Sentinel> = (0..3).map(|_| Sentinel::start(&master, "dst")).collect();
+    wait_for(
+        "the Sentinels to know each other and the replica",
+        LONG,
+        || sentinels.iter().all(|s| s.knows("dst", 2, 1)),
+    );
+    let addrs: Vec<String> = sentinels.iter().map(Sentinel::addr).collect();
+    let url = format!("redis+sentinel://{}/dst", addrs.join(","));
+    let sync = Shardsync::sync(BIN, &["--source", &source.url(), "--target", &url]);
+    sync.wait_state("incremental", LONG);
+    set_many(&source, "stream:", 1000);
+    sync.wait_caught_up(&source, SHORT);
+    // The replica holds what the master applied, markers included.
+    let written = master.master_repl_offset();
+    wait_for("the replica to catch up", SHORT, || {
+        replica
+            .info_field("slave_repl_offset")
+            .and_then(|o| o.parse::<u64>().ok())
+            >= Some(written)
+    });
+    master.kill();
+    set_many(&source, "after:", 1000);
+    wait_for("the Sentinels to elect the replica", LONG, || {
+        sentinels[0].master_addr("dst") == Some(replica.addr())
+            && replica.info_field("role").as_deref() == Some("master")
+    });
+    wait_for("the task to follow", LONG, || {
+        sync.log().contains("the target's Sentinels name")
+    });
+    set_many(&source, "later:", 1000);
+    sync.wait_caught_up(&source, LONG);
+    assert_same(&source, &replica);
+    let log = sync.log();
+    assert!(
+        log.contains(&format!(
+            "the target's Sentinels name {} as the master 'dst' now (a failover): starting again from the target's markers",
+            replica.addr()
+        )),
+        "{log}"
+    );
+    assert_eq!(log.matches("full sync started").count(), 1, "{log}");
+    assert_eq!(log.matches("partial resync accepted").count(), 1, "{log}");
+}

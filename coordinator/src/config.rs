@@ -141,6 +141,9 @@ pub enum ConfigError {
 pub struct TaskConfig {
     pub source: SourceSpec,
     pub targets: Vec<Endpoint>,
+    /// Per target: the Sentinels that name its master (`redis+sentinel://`);
+    /// its endpoint is then what they said when last asked.
+    pub target_sentinels: Vec<Option<url::SentinelSpec>>,
     pub http: SocketAddr,
     pub checkpoint_dir: Option<PathBuf>,
     pub db_filter: DbFilter,
@@ -244,12 +247,16 @@ impl TaskConfig {
         } else {
             file.db_map
         };
+        let (targets, target_sentinels) = targets
+            .iter()
+            .map(|t| url::parse_sync_target(t))
+            .collect::<Result<Vec<_>, _>>()?
+            .into_iter()
+            .unzip();
         Ok(TaskConfig {
             source: url::parse_source(&source)?,
-            targets: targets
-                .iter()
-                .map(|t| url::parse_target(t))
-                .collect::<Result<_, _>>()?,
+            targets,
+            target_sentinels,
             http,
             checkpoint_dir: args.checkpoint_dir.clone().or(file.checkpoint_dir),
             db_filter: db_filter(dbs, &maps)?,

@@ -152,7 +152,23 @@ async fn sync(args: SyncArgs) -> u8 {
 
     // A target that fails over under the task (a promoted replica) makes it
     // start again here, the way a restart would: from the target's markers.
+    let mut cfg = cfg;
     let outcome = loop {
+        // Sentinel-managed targets: the master their Sentinels name now.
+        for (i, spec) in cfg.target_sentinels.clone().iter().enumerate() {
+            let Some(spec) = spec else { continue };
+            match sentinel::master_of(spec).await {
+                Ok(ep) => {
+                    tracing::info!(target_master = %ep, master = %spec.name, "the Sentinels name the target's master");
+                    cfg.targets[i] = ep;
+                }
+                Err(e) => {
+                    tracing::error!("precheck refused: FAIL target reachable: {e}");
+                    status.set_failed("precheck refused".into());
+                    return EXIT_PRECHECK;
+                }
+            }
+        }
         let report = precheck::run(&cfg, store.as_ref()).await;
         for check in &report.checks {
             match check.level {

@@ -169,6 +169,8 @@ fn task_args(
             crate::url::SourceSpec::Sentinel(spec) => Some(spec.clone()),
             _ => None,
         },
+        // Plans are in the order of the targets.
+        target_sentinel: cfg.target_sentinels.get(i).cloned().flatten(),
         on_error: match cfg.on_error {
             crate::config::OnError::Stop => shard_worker::write::OnError::Stop,
             crate::config::OnError::Skip => shard_worker::write::OnError::Skip,

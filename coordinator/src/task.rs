@@ -82,6 +82,9 @@ pub struct TaskArgs {
     /// A Sentinel-managed source: its master is asked again before each
     /// reconnection (a failover is followed).
     pub sentinel: Option<crate::url::SentinelSpec>,
+    /// A Sentinel-managed target: when its Sentinels name another master,
+    /// the task starts again from the target's markers there.
+    pub target_sentinel: Option<crate::url::SentinelSpec>,
 }
 
 pub enum TaskMsg {
@@ -94,6 +97,8 @@ pub enum TaskMsg {
         shard: usize,
         full: bool,
     },
+    /// The Sentinels of a Sentinel-managed target name another master.
+    TargetFailedOver(String),
     /// A writer needs a writer for a node not seen before.
     AddNode(NodeRequest),
     /// A master joined the source cluster: it gets a shard.
@@ -162,6 +167,8 @@ pub struct TaskState {
     owners_at_start: Option<Vec<engine::ownership::Owner>>,
     recorder: Option<AbortOnDrop>,
     sentinel: Option<crate::url::SentinelSpec>,
+    target_sentinel: Option<crate::url::SentinelSpec>,
+    target_watch: Option<AbortOnDrop>,
 }
 
 /// A spawned task that ends when this is dropped (with the task's state).
@@ -242,6 +249,8 @@ impl Actor for Task {
             owners_at_start,
             recorder: None,
             sentinel: args.sentinel.clone(),
+            target_sentinel: args.target_sentinel.clone(),
+            target_watch: None,
             marker_keys,
             writer_name: shard_worker::write::client_name(&args.task_id),
             task_id: args.task_id.clone(),
@@ -350,6 +359,13 @@ impl Actor for Task {
                 start,
             ))));
         }
+        if let (Some(spec), Some(target)) = (state.target_sentinel.clone(), state.targets.first()) {
+            state.target_watch = Some(AbortOnDrop(tokio::spawn(watch_target_sentinels(
+                spec,
+                target.addr(),
+                myself.clone(),
+            ))));
+        }
         myself.send_interval(CHECKPOINT_PERIOD, || TaskMsg::Checkpoint);
         Ok(())
     }
@@ -385,6 +401,12 @@ impl Actor for Task {
                         state.shards[shard].handover_point()
                     };
                     spawn_source(&myself, state, shard, resume).await?;
+                }
+            }
+            TaskMsg::TargetFailedOver(message) => {
+                if !state.stopping {
+                    tracing::warn!("{message}: starting again from the target's markers");
+                    finish(&myself, state, Outcome::Restart(message));
                 }
             }
             TaskMsg::AddNode(request) => add_node(&myself, state, request).await?,
@@ -670,6 +692,30 @@ fn marking(state: &TaskState, keys: &[bytes::Bytes], shard: usize) -> shard_work
     }
 }
 
+/// A Sentinel-managed target's master is `current`: once a second its
+/// Sentinels are asked; when they name another master (they promoted a
+/// replica), the task is told, and starts again from that master's
+/// markers (it holds them as far as it holds the data).
+async fn watch_target_sentinels(
+    spec: crate::url::SentinelSpec,
+    current: String,
+    task: ActorRef<TaskMsg>,
+) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        if let Ok(ep) = crate::sentinel::master_of(&spec).await {
+            if ep.addr() != current {
+                let _ = task.send_message(TaskMsg::TargetFailedOver(format!(
+                    "{current}: the target's Sentinels name {} as the master '{}' now (a failover)",
+                    ep.addr(),
+                    spec.name
+                )));
+                return;
+            }
+        }
+    }
+}
+
 /// A Sentinel-managed source: before its worker connects again, the
 /// master the Sentinels name now (a failover promoted a replica: the
 /// worker continues there, with a partial resync when its history allows).
@@ -808,6 +854,7 @@ fn finish(myself: &ActorRef<TaskMsg>, state: &mut TaskState, outcome: Outcome) {
     state.router = None;
     state.routing = None;
     state.recorder = None;
+    state.target_watch = None;
     write_checkpoints(state);
     if !matches!(outcome, Outcome::Failed(_)) {
         state.group.set_stopped();

@@ -7,7 +7,8 @@
 //! redis+sentinel://[user[:password]@]host:port[,host:port...]/<master-name>
 //!     [?sentinel_user=U&sentinel_password=P]  source only: the master the
 //!     Sentinels name (the credentials are the master's; the Sentinels'
-//!     own are in the query, else the master's are tried if they ask)
+//!     own are in the query, else the master's are tried if they ask);
+//!     a `sync` source or target
 //! ```
 //!
 //! `redis://:password@host:port` and `redis://password@host:port` both mean
@@ -42,7 +43,7 @@ pub enum UrlError {
     SentinelName { role: &'static str },
     #[error("{role} URL has query parameter '{key}'; a Sentinel URL takes sentinel_user and sentinel_password")]
     SentinelQuery { role: &'static str, key: String },
-    #[error("Sentinel URLs are only valid as a source for now; give the target's master as redis://host:port")]
+    #[error("a Sentinel URL names no one server to compare; give the target's master as redis://host:port")]
     SentinelTarget,
 }
 
@@ -118,6 +119,16 @@ pub fn parse_source(text: &str) -> Result<SourceSpec, UrlError> {
         });
     }
     endpoint_from(&url, "source").map(SourceSpec::Redis)
+}
+
+/// A `sync` target: a server or cluster node, or a Sentinel-managed master
+/// (then the endpoint is the master as the URL describes it — credentials,
+/// TLS — at the first Sentinel's address, until the Sentinels are asked).
+pub fn parse_sync_target(text: &str) -> Result<(Endpoint, Option<SentinelSpec>), UrlError> {
+    match parse_sentinel(text, "target")? {
+        Some(spec) => Ok((spec.master.clone(), Some(spec))),
+        None => parse_target(text).map(|ep| (ep, None)),
+    }
 }
 
 pub fn parse_target(text: &str) -> Result<Endpoint, UrlError> {
@@ -382,5 +393,9 @@ mod tests {
             parse_target("redis+sentinel://h:1/m"),
             Err(UrlError::SentinelTarget)
         ));
+        let (ep, spec) = parse_sync_target("redis+sentinel://:pw@h:1,g:2/m").unwrap();
+        assert_eq!(spec.unwrap().sentinel_list(), "h:1,g:2");
+        assert_eq!(ep.password.unwrap().expose(), "pw");
+        assert!(parse_sync_target("redis://h:1").unwrap().1.is_none());
     }
 }

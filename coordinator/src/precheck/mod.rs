@@ -243,7 +243,17 @@ fn task_id(cfg: &TaskConfig, sources: &Sources) -> String {
             sources.masters.iter().map(|m| m.endpoint.addr()).collect()
         }
     };
-    let target_addrs: Vec<String> = cfg.targets.iter().map(Endpoint::addr).collect();
+    // A Sentinel-managed target by its name: its master's address changes
+    // at a failover.
+    let target_addrs: Vec<String> = cfg
+        .targets
+        .iter()
+        .zip(cfg.target_sentinels.iter().chain(std::iter::repeat(&None)))
+        .map(|(ep, sentinel)| match sentinel {
+            Some(spec) => format!("sentinel:{}", spec.name),
+            None => ep.addr(),
+        })
+        .collect();
     crate::heartbeat::task_id(&source_addrs, &target_addrs)
 }
 
