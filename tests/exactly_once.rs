@@ -25,7 +25,12 @@ fn kill9(sync: &mut Shardsync) {
 
 #[test]
 fn kill_9_during_replay_and_a_restart_without_flags_apply_everything_once() {
-    let source = RedisServer::start();
+    // A backlog that holds what is written while shardsync is down (the
+    // default 1 MB lasted under half a second of this load in CI, and the
+    // last restart needed a full sync).
+    let source = RedisServer::config()
+        .arg("repl-backlog-size", &["64mb"])
+        .start();
     let target = RedisServer::start();
     let args = ["--source", &source.url(), "--target", &target.url()];
     let mut load = Load::start(&source, 7, 200);

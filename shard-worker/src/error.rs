@@ -54,6 +54,10 @@ pub enum WorkerError {
         message: String,
         recovery: Recovery,
     },
+    /// The source's stream carries something shardsync cannot follow yet
+    /// (an atomic slot migration): the task stops with this line.
+    #[error("{addr}: {message}")]
+    CannotFollow { addr: String, message: String },
     #[error("{addr}: protocol error: {source}")]
     Protocol {
         addr: String,
@@ -130,6 +134,7 @@ impl WorkerError {
             | WorkerError::TargetOom { .. }
             | WorkerError::Spill { .. }
             | WorkerError::TargetRefused { .. }
+            | WorkerError::CannotFollow { .. }
             | WorkerError::RetriesExhausted { .. } => Recovery::Fatal,
         }
     }

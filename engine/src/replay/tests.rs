@@ -248,6 +248,30 @@ fn a_select_without_a_number_stops_the_stream() {
     ));
 }
 
+#[test]
+fn an_atomic_slot_migration_in_the_stream_stops_it_with_its_command() {
+    for line in [
+        "CLUSTER SYNCSLOTS ESTABLISH SOURCE aa NAME bb SLOTSRANGE 0 99",
+        "cluster syncslots CONF ASM-TASK x:a:b:import:connecting:0-99",
+        "TRIMSLOTS RANGES 1 0 99",
+        "SFLUSH 0 99",
+    ] {
+        for base in [standalone(), cluster()] {
+            let input = vec![words("SET a 1"), words(line)];
+            match run_args(base, &input) {
+                Err(ReplayError::SlotMigration { command }) => {
+                    assert!(line.to_uppercase().starts_with(&command[..7]), "{command}");
+                    let text = ReplayError::SlotMigration { command }.to_string();
+                    assert!(text.contains("cannot follow yet"), "{text}");
+                }
+                other => panic!("{line}: {other:?}"),
+            }
+        }
+    }
+    // Other CLUSTER subcommands are not migrations.
+    assert!(run_args(standalone(), &[words("CLUSTER RESET")]).is_ok());
+}
+
 // ------------------------------------------------------ database filter
 
 #[test]

