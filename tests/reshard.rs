@@ -102,6 +102,24 @@ fn metric_max(sync: &Shardsync, name: &str) -> u64 {
     metric_values(sync, name).into_iter().max().unwrap_or(0)
 }
 
+/// Waits until the task's record of the source's slot owners on the target
+/// (`engine::ownership`) names no master as moving: the first full syncs
+/// are applied and settled, so a restart would resume every master whose
+/// slots did not move since.
+fn wait_record_settled(target: &[&RedisServer]) {
+    wait_for("the record of slot owners to settle", LONG, || {
+        target.iter().any(|n| {
+            n.internal_keys(0).iter().any(|k| {
+                let k = String::from_utf8_lossy(k).into_owned();
+                k.contains("shardsync:ownership:") && {
+                    let v: String = n.cmd(&["GET", &k]);
+                    v.contains("master ") && !v.contains("moving ")
+                }
+            })
+        })
+    });
+}
+
 #[test]
 fn a_source_resharded_there_and_back_under_live_writes_ends_identical() {
     let source = Cluster::start(3);
@@ -395,6 +413,7 @@ fn killed_mid_reshard_and_restarted_ends_identical() {
             .map(|(a, b)| (*b - *a) as u32 + 1)
             .sum()
     };
+    wait_record_settled(&target.masters());
     let served = slots(&source.nodes[1]);
     let reshard = source.reshard_in_background(0, 1, 2000);
     wait_for("a few hundred slots moved", LONG, || {
@@ -447,8 +466,7 @@ fn a_source_resharded_while_stopped_is_copied_again_where_slots_moved() {
     let rounds = Arc::new(AtomicU64::new(0));
     let load = reshard_load(&source, stop.clone(), rounds.clone());
     wait_for("writes", SHORT, || rounds.load(Ordering::Relaxed) > 200);
-    // Long enough for the record of the slot owners to be written.
-    std::thread::sleep(Duration::from_secs(2));
+    wait_record_settled(&target.masters());
     first.signal(libc::SIGTERM);
     assert_eq!(first.wait_exit(LONG).code(), Some(0));
 
@@ -487,8 +505,7 @@ fn an_atomic_slot_migration_of_valkey_9_stops_the_task_then_a_rerun_copies_again
     let args = ["--source", &source.url(0), "--target", &target.url()];
     let mut first = Shardsync::sync(BIN, &args);
     first.wait_state("incremental", LONG);
-    // Long enough for the record of the slot owners to be written.
-    std::thread::sleep(Duration::from_secs(2));
+    wait_record_settled(&[&target]);
     let to = source.id(1);
     let _: String = source.nodes[0].cmd(&[
         "CLUSTER",

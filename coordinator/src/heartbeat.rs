@@ -84,6 +84,16 @@ async fn run(mut source: Endpoint, key: Vec<u8>, sentinel: Option<crate::url::Se
         )
         .await;
         match reply {
+            Ok(Ok(Frame::Error(_))) if sentinel.is_some() => {
+                // The old master back as a replica (READONLY): the
+                // Sentinels name the master at the next connection.
+                conn = None;
+                if let Some(spec) = &sentinel {
+                    if let Ok(master) = crate::sentinel::master_of(spec).await {
+                        source = master;
+                    }
+                }
+            }
             Ok(Ok(Frame::Error(e))) => {
                 tracing::warn!(
                     source = %source,

@@ -102,8 +102,21 @@ fn open_checkpoints(cfg: &TaskConfig) -> Result<Option<CheckpointStore>, u8> {
     }
 }
 
+/// Sentinel-managed targets: the master their Sentinels name now.
+async fn resolve_sentinel_targets(
+    cfg: &mut config::TaskConfig,
+) -> Result<(), sentinel::SentinelError> {
+    for (i, spec) in cfg.target_sentinels.clone().iter().enumerate() {
+        let Some(spec) = spec else { continue };
+        let ep = sentinel::master_of(spec).await?;
+        tracing::info!(target_master = %ep, master = %spec.name, "the Sentinels name the target's master");
+        cfg.targets[i] = ep;
+    }
+    Ok(())
+}
+
 async fn precheck_only(args: SyncArgs) -> u8 {
-    let cfg = match config_or_exit(&args) {
+    let mut cfg = match config_or_exit(&args) {
         Ok(c) => c,
         Err(code) => return code,
     };
@@ -112,7 +125,15 @@ async fn precheck_only(args: SyncArgs) -> u8 {
         Ok(s) => s,
         Err(code) => return code,
     };
-    let report = precheck::run(&cfg, store.as_ref()).await;
+    if let Err(e) = resolve_sentinel_targets(&mut cfg).await {
+        println!("FAIL target reachable: {e}");
+        println!("precheck refused");
+        return EXIT_PRECHECK;
+    }
+    let mut report = precheck::run(&cfg, store.as_ref()).await;
+    if report.retry {
+        report = precheck::run(&cfg, store.as_ref()).await;
+    }
     for check in &report.checks {
         println!("{check}");
     }
@@ -154,22 +175,17 @@ async fn sync(args: SyncArgs) -> u8 {
     // start again here, the way a restart would: from the target's markers.
     let mut cfg = cfg;
     let outcome = loop {
-        // Sentinel-managed targets: the master their Sentinels name now.
-        for (i, spec) in cfg.target_sentinels.clone().iter().enumerate() {
-            let Some(spec) = spec else { continue };
-            match sentinel::master_of(spec).await {
-                Ok(ep) => {
-                    tracing::info!(target_master = %ep, master = %spec.name, "the Sentinels name the target's master");
-                    cfg.targets[i] = ep;
-                }
-                Err(e) => {
-                    tracing::error!("precheck refused: FAIL target reachable: {e}");
-                    status.set_failed("precheck refused".into());
-                    return EXIT_PRECHECK;
-                }
-            }
+        if let Err(e) = resolve_sentinel_targets(&mut cfg).await {
+            tracing::error!("precheck refused: FAIL target reachable: {e}");
+            status.set_failed("precheck refused".into());
+            return EXIT_PRECHECK;
         }
         let report = precheck::run(&cfg, store.as_ref()).await;
+        if report.retry {
+            // The source's slot migrations ended while it waited: look at
+            // the topology they left.
+            continue;
+        }
         for check in &report.checks {
             match check.level {
                 Level::Pass => tracing::info!("precheck: {check}"),

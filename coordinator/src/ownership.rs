@@ -10,6 +10,7 @@ use engine::ownership::{Owner, Ownership};
 use engine::resp::Frame;
 use shard_worker::conn::Conn;
 use shard_worker::endpoint::Endpoint;
+use shard_worker::progress::ShardState;
 use shard_worker::source::handover::Peers;
 use shard_worker::WorkerError;
 
@@ -37,27 +38,36 @@ pub async fn read(nodes: &[Endpoint], key: &[u8]) -> Result<Option<Ownership>, W
     }
 }
 
-/// `args` (one key's command) on the node of `nodes` that serves its key.
+/// `args` (one key's command) on the node of `nodes` that serves its key
+/// (MOVED followed once; ASK with ASKING). An error reply is an error.
 async fn request(nodes: &[Endpoint], args: &[&[u8]]) -> Result<Frame, WorkerError> {
+    let refused = |ep: &Endpoint, text: String| WorkerError::TargetRefused {
+        addr: ep.addr(),
+        what: "the record of the source's slot owners",
+        message: text,
+    };
     let mut last = None;
     for ep in nodes {
         let mut conn = Conn::open_authenticated(ep).await?;
         let reply = conn.request(args).await?;
-        if let Frame::Error(e) = &reply {
-            let text = String::from_utf8_lossy(e).into_owned();
-            if let Some(redirect) = engine::cluster::parse_redirect(&text) {
-                let (host, port) = redirect.addr();
-                let mut conn = Conn::open_authenticated(&ep.with_addr(host, port)).await?;
-                return conn.request(args).await;
-            }
-            last = Some(WorkerError::TargetRefused {
-                addr: ep.addr(),
-                what: "the record of the source's slot owners",
-                message: text,
-            });
+        let Frame::Error(e) = &reply else {
+            return Ok(reply);
+        };
+        let text = String::from_utf8_lossy(e).into_owned();
+        let Some(redirect) = engine::cluster::parse_redirect(&text) else {
+            last = Some(refused(ep, text));
             continue;
+        };
+        let (host, port) = redirect.addr();
+        let there = ep.with_addr(host, port);
+        let mut conn = Conn::open_authenticated(&there).await?;
+        if matches!(redirect, engine::cluster::Redirect::Ask { .. }) {
+            conn.request(&["ASKING"]).await?;
         }
-        return Ok(reply);
+        return match conn.request(args).await? {
+            Frame::Error(e) => Err(refused(&there, String::from_utf8_lossy(&e).into_owned())),
+            reply => Ok(reply),
+        };
     }
     Err(last.unwrap_or(WorkerError::Closed {
         addr: String::new(),
@@ -126,7 +136,9 @@ async fn cluster_nodes(ep: &Endpoint) -> Result<String, WorkerError> {
 /// them; a full sync taken while a slot's keys are on two masters could
 /// not be put in order with the other master's stream). Says so every
 /// 10 s.
-pub async fn wait_for_closed_migrations(seeds: &[Endpoint]) {
+/// `true` when a migration was seen open (the caller looks again at the
+/// topology it left).
+pub async fn wait_for_closed_migrations(seeds: &[Endpoint]) -> bool {
     let started = Instant::now();
     let mut quiet_since: Option<Instant> = None;
     let mut said: Option<Instant> = None;
@@ -141,7 +153,7 @@ pub async fn wait_for_closed_migrations(seeds: &[Endpoint]) {
                             "the source's slot migrations ended"
                         );
                     }
-                    return;
+                    return said.is_some();
                 }
             }
             Ok(open) => {
@@ -171,10 +183,19 @@ pub async fn wait_for_closed_migrations(seeds: &[Endpoint]) {
 /// the server) true while the task runs: the source's masters as a shard's
 /// master sees them, and the shards whose slots changed hands at a point
 /// of their stream the target has not applied yet. Runs until aborted.
-/// `start`: the masters as the precheck saw them.
-pub async fn recorder(peers: Arc<Peers>, nodes: Vec<Endpoint>, key: Vec<u8>, start: Vec<Owner>) {
+/// `start`: the masters as the precheck saw them; `copying`: the shards
+/// whose full sync replaces an earlier copy (moving until it is applied: a
+/// kill before that must copy them again, not resume them from the older
+/// marker the target may still hold).
+pub async fn recorder(
+    peers: Arc<Peers>,
+    nodes: Vec<Endpoint>,
+    key: Vec<u8>,
+    start: Vec<Owner>,
+    copying: Vec<usize>,
+) {
     let mut written: Option<(Ownership, Instant)> = None;
-    let mut moving = Moving::new(start);
+    let mut moving = Moving::new(start, copying);
     let mut log = shard_worker::events::LogLimiter::new();
     loop {
         let all = peers.all();
@@ -188,6 +209,8 @@ pub async fn recorder(peers: Arc<Peers>, nodes: Vec<Endpoint>, key: Vec<u8>, sta
                     addr: p.endpoint.addr(),
                     horizon: p.stats.handover.horizon(),
                     applied: p.stats.applied().unwrap_or(0),
+                    incremental: p.stats.state() == ShardState::Incremental
+                        && p.stats.applied().is_some(),
                 })
                 .collect();
             let now = moving.observe(Instant::now(), &owners, &shards);
@@ -197,8 +220,18 @@ pub async fn recorder(peers: Arc<Peers>, nodes: Vec<Endpoint>, key: Vec<u8>, sta
                 .is_none_or(|(w, at)| *w != record || at.elapsed() >= REWRITE);
             if due {
                 let value = record.encode();
-                request(&nodes, &[&b"SET"[..], &key, &value]).await?;
-                written = Some((record, Instant::now()));
+                match request(&nodes, &[&b"SET"[..], &key, &value]).await? {
+                    Frame::Simple(ok) if &ok[..] == b"OK" => {
+                        written = Some((record, Instant::now()));
+                    }
+                    other => {
+                        return Err(WorkerError::Unexpected {
+                            addr: nodes.first().map(Endpoint::addr).unwrap_or_default(),
+                            context: "writing the record of the source's slot owners",
+                            reply: other.to_text(),
+                        })
+                    }
+                }
             }
             Ok::<_, WorkerError>(())
         }
@@ -220,6 +253,8 @@ struct ShardNow {
     addr: String,
     horizon: u64,
     applied: u64,
+    /// Its stream is applied past a full sync or a resume point.
+    incremental: bool,
 }
 
 /// Which masters are moving (the pure part of the recorder): those whose
@@ -231,14 +266,18 @@ struct Moving {
     noticed: HashMap<String, Instant>,
     /// Per shard: the horizon it caught up with, and when.
     caught: HashMap<usize, (u64, Instant)>,
+    /// Shards in the full sync they began with, and when each was first
+    /// seen past it.
+    copying: HashMap<usize, Option<Instant>>,
 }
 
 impl Moving {
-    fn new(start: Vec<Owner>) -> Moving {
+    fn new(start: Vec<Owner>, copying: Vec<usize>) -> Moving {
         Moving {
             seen: start.into_iter().map(|o| (o.addr.clone(), o)).collect(),
             noticed: HashMap::new(),
             caught: HashMap::new(),
+            copying: copying.into_iter().map(|s| (s, None)).collect(),
         }
     }
 
@@ -252,6 +291,21 @@ impl Moving {
         self.noticed
             .retain(|_, at| now.saturating_duration_since(*at) < NOTICED);
         let mut out: Vec<String> = self.noticed.keys().cloned().collect();
+        for s in shards {
+            if let Some(past) = self.copying.get_mut(&s.shard) {
+                if s.incremental {
+                    let at = *past.get_or_insert(now);
+                    if now.saturating_duration_since(at) >= SETTLE {
+                        self.copying.remove(&s.shard);
+                    } else {
+                        out.push(s.addr.clone());
+                    }
+                } else {
+                    *past = None;
+                    out.push(s.addr.clone());
+                }
+            }
+        }
         for s in shards.iter().filter(|s| s.horizon > 0) {
             let settled = if s.applied >= s.horizon {
                 let (h, at) = self.caught.entry(s.shard).or_insert((s.horizon, now));
@@ -290,6 +344,7 @@ mod tests {
             addr: addr.into(),
             horizon,
             applied,
+            incremental: true,
         }
     }
 
@@ -302,7 +357,7 @@ mod tests {
     fn a_shard_moves_until_the_target_applied_its_change_for_a_while() {
         let t0 = Instant::now();
         let owners = [owner("a:1", 1, &[(0, 99)]), owner("b:1", 2, &[(100, 199)])];
-        let mut m = Moving::new(owners.to_vec());
+        let mut m = Moving::new(owners.to_vec(), vec![]);
         let quiet = [shard(0, "a:1", 0, 50), shard(1, "b:1", 0, 70)];
         assert!(m.observe(t0, &owners, &quiet).is_empty(), "nothing moved");
         // b's stream changed hands at 100; applied 90.
@@ -326,7 +381,7 @@ mod tests {
     fn masters_seen_changing_move_for_a_while_whatever_their_shards_say() {
         let t0 = Instant::now();
         let before = [owner("a:1", 1, &[(0, 99)]), owner("b:1", 2, &[(100, 199)])];
-        let mut m = Moving::new(before.to_vec());
+        let mut m = Moving::new(before.to_vec(), vec![]);
         let after = [owner("a:1", 1, &[(0, 49)]), owner("b:1", 3, &[(50, 199)])];
         let shards = [shard(0, "a:1", 0, 50), shard(1, "b:1", 0, 70)];
         assert_eq!(sorted(m.observe(t0, &after, &shards)), ["a:1", "b:1"]);
@@ -342,5 +397,21 @@ mod tests {
             owner("c:1", 4, &[(150, 199)]),
         ];
         assert_eq!(m.observe(t0 + NOTICED, &joined, &shards), ["c:1"]);
+    }
+
+    #[test]
+    fn a_shard_copied_again_moves_until_its_full_sync_is_applied() {
+        let t0 = Instant::now();
+        let owners = [owner("a:1", 1, &[(0, 99)]), owner("b:1", 2, &[(100, 199)])];
+        let mut m = Moving::new(owners.to_vec(), vec![0]);
+        let mut loading = shard(0, "a:1", 0, 0);
+        loading.incremental = false;
+        let b = shard(1, "b:1", 0, 70);
+        assert_eq!(m.observe(t0, &owners, &[loading, b.clone()]), ["a:1"]);
+        let done = shard(0, "a:1", 0, 10);
+        assert_eq!(m.observe(t0, &owners, &[done.clone(), b.clone()]), ["a:1"]);
+        assert!(m
+            .observe(t0 + SETTLE, &owners, &[done.clone(), b])
+            .is_empty());
     }
 }

@@ -165,6 +165,8 @@ pub struct TaskState {
     /// precheck saw them, for the recorder of its slot owners, and the
     /// recorder once it runs (ended with the task).
     owners_at_start: Option<Vec<engine::ownership::Owner>>,
+    /// The shards that begin with a full sync over an earlier copy.
+    copying_at_start: Vec<usize>,
     recorder: Option<AbortOnDrop>,
     sentinel: Option<crate::url::SentinelSpec>,
     target_sentinel: Option<crate::url::SentinelSpec>,
@@ -245,8 +247,18 @@ impl Actor for Task {
                 })
                 .collect()
         });
+        // Shards whose full sync replaces an earlier copy (the target may
+        // still hold an older "applied" marker of theirs until it loads).
+        let copying_at_start = args
+            .shards
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.resume.is_none() && s.ours)
+            .map(|(i, _)| i)
+            .collect();
         Ok(TaskState {
             owners_at_start,
+            copying_at_start,
             recorder: None,
             sentinel: args.sentinel.clone(),
             target_sentinel: args.target_sentinel.clone(),
@@ -357,6 +369,7 @@ impl Actor for Task {
                 state.targets.clone(),
                 key,
                 start,
+                std::mem::take(&mut state.copying_at_start),
             ))));
         }
         if let (Some(spec), Some(target)) = (state.target_sentinel.clone(), state.targets.first()) {

@@ -77,6 +77,15 @@ pub struct SentinelSpec {
 }
 
 impl SentinelSpec {
+    /// What names this master in a task id: its name and the Sentinels
+    /// (sorted), not its address, which changes at a failover. (Two
+    /// Sentinel groups may both call their master `mymaster`.)
+    pub fn id(&self) -> String {
+        let mut addrs: Vec<String> = self.sentinels.iter().map(Endpoint::addr).collect();
+        addrs.sort();
+        format!("sentinel:{}@{}", self.name, addrs.join(","))
+    }
+
     /// The Sentinels' addresses, for messages.
     pub fn sentinel_list(&self) -> String {
         self.sentinels

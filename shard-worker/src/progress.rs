@@ -398,6 +398,8 @@ impl ShardStats {
         c.full_sync_bytes.set(0);
         c.full_sync_total_bytes.set(total_bytes);
         self.samples.lock().expect("samples lock").clear();
+        // Offsets of the history before are meaningless in the new one.
+        self.handover.forget_horizon();
         self.set_state(ShardState::FullSync);
     }
 

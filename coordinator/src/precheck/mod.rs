@@ -154,6 +154,9 @@ pub struct Report {
     pub checks: Vec<Check>,
     /// One per target; empty when the precheck refused the task.
     pub plans: Vec<Plan>,
+    /// It waited for the source's slot migrations to end: what it saw of
+    /// the source before is stale, and it must run again.
+    pub retry: bool,
 }
 
 impl Report {
@@ -238,7 +241,7 @@ fn task_id(cfg: &TaskConfig, sources: &Sources) -> String {
     let source_addrs: Vec<String> = match &cfg.source {
         crate::url::SourceSpec::Redis(ep) => vec![ep.addr()],
         // Not the master's address: it changes at a failover.
-        crate::url::SourceSpec::Sentinel(spec) => vec![format!("sentinel:{}", spec.name)],
+        crate::url::SourceSpec::Sentinel(spec) => vec![spec.id()],
         crate::url::SourceSpec::Twemproxy { .. } => {
             sources.masters.iter().map(|m| m.endpoint.addr()).collect()
         }
@@ -250,7 +253,7 @@ fn task_id(cfg: &TaskConfig, sources: &Sources) -> String {
         .iter()
         .zip(cfg.target_sentinels.iter().chain(std::iter::repeat(&None)))
         .map(|(ep, sentinel)| match sentinel {
-            Some(spec) => format!("sentinel:{}", spec.name),
+            Some(spec) => spec.id(),
             None => ep.addr(),
         })
         .collect();
@@ -261,12 +264,13 @@ fn task_id(cfg: &TaskConfig, sources: &Sources) -> String {
 pub async fn run(cfg: &TaskConfig, store: Option<&CheckpointStore>) -> Report {
     let mut checks = Checks::default();
     let mut plans = Vec::new();
+    let mut retry = false;
     if let Some(mut sources) = probe::sources(cfg, &mut checks).await {
         let mut targets = probe::targets(cfg, store, &sources, &mut checks).await;
         let task_id = task_id(cfg, &sources);
         if cfg.exactly_once {
             probe::markers(&task_id, &sources, &mut targets, &mut checks).await;
-            probe::ownership(&task_id, &sources, &mut targets, &mut checks).await;
+            retry = probe::ownership(&task_id, &sources, &mut targets, &mut checks).await;
         }
         probe::write_rates(&mut sources).await;
         plans = plan::plans(cfg, &task_id, &sources, &targets, &mut checks);
@@ -277,5 +281,6 @@ pub async fn run(cfg: &TaskConfig, store: Option<&CheckpointStore>) -> Report {
     Report {
         checks: checks.0,
         plans,
+        retry,
     }
 }

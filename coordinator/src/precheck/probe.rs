@@ -364,15 +364,17 @@ pub(super) async fn markers(
 /// on each target: which masters are copied again rather than resumed
 /// (`engine::ownership`). Before those full syncs begin, the source's open
 /// slot migrations must end: a snapshot taken while a slot's keys are on
-/// two masters cannot be put in order with the other's stream.
+/// two masters cannot be put in order with the other's stream. `true`
+/// when it waited for them: the topology probed before is stale (the
+/// precheck runs again).
 pub(super) async fn ownership(
     task_id: &str,
     sources: &Sources,
     targets: &mut [Target],
     checks: &mut Checks,
-) {
+) -> bool {
     if sources.masters.iter().all(|m| m.slots.is_empty()) {
-        return;
+        return false;
     }
     let now: Vec<engine::ownership::Owner> = sources
         .masters
@@ -420,8 +422,9 @@ pub(super) async fn ownership(
     }
     if any {
         let seeds: Vec<Endpoint> = sources.masters.iter().map(|m| m.endpoint.clone()).collect();
-        crate::ownership::wait_for_closed_migrations(&seeds).await;
+        return crate::ownership::wait_for_closed_migrations(&seeds).await;
     }
+    false
 }
 
 /// A source master without a marker of its own that was promoted from a

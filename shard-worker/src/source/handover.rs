@@ -588,6 +588,11 @@ impl Shared {
         self.horizon.load(Ordering::SeqCst)
     }
 
+    /// A full sync begins: what changed hands before is in its snapshot.
+    pub fn forget_horizon(&self) {
+        self.horizon.store(0, Ordering::SeqCst);
+    }
+
     fn changed_at(&self, offset: u64) {
         self.horizon.fetch_max(offset, Ordering::SeqCst);
     }

@@ -229,9 +229,11 @@ impl<'a> Receiver<'a> {
         }
         if verdict.split {
             events::TargetRefusedForNow { code: "TRYAGAIN" }.emit(&self.ctx.stats);
-            self.retry_error.get_or_insert(WorkerError::Resend {
+            // As TRYAGAIN: after a pause, within the retry policy (a
+            // migration left half-way holds the keys apart for good).
+            self.retry_error.get_or_insert(WorkerError::TargetBusy {
                 addr: self.addr.clone(),
-                why: "transactions whose keys a slot migration holds on two nodes (sent again until they are on one)",
+                message: "TRYAGAIN a transaction whose keys a slot migration holds on two nodes (sent again until they are on one)".into(),
             });
         }
         if !verdict.left_out.is_empty() {
@@ -303,6 +305,11 @@ impl<'a> Receiver<'a> {
         code: &str,
         text: &str,
     ) -> Result<Outcome, WorkerError> {
+        if moved_already(batch.command_bytes(i), text) {
+            // The RENAME of a value built in parts, sent again after a lost
+            // reply: the first one moved it.
+            return Ok(Outcome::Ran);
+        }
         if self.ctx.on_error == OnError::Stop {
             let (command, key) = events::describe_command(batch.command_bytes(i));
             let source = &self.ctx.shards[batch.shard].source;
@@ -580,4 +587,41 @@ async fn wait_front(awaiting: &mut VecDeque<Awaiting>) -> bool {
         }
     }
     true
+}
+
+/// A `RENAME` / `RENAMENX` of one of our temporary names refused with
+/// "no such key": sent again after a lost reply, it finds the value moved
+/// by the first (see `engine::rebuild::safe_to_resend`).
+fn moved_already(cmd: &[u8], reply: &str) -> bool {
+    reply.starts_with("ERR no such key")
+        && super::resend::with_args(cmd, |args| {
+            let rename = args.first().is_some_and(|n| {
+                n.eq_ignore_ascii_case(b"RENAME") || n.eq_ignore_ascii_case(b"RENAMENX")
+            });
+            Some(rename && args.get(1).is_some_and(|k| engine::marker::is_internal(k)))
+        })
+        .unwrap_or(false)
+}
+
+#[cfg(test)]
+mod moved_tests {
+    use super::*;
+
+    fn encoded(args: &[&[u8]]) -> Vec<u8> {
+        let mut out = bytes::BytesMut::new();
+        engine::resp::encode::command(&mut out, args);
+        out.to_vec()
+    }
+
+    #[test]
+    fn a_resent_rename_of_our_temporary_name_counts_as_ran() {
+        let ours = encoded(&[b"RENAME", b"{x}shardsync:tmp:1", b"k"]);
+        assert!(moved_already(&ours, "ERR no such key"));
+        assert!(!moved_already(&ours, "WRONGTYPE Operation against a key"));
+        let users = encoded(&[b"RENAME", b"a", b"b"]);
+        assert!(
+            !moved_already(&users, "ERR no such key"),
+            "a user's RENAME stays an error"
+        );
+    }
 }
