@@ -184,9 +184,9 @@ pub async fn wait_for_closed_migrations(seeds: &[Endpoint]) -> bool {
 /// master sees them, and the shards whose slots changed hands at a point
 /// of their stream the target has not applied yet. Runs until aborted.
 /// `start`: the masters as the precheck saw them; `copying`: the shards
-/// whose full sync replaces an earlier copy (moving until it is applied: a
-/// kill before that must copy them again, not resume them from the older
-/// marker the target may still hold).
+/// copied again because their slots changed hands (moving until that full
+/// sync is applied: a kill before that must copy them again, not resume
+/// them from the older "applied" marker the target still holds).
 pub async fn recorder(
     peers: Arc<Peers>,
     nodes: Vec<Endpoint>,

@@ -247,13 +247,14 @@ impl Actor for Task {
                 })
                 .collect()
         });
-        // Shards whose full sync replaces an earlier copy (the target may
-        // still hold an older "applied" marker of theirs until it loads).
+        // Shards copied again over a copy the target's markers could have
+        // resumed (their "applied" marker stays until the full sync's own
+        // replaces it, after its sweep).
         let copying_at_start = args
             .shards
             .iter()
             .enumerate()
-            .filter(|(_, s)| s.resume.is_none() && s.ours)
+            .filter(|(_, s)| s.copy_again)
             .map(|(i, _)| i)
             .collect();
         Ok(TaskState {
@@ -729,6 +730,9 @@ async fn watch_target_sentinels(
     }
 }
 
+/// How long asking the Sentinels may hold the task up.
+const SENTINEL_ASK: Duration = Duration::from_secs(5);
+
 /// A Sentinel-managed source: before its worker connects again, the
 /// master the Sentinels name now (a failover promoted a replica: the
 /// worker continues there, with a partial resync when its history allows).
@@ -736,7 +740,16 @@ async fn follow_sentinels(state: &mut TaskState, shard: usize) {
     let Some(spec) = &state.sentinel else {
         return;
     };
-    match crate::sentinel::master_of(spec).await {
+    // Bounded: the task's other messages wait meanwhile.
+    let asked = tokio::time::timeout(SENTINEL_ASK, crate::sentinel::master_of(spec)).await;
+    let Ok(asked) = asked else {
+        tracing::warn!(
+            secs = SENTINEL_ASK.as_secs(),
+            "the Sentinels did not answer in time; trying the last master again"
+        );
+        return;
+    };
+    match asked {
         Ok(ep) if ep.addr() != state.shard_eps[shard].addr() => {
             events::SourceMasterFollowed {
                 name: &spec.name,

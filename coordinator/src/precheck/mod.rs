@@ -96,6 +96,9 @@ pub struct ShardPlan {
     pub slots: Vec<(u16, u16)>,
     /// On a cluster source, the master's configuration epoch.
     pub config_epoch: u64,
+    /// It is copied again although the target's marker could resume it
+    /// (its slots changed hands: `engine::ownership`).
+    pub copy_again: bool,
     /// The newest sync epoch the target's markers name (0: none).
     pub epoch: u64,
     /// The task began on a target checked empty: what the copied

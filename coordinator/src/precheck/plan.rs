@@ -122,6 +122,7 @@ fn plan_target(
                 slot: m.slot,
                 slots: m.slots.clone(),
                 config_epoch: m.epoch,
+                copy_again: again.is_some(),
                 epoch: start.epoch,
                 fresh: start.fresh,
                 skip: skip.clone().filter(|_| resumes),
