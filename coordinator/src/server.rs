@@ -196,11 +196,15 @@ pub async fn cluster_nodes(
 
 /// `master_repl_offset` now (to measure how fast the stream grows).
 pub async fn repl_offset(ep: &Endpoint) -> Result<u64, WorkerError> {
+    Ok(replication(ep).await?.master_repl_offset)
+}
+
+/// What `INFO replication` says (role, offsets, histories); the other
+/// fields stay empty.
+pub async fn replication(ep: &Endpoint) -> Result<ServerInfo, WorkerError> {
     let mut conn = Conn::open_authenticated(ep).await?;
     match conn.request(&["INFO", "replication"]).await? {
-        Frame::Bulk(text) => {
-            Ok(parse_info(&conn.addr, &String::from_utf8_lossy(&text)).master_repl_offset)
-        }
+        Frame::Bulk(text) => Ok(parse_info(&conn.addr, &String::from_utf8_lossy(&text))),
         other => Err(WorkerError::Unexpected {
             addr: conn.addr.clone(),
             context: "reading INFO replication",

@@ -72,11 +72,14 @@ pub struct SentinelSpec {
     pub sentinels: Vec<Endpoint>,
     pub name: String,
     pub master: Endpoint,
-    /// Credentials were given for the Sentinels themselves.
-    pub sentinel_auth: bool,
 }
 
 impl SentinelSpec {
+    /// Credentials were given for the Sentinels themselves.
+    pub fn sentinel_auth(&self) -> bool {
+        self.sentinels.iter().any(|s| s.password.is_some())
+    }
+
     /// What names this master in a task id: its name and the Sentinels
     /// (sorted), not its address, which changes at a failover. (Two
     /// Sentinel groups may both call their master `mymaster`.)
@@ -247,7 +250,6 @@ fn parse_sentinel(text: &str, role: &'static str) -> Result<Option<SentinelSpec>
             }
         }
     }
-    let sentinel_auth = password.is_some();
     for s in &mut sentinels {
         s.user.clone_from(&user);
         s.password.clone_from(&password);
@@ -256,7 +258,6 @@ fn parse_sentinel(text: &str, role: &'static str) -> Result<Option<SentinelSpec>
         sentinels,
         name,
         master,
-        sentinel_auth,
     }))
 }
 
@@ -370,7 +371,7 @@ mod tests {
         assert_eq!(spec.sentinel_list(), "10.0.0.1:26379,[::1]:26380,s3:26381");
         assert_eq!(spec.master.user.as_deref(), Some("app"));
         assert_eq!(spec.master.password.as_ref().unwrap().expose(), "m@ster");
-        assert!(spec.sentinel_auth);
+        assert!(spec.sentinel_auth());
         for s in &spec.sentinels {
             assert_eq!(s.password.as_ref().unwrap().expose(), "s&p");
             assert_eq!(s.user, None);
@@ -381,7 +382,7 @@ mod tests {
         let SourceSpec::Sentinel(spec) = parse_source("rediss+sentinel://h:1/m").unwrap() else {
             panic!("a Sentinel source");
         };
-        assert!(spec.master.tls && spec.sentinels[0].tls && !spec.sentinel_auth);
+        assert!(spec.master.tls && spec.sentinels[0].tls && !spec.sentinel_auth());
         assert!(spec.master.password.is_none() && spec.sentinels[0].password.is_none());
 
         for (url, want) in [

@@ -368,6 +368,23 @@ impl Db0<'_> {
 }
 
 /// `n` small string keys (`key:<i>` = 100 bytes), pipelined.
+/// `n` rounds of `SET <prefix><i> i`, `INCR <prefix>counter` and `RPUSH
+/// <prefix>list i` in one pipeline: writes whose replay twice or not at
+/// all shows in the counter and the list.
+pub fn set_many(server: &RedisServer, prefix: &str, n: usize) {
+    let mut con = server.client();
+    let mut pipe = redis::pipe();
+    for i in 0..n {
+        pipe.cmd("SET").arg(format!("{prefix}{i}")).arg(i).ignore();
+        pipe.cmd("INCR").arg(format!("{prefix}counter")).ignore();
+        pipe.cmd("RPUSH")
+            .arg(format!("{prefix}list"))
+            .arg(i)
+            .ignore();
+    }
+    pipe.query::<()>(&mut con).unwrap();
+}
+
 pub fn load_strings(server: &RedisServer, n: usize, prefix: &str) {
     let mut con = server.client();
     let value = vec![b'v'; 100];
